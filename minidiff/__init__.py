@@ -1,0 +1,9 @@
+"""minidiff: Stable Diffusion 1.5, its schedulers and the denoising loop, from scratch in plain PyTorch."""
+
+__version__ = "0.1.0"
+
+from minidiff.configuration import ConfigMixin, FrozenConfig, register_to_config
+from minidiff.schedulers import *  # noqa: F401,F403  (every scheduler class, e.g. minidiff.DDIMScheduler)
+from minidiff.schedulers import __all__ as _scheduler_names
+
+__all__ = ["ConfigMixin", "FrozenConfig", "register_to_config", *_scheduler_names]

@@ -1,0 +1,294 @@
+"""Configs: the keyword arguments a scheduler or model was built with, read and written as diffusers-style JSON.
+
+Every scheduler and model in minidiff is built from keyword arguments named as in diffusers
+(`beta_schedule`, `timestep_spacing`, `block_out_channels`, ...). The `@register_to_config`
+decorator on `__init__` records them, so that
+
+    scheduler.config                      # a read-only mapping of every init argument
+    scheduler.config.beta_schedule        # attribute access works too
+    DDIMScheduler.from_config(scheduler.config)   # the tutorial's way to swap schedulers
+    scheduler.save_config(folder)         # writes scheduler_config.json
+    PNDMScheduler.from_pretrained(folder, subfolder="scheduler")
+
+A real diffusers `scheduler_config.json` loads as it is. Its bookkeeping keys are understood:
+- `_class_name`: the class that wrote the file (keys only that class knew are left out when
+  another class reads it);
+- `_diffusers_version`: kept, not used;
+- `_use_default_values`: the keys the writer did *not* set explicitly. They are dropped on
+  loading, so a new class applies its own defaults. This is why SD 1.5's config, which has no
+  `timestep_spacing`, gives PNDM "leading" and Euler "linspace".
+Keys that belong to another compatible class are kept as hidden config (so PNDM -> Euler -> PNDM
+round-trips), and keys nobody knows are kept and reported in one warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+
+class FrozenConfig(dict):
+    """A read-only dict of config values that also allows attribute access (`config.beta_start`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config has no field {name!r}; its fields are {sorted(self)}") from None
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError(
+            "a config is read-only; build a new object instead, e.g. `SchedulerClass.from_config(old.config, key=value)`"
+        )
+
+    __setitem__ = __delitem__ = __setattr__ = __delattr__ = _read_only
+    pop = popitem = clear = update = setdefault = _read_only
+
+    def __reduce__(self):
+        return (FrozenConfig, (dict(self),))
+
+    def __copy__(self):
+        return FrozenConfig(self)
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        return FrozenConfig(copy.deepcopy(dict(self), memo))
+
+
+def register_to_config(init):
+    """Decorator for `__init__`: records every argument (given or defaulted) in `self.config`.
+
+    The names of arguments left at their default are recorded in `_use_default_values`, exactly
+    as diffusers does, so that `from_config` into another class lets that class pick its own defaults.
+    Private keyword arguments (starting with `_`, such as `_class_name`) are stored, not passed on.
+    """
+
+    @functools.wraps(init)
+    def recording_init(self, *args, **kwargs):
+        private = {key: value for key, value in kwargs.items() if key.startswith("_")}
+        public = {key: value for key, value in kwargs.items() if not key.startswith("_")}
+        parameters = list(inspect.signature(init).parameters.values())[1:]  # skip `self`
+        names = [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        given = dict(zip(names, args))
+        given.update({name: public[name] for name in names if name in public})
+        values = {p.name: given.get(p.name, p.default) for p in parameters if p.name in names}
+        defaulted = [name for name in names if name not in given]
+        config = {**private, **values}
+        if defaulted:
+            config["_use_default_values"] = defaulted
+        self.register_to_config(**config)
+        init(self, *args, **public)
+
+    recording_init.__signature__ = inspect.signature(init)
+    return recording_init
+
+
+def _init_keys(cls) -> set[str]:
+    parameters = inspect.signature(cls.__init__).parameters
+    return {
+        name
+        for name, p in parameters.items()
+        if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+
+
+def _init_defaults(cls) -> dict[str, Any]:
+    parameters = inspect.signature(cls.__init__).parameters
+    return {name: p.default for name, p in parameters.items() if name != "self" and p.default is not p.empty}
+
+
+def _check_type(cls, key: str, value: Any, default: Any) -> None:
+    """Reject a config value whose JSON type cannot be what the argument's default is."""
+    if value is None or default is None:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+    else:
+        ok = True
+    if not ok:
+        raise ValueError(
+            f"{cls.__name__} config key {key!r} must be a {type(default).__name__} "
+            f"(like its default {default!r}), but the config gives {value!r} ({type(value).__name__}). "
+            "Fix that value in the config file or pass it as a keyword argument."
+        )
+
+
+class ConfigMixin:
+    """Gives a class `config`, `from_config`, `save_config`, `load_config` and `from_pretrained` for its config.
+
+    Subclasses set `config_name` (the JSON file name) and decorate `__init__` with `@register_to_config`.
+    """
+
+    config_name: str = "config.json"
+    # Keys written by other libraries' tools that carry no meaning for the object; never reported.
+    _quiet_keys: tuple[str, ...] = ()
+
+    @property
+    def config(self) -> FrozenConfig:
+        return self.__dict__["_internal_dict"]
+
+    def register_to_config(self, **kwargs) -> None:
+        previous = self.__dict__.get("_internal_dict", {})
+        self.__dict__["_internal_dict"] = FrozenConfig({**previous, **kwargs})
+
+    @classmethod
+    def _compatible_classes(cls) -> list[type]:
+        """Classes that can read this class's config (schedulers override this; models have none)."""
+        return []
+
+    # ----- reading -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: dict | None = None, **overrides):
+        """Builds the class from a config mapping (another object's `.config`, or a loaded JSON dict).
+
+        `overrides` replace config values: `DDIMScheduler.from_config(config, clip_sample=False)`.
+        """
+        if config is None:
+            raise ValueError(f"{cls.__name__}.from_config needs a config mapping as its first argument")
+        if not isinstance(config, dict):
+            raise TypeError(
+                f"{cls.__name__}.from_config takes a config mapping (e.g. `scheduler.config`), got "
+                f"{type(config).__name__}; to read a folder or hub id use {cls.__name__}.from_pretrained(...)"
+            )
+        init_kwargs, hidden = cls._split_config(dict(config), overrides)
+        instance = cls(**init_kwargs)
+        if "_class_name" in hidden:
+            hidden["_class_name"] = cls.__name__
+        instance.register_to_config(**hidden)
+        return instance
+
+    @classmethod
+    def _split_config(cls, config: dict, overrides: dict) -> tuple[dict, dict]:
+        """Returns (arguments for `cls.__init__`, keys to keep as hidden config), as diffusers' `extract_init_dict`."""
+        defaulted = set(config.get("_use_default_values", []))
+        config = {key: value for key, value in config.items() if key not in defaulted and key != "_use_default_values"}
+        original = dict(config)
+
+        expected = _init_keys(cls)
+        other_classes_keys = set()
+        for other in cls._compatible_classes():
+            other_classes_keys |= _init_keys(other)
+        other_classes_keys -= expected
+        config = {key: value for key, value in config.items() if key not in other_classes_keys}
+
+        writer_name = config.pop("_class_name", cls.__name__)
+        if not isinstance(writer_name, str):
+            raise ValueError(f"`_class_name` in a {cls.__name__} config must be a string, got {writer_name!r}")
+        writer = getattr(importlib.import_module("minidiff"), writer_name, None)
+        if writer_name != cls.__name__ and isinstance(writer, type):
+            only_writer_knows = _init_keys(writer) - expected
+            config = {key: value for key, value in config.items() if key not in only_writer_knows}
+        config = {key: value for key, value in config.items() if not key.startswith("_")}
+
+        overrides = dict(overrides)
+        defaults = _init_defaults(cls)
+        init_kwargs = {}
+        for key in expected:
+            if key in overrides:
+                init_kwargs[key] = overrides.pop(key)
+                config.pop(key, None)
+            elif key in config:
+                init_kwargs[key] = config.pop(key)
+                _check_type(cls, key, init_kwargs[key], defaults.get(key))
+        if overrides:
+            raise TypeError(
+                f"{cls.__name__}.from_config got unknown argument(s) {sorted(overrides)}; "
+                f"{cls.__name__} takes {sorted(expected)}"
+            )
+        unknown = {key: value for key, value in config.items() if key not in cls._quiet_keys}
+        if unknown:
+            warnings.warn(
+                f"The config attributes {unknown} were passed to {cls.__name__}, but are not expected and will "
+                f"be ignored. Please verify your {cls.config_name} configuration file.",
+                stacklevel=3,
+            )
+        hidden = {key: value for key, value in original.items() if key not in init_kwargs}
+        return init_kwargs, hidden
+
+    @classmethod
+    def load_config(cls, path_or_repo_id: str | os.PathLike, subfolder: str | None = None) -> dict:
+        """Reads `config_name` from a local folder (or a file path), or from a hub repo through huggingface_hub."""
+        config_file = cls._config_file(path_or_repo_id, subfolder)
+        try:
+            text = Path(config_file).read_text(encoding="utf-8")
+            config = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_file} is not valid JSON ({error}); fix or replace the file") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file} must hold a JSON object of config keys, found {type(config).__name__}")
+        return config
+
+    @classmethod
+    def _config_file(cls, path_or_repo_id, subfolder: str | None) -> str:
+        path = Path(path_or_repo_id)
+        if path.is_file():
+            return str(path)
+        if path.is_dir():
+            folder = path / subfolder if subfolder else path
+            candidate = folder / cls.config_name
+            if not candidate.is_file():
+                raise FileNotFoundError(
+                    f"no {cls.config_name} in {folder}; expected a diffusers-layout folder "
+                    f"(e.g. stable-diffusion-v1-5/{subfolder or 'scheduler'}/{cls.config_name})"
+                )
+            return str(candidate)
+        from minidiff.hub import download_file
+
+        return download_file(str(path_or_repo_id), cls.config_name, subfolder=subfolder)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, subfolder: str | None = None, **overrides):
+        """`X.from_pretrained("path/to/sd15", subfolder="scheduler")`: load the config file, then `from_config`."""
+        return cls.from_config(cls.load_config(path_or_repo_id, subfolder), **overrides)
+
+    # ----- writing -----------------------------------------------------------------------------
+
+    def to_json_string(self) -> str:
+        from minidiff import __version__
+
+        config = dict(self.config)
+        config.pop("_use_default_values", None)  # as diffusers: not written, so the file holds what was set
+        config["_class_name"] = type(self).__name__
+        config["_diffusers_version"] = config.get("_diffusers_version", f"minidiff-{__version__}")
+        return json.dumps(_json_ready(config), indent=2, sort_keys=True) + "\n"
+
+    def save_config(self, folder: str | os.PathLike) -> Path:
+        """Writes `config_name` into `folder` (created if needed) and returns the file's path."""
+        folder = Path(folder)
+        if folder.is_file():
+            raise ValueError(f"save_config needs a folder, but {folder} is a file")
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / self.config_name
+        target.write_text(self.to_json_string(), encoding="utf-8")
+        return target
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+
+def _json_ready(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, Path):
+        return value.as_posix()
+    return value

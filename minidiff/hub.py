@@ -1,0 +1,50 @@
+"""The one place minidiff talks to the Hugging Face hub: fetch a file of a repo, or say clearly why not."""
+
+from __future__ import annotations
+
+
+class HubUnavailableError(OSError):
+    """The hub could not be reached (or the file is not there) and no local copy exists."""
+
+
+def download_file(repo_id: str, filename: str, subfolder: str | None = None) -> str:
+    """Returns the local path of `subfolder/filename` of `repo_id`, downloading it through huggingface_hub.
+
+    Uses the local cache when it has the file. When the hub cannot be reached the error says so and
+    names the local-folder alternative.
+    """
+    import huggingface_hub
+
+    where = f"{repo_id}/{subfolder + '/' if subfolder else ''}{filename}"
+    try:
+        return huggingface_hub.hf_hub_download(repo_id, filename, subfolder=subfolder or None)
+    except Exception as error:  # offline, unknown repo, missing file, gated repo: all reported the same clear way
+        raise HubUnavailableError(
+            f"could not get {where} from the Hugging Face hub ({type(error).__name__}: {str(error).splitlines()[0]}). "
+            f"If you have no network, pass a local folder instead (e.g. from_pretrained('path/to/stable-diffusion-v1-5', "
+            f"subfolder=...)), or download the weights first with `minidiff download sd15` "
+            f"(see weights_scripts/)."
+        ) from None
+
+
+def download_component(repo_id: str, subfolder: str | None, file_names: list[str], variant: str | None = None):
+    """Downloads only the files one component needs (config and weights, shards included); returns its local folder."""
+    import huggingface_hub
+    from pathlib import Path
+
+    prefix = f"{subfolder}/" if subfolder else ""
+    patterns = []
+    for name in file_names:
+        if variant and not name.endswith(".json"):
+            stem, _, extension = name.partition(".")
+            name = f"{stem}.{variant}.{extension}"
+        patterns += [prefix + name, prefix + name.replace(".", "-*.", 1), prefix + name + ".index.json"]
+    try:
+        root = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns)
+    except Exception as error:
+        raise HubUnavailableError(
+            f"could not download {repo_id}/{prefix} from the Hugging Face hub ({type(error).__name__}). "
+            "The weights are not on this machine: download them first with the scripts in weights_scripts/ "
+            "(`minidiff download sd15`), or pass the local folder that holds them."
+        ) from None
+    return Path(root) / subfolder if subfolder else Path(root)

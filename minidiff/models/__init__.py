@@ -1,0 +1,5 @@
+"""The networks of Stable Diffusion 1.5 and of DDPM, in plain PyTorch."""
+
+from minidiff.models.modeling import ModelMixin
+
+__all__ = ["ModelMixin"]

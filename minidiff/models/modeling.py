@@ -1,0 +1,117 @@
+"""What every model shares: a config, and `from_pretrained` / `save_pretrained` in diffusers' folder layout.
+
+    unet = UNet2DConditionModel.from_pretrained("path/to/stable-diffusion-v1-5", subfolder="unet")
+
+reads `unet/config.json`, builds the module on the meta device (no memory for weights yet), reads
+`unet/diffusion_pytorch_model.safetensors` memory-mapped, checks every key and shape (one error lists
+all that do not fit), casts each tensor once to `torch_dtype`, and hands the tensors to the module
+with `load_state_dict(assign=True)`, so weights are never allocated twice.
+
+Modules must keep all their state in parameters and persistent buffers (derived constants, such as
+position ids, are computed in `forward`), so nothing is left on the meta device after loading.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from minidiff.checkpoints.errors import CheckpointError, check_state_dict
+from minidiff.checkpoints.folder import read_state_dict, weight_files_in_folder
+from minidiff.configuration import ConfigMixin
+
+
+class ModelMixin(torch.nn.Module, ConfigMixin):
+    """A torch module with a diffusers-style config and folder loading."""
+
+    config_name = "config.json"
+    # File names tried in a component folder, in order (variants and shard indexes are derived from them).
+    weights_names = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]
+    # Bookkeeping keys that other tools write into config.json; never reported as unknown.
+    _quiet_keys = ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype")
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @classmethod
+    def checkpoint_to_module_keys(cls, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rename a checkpoint's keys to this module's names where files differ (identity by default)."""
+        return state_dict
+
+    # ----- loading -----
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        subfolder: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        variant: str | None = None,
+    ):
+        """Load config and weights from a diffusers-layout folder (or a hub repo id, through huggingface_hub)."""
+        folder = _component_folder(path_or_repo_id, subfolder, cls, variant)
+        config = cls.load_config(folder)
+        files = weight_files_in_folder(folder, cls.weights_names, variant)
+        return cls.from_state_dict(config, read_state_dict(files), torch_dtype, source=str(files[0]))
+
+    @classmethod
+    def from_state_dict(
+        cls, config: dict, state_dict: dict[str, torch.Tensor], torch_dtype: torch.dtype | None = None, source: str = "checkpoint"
+    ):
+        """Build the module from `config` on the meta device and assign `state_dict`'s tensors to it."""
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        state_dict = cls.checkpoint_to_module_keys(state_dict)
+        check_state_dict(model, state_dict, source)
+        if torch_dtype is not None:
+            state_dict = {
+                key: value.to(torch_dtype) if value.is_floating_point() else value for key, value in state_dict.items()
+            }
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        left_on_meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+        if left_on_meta:
+            raise CheckpointError(f"{cls.__name__} has tensors the checkpoint does not set: {left_on_meta[:10]}")
+        return model.eval()
+
+    # ----- writing -----
+
+    def save_pretrained(self, folder: str | os.PathLike, variant: str | None = None) -> Path:
+        """Write `config.json` and the weights (safetensors) into `folder`, in diffusers' layout."""
+        folder = Path(folder)
+        self.save_config(folder)
+        name = self.weights_names[0]
+        if variant:
+            stem, _, extension = name.partition(".")
+            name = f"{stem}.{variant}.{extension}"
+        tensors = {key: value.detach().contiguous() for key, value in self.state_dict().items()}
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        return folder
+
+
+def _component_folder(path_or_repo_id, subfolder: str | None, cls, variant: str | None) -> Path:
+    """The local folder of one component; a hub repo id is downloaded (only that component's files)."""
+    path = Path(path_or_repo_id)
+    if path.is_dir():
+        folder = path / subfolder if subfolder else path
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{path} has no subfolder {subfolder!r}; expected a diffusers-layout folder")
+        return folder
+    if path.exists() or str(path_or_repo_id).startswith((".", "/", "~")) or str(path_or_repo_id).count("/") != 1:
+        raise FileNotFoundError(
+            f"{path_or_repo_id} is neither a local folder nor a hub repo id (owner/name); "
+            "for a single .safetensors file use from_single_file(...)"
+        )
+    from minidiff.hub import download_component
+
+    return download_component(str(path_or_repo_id), subfolder, [cls.config_name, *cls.weights_names], variant)

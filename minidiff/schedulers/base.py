@@ -1,0 +1,293 @@
+"""What every scheduler shares: the training noise schedule, timestep spacing, add_noise, the step index.
+
+The forward (noising) process of DDPM (Ho et al. 2020, arXiv 2006.11239, eq. 4) is
+
+    q(x_t | x_0) = N( sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I ),   alpha_bar_t = prod_{s<=t} (1 - beta_s)
+
+Every scheduler starts from the same betas -> alphas_cumprod (alpha_bar) of training. The sigma
+schedulers (Karras et al. 2022, "EDM", arXiv 2206.00364) rewrite it as x = x_0 + sigma eps with
+
+    sigma_t = sqrt( (1 - alpha_bar_t) / alpha_bar_t )
+
+The algorithms themselves (how to take one step) live one per file next to this one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from minidiff.configuration import ConfigMixin
+
+# The scheduler classes that read each other's configs: diffusers' `KarrasDiffusionSchedulers` enum.
+# `compatibles` keeps the ones minidiff implements.
+KARRAS_DIFFUSION_SCHEDULERS = [
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DEISMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "DPMSolverSDEScheduler",
+    "EDMEulerScheduler",
+]
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+
+
+@dataclass
+class SchedulerOutput:
+    """What `step` returns: x_{t-1} (`prev_sample`) and the model's estimate of x_0 (`pred_original_sample`)."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+    def to_tuple(self) -> tuple:
+        return tuple(value for value in (self.prev_sample, self.pred_original_sample) if value is not None)
+
+    def __getitem__(self, index):
+        return self.to_tuple()[index]
+
+
+def check_choice(field: str, value, allowed) -> None:
+    """Raise a ValueError naming the config field when `value` is not one of `allowed`."""
+    if value not in allowed:
+        raise ValueError(f"unknown {field} {value!r}; expected one of {', '.join(map(repr, allowed))}")
+
+
+# ----- the training noise schedule ---------------------------------------------------------------
+
+
+def betas_for_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """The cosine schedule of Nichol & Dhariwal 2021 (arXiv 2102.09672, eq. 17), "squaredcos_cap_v2":
+
+    alpha_bar(t) = cos^2( (t + 0.008) / 1.008 * pi/2 ),   beta_i = min(1 - alpha_bar((i+1)/T) / alpha_bar(i/T), max_beta)
+    """
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    T = num_train_timesteps
+    betas = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), max_beta) for i in range(T)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Rescale betas so the last timestep has zero SNR (Lin et al. 2023, arXiv 2305.08891, Algorithm 1).
+
+    sqrt(alpha_bar) is shifted so its last value is 0 and scaled so its first value is unchanged.
+    """
+    sqrt_alpha_bar = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
+    sqrt_alpha_bar = (sqrt_alpha_bar - last) * (first / (first - last))
+    alpha_bar = sqrt_alpha_bar**2
+    alphas = torch.cat([alpha_bar[0:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
+def make_betas(
+    beta_schedule: str,
+    beta_start: float,
+    beta_end: float,
+    num_train_timesteps: int,
+    trained_betas=None,
+    rescale_betas_zero_snr: bool = False,
+) -> torch.Tensor:
+    """beta_1..beta_T in float32, from `trained_betas` when given, else from the named schedule.
+
+    linear:            beta_t = linspace(beta_start, beta_end, T)
+    scaled_linear:     beta_t = linspace(sqrt(beta_start), sqrt(beta_end), T)^2      (latent diffusion, SD 1.x)
+    squaredcos_cap_v2: the cosine schedule (`betas_for_alpha_bar`)
+    """
+    if trained_betas is not None:
+        betas = torch.tensor(np.asarray(trained_betas), dtype=torch.float32)
+    else:
+        check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+        if beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+        elif beta_schedule == "scaled_linear":
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+        else:
+            betas = betas_for_alpha_bar(num_train_timesteps)
+    if rescale_betas_zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return betas
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> np.ndarray:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for every training timestep t, as float64 numpy."""
+    alphas_cumprod = alphas_cumprod.numpy().astype(np.float64) if isinstance(alphas_cumprod, torch.Tensor) else alphas_cumprod
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
+# ----- which timesteps to visit --------------------------------------------------------------------
+
+
+def check_num_inference_steps(num_inference_steps, num_train_timesteps: int) -> None:
+    if not isinstance(num_inference_steps, (int, np.integer)) or isinstance(num_inference_steps, bool):
+        raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}")
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps must be between 1 and num_train_timesteps={num_train_timesteps}, "
+            f"got {num_inference_steps}: the model was trained on only {num_train_timesteps} noise levels"
+        )
+
+
+def spaced_timesteps(spacing: str, num_inference_steps: int, num_train_timesteps: int, steps_offset: int = 0) -> np.ndarray:
+    """The N timesteps to visit, from noisiest to cleanest, as float64 (each scheduler rounds/casts as it needs).
+
+    leading:  t_i = i * (T // N) + steps_offset, i = N-1..0       (DDIM paper; never reaches T-1)
+    linspace: t_i = linspace(0, T-1, N), reversed                   (not rounded here)
+    trailing: t_i = round(T - i * T/N) - 1, i = 0..N-1              (Lin et al. 2023, Table 2; starts at T-1)
+    See `scheduler_facts.md` §2 for the examples these reproduce (e.g. trailing, 4 steps: 999, 749, 499, 249).
+    """
+    check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
+    T, N = num_train_timesteps, num_inference_steps
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, N)[::-1].copy()
+    if spacing == "leading":
+        return (np.arange(0, N) * (T // N)).round()[::-1].astype(np.float64) + steps_offset
+    return np.round(np.arange(T, 0, -T / N)) - 1
+
+
+# ----- noise levels of the sigma schedulers (Euler, LMS, DPM-Solver, UniPC) -------------------
+
+
+def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """The (fractional) training timestep whose noise level is `sigma`: linear interpolation in log-sigma."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    distances = log_sigma - log_sigmas[:, np.newaxis]
+    low = np.cumsum(distances >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high = low + 1
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
+    t = (1 - w) * low + w * high
+    return t.reshape(np.shape(sigma))
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+    ramp = np.linspace(0, 1, num_inference_steps)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int) -> np.ndarray:
+    """Noise levels evenly spaced in log-sigma, from sigma_max down to sigma_min."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_inference_steps))
+
+
+# ----- the forward process ----------------------------------------------------------------------
+
+
+def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    values = values.flatten()
+    while values.ndim < like.ndim:
+        values = values.unsqueeze(-1)
+    return values
+
+
+def add_noise_vp(alphas_cumprod: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (DDPM eq. 4), per sample's timestep."""
+    alpha_bar = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[timesteps.to(x0.device).long()]
+    return _broadcast(alpha_bar**0.5, x0) * x0 + _broadcast((1 - alpha_bar) ** 0.5, x0) * noise
+
+
+def velocity_vp(alphas_cumprod: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0  (Salimans & Ho 2022, arXiv 2202.00512, §4)."""
+    alpha_bar = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[timesteps.to(x0.device).long()]
+    return _broadcast(alpha_bar**0.5, x0) * noise - _broadcast((1 - alpha_bar) ** 0.5, x0) * x0
+
+
+class _ClassAndInstanceProperty:
+    """`X.compatibles` and `x.compatibles` both work (diffusers has it on instances only)."""
+
+    def __init__(self, method):
+        self.method = method
+        self.__doc__ = method.__doc__
+
+    def __get__(self, instance, owner):
+        return self.method(owner)
+
+
+class SchedulerMixin(ConfigMixin):
+    """The bookkeeping every scheduler shares; the algorithm is in each subclass's `step`.
+
+    - `compatibles`: the minidiff scheduler classes that can be built from this one's config.
+    - `step_index`: which entry of `timesteps` the next `step` is at. It is found from the first
+      timestep passed to `step` (the second match when a timestep repeats), unless
+      `set_begin_index(i)` was called first, as img2img does.
+    """
+
+    config_name = "scheduler_config.json"
+    _compatibles = KARRAS_DIFFUSION_SCHEDULERS
+    order = 1
+
+    @_ClassAndInstanceProperty
+    def compatibles(cls) -> list[type]:
+        """Every minidiff scheduler class that can take this config (this class included)."""
+        return cls._compatible_classes()
+
+    @classmethod
+    def _compatible_classes(cls) -> list[type]:
+        import minidiff.schedulers as schedulers
+
+        names = dict.fromkeys([cls.__name__, *cls._compatibles])
+        return [getattr(schedulers, name) for name in names if hasattr(schedulers, name)]
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    # ----- the step index -----
+
+    _step_index: int | None = None
+    _begin_index: int | None = None
+
+    @property
+    def step_index(self) -> int | None:
+        """The index into `timesteps` of the next step (None until the first `step`)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """The first index, when set by `set_begin_index` (img2img); None otherwise."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at `timesteps[begin_index]` without searching for the timestep (img2img calls this)."""
+        self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """Position of `timestep` in the schedule; when it occurs twice, the second one (so a
+        run that starts mid-schedule does not skip a noise level, diffusers #5687)."""
+        schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.to(schedule_timesteps.device)
+        matches = (schedule_timesteps == timestep).nonzero()
+        if len(matches) == 0:
+            raise ValueError(
+                f"timestep {float(timestep)} is not one of this scheduler's timesteps; pass the values of "
+                "`scheduler.timesteps` (after `set_timesteps`) to `step`"
+            )
+        return matches[1 if len(matches) > 1 else 0].item()
+
+    def _init_step_index(self, timestep) -> None:
+        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+
+    def _check_timesteps_set(self) -> None:
+        if getattr(self, "num_inference_steps", None) is None:
+            raise ValueError(
+                f"{type(self).__name__}.step was called before set_timesteps; "
+                "call `scheduler.set_timesteps(num_inference_steps)` first"
+            )
