@@ -127,9 +127,14 @@ def make_betas(
 
 
 def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> np.ndarray:
-    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for every training timestep t, as float64 numpy."""
-    alphas_cumprod = alphas_cumprod.numpy().astype(np.float64) if isinstance(alphas_cumprod, torch.Tensor) else alphas_cumprod
-    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for every training timestep t, as float32 numpy.
+
+    Computed in float32, as diffusers does: Karras/exponential timesteps come from `sigma_to_t` on
+    `np.log` of these values, and float64 sigmas shift those timesteps by a float32 ulp often enough
+    to break exact timestep parity.
+    """
+    alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float32)
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
 
 
 # ----- which timesteps to visit --------------------------------------------------------------------
