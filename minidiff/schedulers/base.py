@@ -214,6 +214,25 @@ def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
+# ----- keeping the predicted x_0 in range -------------------------------------------------------
+
+
+def dynamic_threshold(x0_pred: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
+    """Dynamic thresholding (Saharia et al. 2022, "Imagen", arXiv 2205.11487, §2.3), per sample:
+
+    s = clamp( quantile(|x0_pred|, ratio), 1, max_value ),   x0_pred <- clamp(x0_pred, -s, s) / s
+
+    With s clamped to 1 this is plain clipping to [-1, 1]. Meant for pixel-space models, not SD latents.
+    """
+    dtype = x0_pred.dtype
+    batch, *rest = x0_pred.shape
+    flat = x0_pred.reshape(batch, -1)  # (B, C*H*W)
+    if dtype not in (torch.float32, torch.float64):
+        flat = flat.float()  # quantile needs float32/64
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)  # (B, 1)
+    return (torch.clamp(flat, -s, s) / s).reshape(batch, *rest).to(dtype)
+
+
 # ----- the forward process ----------------------------------------------------------------------
 
 
