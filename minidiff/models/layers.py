@@ -1,0 +1,246 @@
+"""The convolutional building blocks shared by the SD 1.5 UNet, the VAE and the DDPM pixel UNet.
+
+Everything here is a plain `torch.nn.Module` whose parameter names are diffusers' (so a real
+checkpoint's keys such as `down_blocks.0.resnets.0.conv1.weight` land on them unchanged).
+
+API (constructor signatures are kept stable; other models build on them):
+
+    get_timestep_embedding(timesteps, embedding_dim, flip_sin_to_cos=False, downscale_freq_shift=1,
+                           scale=1, max_period=10000)        # (N,) -> (N, embedding_dim), no parameters
+    Timesteps(num_channels, flip_sin_to_cos, downscale_freq_shift, scale=1)
+                                                              # the same, as a parameter-free module
+    TimestepEmbedding(in_channels, time_embed_dim, act_fn="silu", out_dim=None)
+                                                              # linear_1 -> act -> linear_2
+    ResnetBlock2D(in_channels=..., out_channels=None, temb_channels=512, groups=32, groups_out=None,
+                  eps=1e-6, non_linearity="swish", time_embedding_norm="default", dropout=0.0,
+                  output_scale_factor=1.0, use_in_shortcut=None, conv_shortcut_bias=True)
+                                                              # forward(x, temb) ; temb may be None
+    Downsample2D(channels, use_conv=False, out_channels=None, padding=1)
+                                                              # forward(x): H, W -> H/2, W/2
+    Upsample2D(channels, use_conv=False, out_channels=None)  # forward(x, output_size=None): H, W -> 2H, 2W
+    get_activation(name)                                     # "silu"/"swish", "gelu", "mish", "relu"
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+_ACTIVATIONS = {"swish": nn.SiLU, "silu": nn.SiLU, "gelu": nn.GELU, "mish": nn.Mish, "relu": nn.ReLU}
+
+
+def get_activation(name: str) -> nn.Module:
+    """The activation module called `name` in a diffusers config (`act_fn`, `non_linearity`)."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+# ----- timestep embedding ---------------------------------------------------------------------------
+
+
+def get_timestep_embedding(
+    timesteps: torch.Tensor,
+    embedding_dim: int,
+    flip_sin_to_cos: bool = False,
+    downscale_freq_shift: float = 1,
+    scale: float = 1,
+    max_period: int = 10000,
+) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in DDPM (Ho et al. 2020, arXiv 2006.11239),
+    taken from the Transformer's positional encoding (Vaswani et al. 2017, section 3.5).
+
+    With half = embedding_dim // 2 and frequencies
+
+        omega_i = max_period ** (-i / (half - downscale_freq_shift)),   i = 0 .. half-1
+
+    the embedding of t is [sin(scale * t * omega), cos(scale * t * omega)] (or [cos, sin] when
+    `flip_sin_to_cos`, as SD uses). SD 1.5 uses downscale_freq_shift=0; DDPM uses 1.
+    The frequencies are computed here on every call: no buffer, nothing to load.
+    """
+    if timesteps.ndim != 1:
+        raise ValueError(f"timesteps must be a 1-d tensor of shape (N,), got shape {tuple(timesteps.shape)}")
+    half = embedding_dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    omega = torch.exp(exponent / (half - downscale_freq_shift))  # (half,)
+    angles = scale * timesteps[:, None].float() * omega[None, :]  # (N, half)
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)  # (N, 2*half)
+    if flip_sin_to_cos:
+        embedding = torch.cat([embedding[:, half:], embedding[:, :half]], dim=-1)
+    if embedding_dim % 2 == 1:
+        embedding = F.pad(embedding, (0, 1))  # (N, embedding_dim)
+    return embedding
+
+
+class Timesteps(nn.Module):
+    """`get_timestep_embedding` with its settings fixed: (N,) timesteps -> (N, num_channels). No parameters."""
+
+    def __init__(self, num_channels: int, flip_sin_to_cos: bool, downscale_freq_shift: float, scale: float = 1):
+        super().__init__()
+        self.num_channels = num_channels
+        self.flip_sin_to_cos = flip_sin_to_cos
+        self.downscale_freq_shift = downscale_freq_shift
+        self.scale = scale
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return get_timestep_embedding(
+            timesteps, self.num_channels, self.flip_sin_to_cos, self.downscale_freq_shift, self.scale
+        )
+
+
+class TimestepEmbedding(nn.Module):
+    """The small MLP on top of the sinusoidal embedding: temb = linear_2(act(linear_1(sinusoid(t)))).
+
+    SD 1.5: (B, 320) -> (B, 1280), i.e. time_embed_dim = 4 * block_out_channels[0].
+    """
+
+    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu", out_dim: int | None = None):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.act = get_activation(act_fn)
+        self.linear_2 = nn.Linear(time_embed_dim, out_dim or time_embed_dim)
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(sample)))
+
+
+# ----- residual block -------------------------------------------------------------------------------
+
+
+class ResnetBlock2D(nn.Module):
+    """The residual block of DDPM's and SD's UNets (and, without a time embedding, of the VAE).
+
+        h = conv1(act(norm1(x)))
+        h = h + time_emb_proj(act(temb))[:, :, None, None]           (time_embedding_norm="default")
+            or  norm2(h) * (1 + scale) + shift                        (time_embedding_norm="scale_shift")
+        h = conv2(dropout(act(norm2(h))))
+        out = (shortcut(x) + h) / output_scale_factor
+
+    `shortcut` is a 1x1 conv (`conv_shortcut`) when the channel count changes, else the identity.
+    `temb_channels=None` builds no `time_emb_proj` (the VAE's blocks); then `forward(x, None)`.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int | None = None,
+        temb_channels: int | None = 512,
+        groups: int = 32,
+        groups_out: int | None = None,
+        eps: float = 1e-6,
+        non_linearity: str = "swish",
+        time_embedding_norm: str = "default",
+        dropout: float = 0.0,
+        output_scale_factor: float = 1.0,
+        use_in_shortcut: bool | None = None,
+        conv_shortcut_bias: bool = True,
+    ):
+        super().__init__()
+        if time_embedding_norm not in ("default", "scale_shift"):
+            raise ValueError(
+                f"time_embedding_norm must be 'default' or 'scale_shift', got {time_embedding_norm!r}"
+            )
+        out_channels = out_channels or in_channels
+        self.time_embedding_norm = time_embedding_norm
+        self.output_scale_factor = output_scale_factor
+
+        self.norm1 = nn.GroupNorm(num_groups=groups, num_channels=in_channels, eps=eps, affine=True)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.time_emb_proj = None
+        if temb_channels is not None:
+            projected = 2 * out_channels if time_embedding_norm == "scale_shift" else out_channels
+            self.time_emb_proj = nn.Linear(temb_channels, projected)
+        self.norm2 = nn.GroupNorm(num_groups=groups_out or groups, num_channels=out_channels, eps=eps, affine=True)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.nonlinearity = get_activation(non_linearity)
+
+        if use_in_shortcut is None:
+            use_in_shortcut = in_channels != out_channels
+        self.conv_shortcut = None
+        if use_in_shortcut:
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=conv_shortcut_bias)
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
+        hidden_states = self.conv1(self.nonlinearity(self.norm1(input_tensor)))  # (B, C_in, H, W) -> (B, C_out, H, W)
+
+        if self.time_emb_proj is not None and temb is not None:
+            temb = self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]  # (B, C_out or 2*C_out, 1, 1)
+        else:
+            temb = None
+
+        if self.time_embedding_norm == "scale_shift":
+            if temb is None:
+                raise ValueError("a ResnetBlock2D with time_embedding_norm='scale_shift' needs a time embedding `temb`")
+            time_scale, time_shift = temb.chunk(2, dim=1)
+            hidden_states = self.norm2(hidden_states) * (1 + time_scale) + time_shift
+        else:
+            if temb is not None:
+                hidden_states = hidden_states + temb
+            hidden_states = self.norm2(hidden_states)
+
+        hidden_states = self.conv2(self.dropout(self.nonlinearity(hidden_states)))
+
+        shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
+        return (shortcut + hidden_states) / self.output_scale_factor
+
+
+# ----- resampling -----------------------------------------------------------------------------------
+
+
+class Downsample2D(nn.Module):
+    """Halve the resolution: a stride-2 3x3 conv (`use_conv=True`) or a 2x2 average pool.
+
+    `padding=1` pads all sides (the UNets). `padding=0` pads only right and bottom by one pixel,
+    (0, 1, 0, 1), before the conv: the asymmetric padding of LDM's (and SD's) VAE encoder.
+    (B, C, H, W) -> (B, C_out, H/2, W/2).
+    """
+
+    def __init__(self, channels: int, use_conv: bool = False, out_channels: int | None = None, padding: int = 1):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.padding = padding
+        if use_conv:
+            self.conv = nn.Conv2d(channels, self.out_channels, kernel_size=3, stride=2, padding=padding)
+        else:
+            if self.out_channels != channels:
+                raise ValueError(
+                    f"Downsample2D without a conv cannot change channels ({channels} -> {self.out_channels}); "
+                    "pass use_conv=True"
+                )
+            self.conv = nn.AvgPool2d(kernel_size=2, stride=2)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.use_conv and self.padding == 0:
+            hidden_states = F.pad(hidden_states, (0, 1, 0, 1), mode="constant", value=0)  # (B, C, H+1, W+1)
+        return self.conv(hidden_states)
+
+
+class Upsample2D(nn.Module):
+    """Double the resolution: nearest-neighbour x2 (or to `output_size`), then an optional 3x3 conv.
+
+    (B, C, H, W) -> (B, C_out, 2H, 2W).
+    """
+
+    def __init__(self, channels: int, use_conv: bool = False, out_channels: int | None = None):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.conv = nn.Conv2d(channels, self.out_channels, kernel_size=3, padding=1) if use_conv else None
+
+    def forward(self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        if output_size is None:
+            hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
+        else:
+            hidden_states = F.interpolate(hidden_states, size=output_size, mode="nearest")
+        if self.conv is not None:
+            hidden_states = self.conv(hidden_states)
+        return hidden_states
