@@ -1,0 +1,230 @@
+"""The `minidiff` command: generate, compare schedulers, list them, download weights, convert checkpoints, demo.
+
+Every expected failure (bad arguments, missing weights, no network, unwritable output) ends with one
+line `minidiff: error: ...` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+# CLI name -> (class name, stochastic?, one line on what it is)
+SCHEDULERS = {
+    "pndm": ("PNDMScheduler", False, "pseudo linear multistep (PLMS); SD 1.5's default"),
+    "ddim": ("DDIMScheduler", False, "denoising diffusion implicit models; eta=0 is deterministic"),
+    "ddpm": ("DDPMScheduler", True, "the original ancestral sampler; needs many steps"),
+    "lms": ("LMSDiscreteScheduler", False, "linear multistep in sigma, up to 4th order"),
+    "euler": ("EulerDiscreteScheduler", False, "Euler's method on the probability-flow ODE (Karras et al.)"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", True, "Euler step plus fresh noise each step"),
+    "dpm": ("DPMSolverMultistepScheduler", False, "DPM-Solver++ 2M: second-order multistep, good at 20 steps"),
+    "unipc": ("UniPCMultistepScheduler", False, "unified predictor-corrector, good at 10-20 steps"),
+}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class CLIError(Exception):
+    """An expected failure: printed as one line, exit code 2."""
+
+
+def scheduler_class(name: str):
+    import minidiff.schedulers as schedulers
+
+    if name not in SCHEDULERS:
+        raise CLIError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
+    return getattr(schedulers, SCHEDULERS[name][0])
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'512x768' -> (width 512, height 768), each a positive multiple of 8."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise CLIError(f"--size must look like 512x512 (WIDTHxHEIGHT), got {text!r}") from None
+    if width <= 0 or height <= 0 or width % 8 or height % 8:
+        raise CLIError(f"--size {text}: width and height must be positive multiples of 8 (e.g. 512x512 or 512x768)")
+    return width, height
+
+
+def check_writable(path: Path) -> Path:
+    folder = path.parent if path.suffix else path
+    folder = folder if str(folder) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CLIError(f"cannot write to {folder}: {error.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise CLIError(f"cannot write to {folder}: permission denied; choose another --out")
+    return path
+
+
+def load_pipeline(weights: str, dtype: str):
+    import torch
+
+    from minidiff.pipelines import StableDiffusionPipeline
+
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    path = Path(weights).expanduser()
+    if path.is_file():
+        return StableDiffusionPipeline.from_single_file(path, torch_dtype=torch_dtype)
+    if not path.exists() and (weights.startswith((".", "/", "~")) or weights.count("/") != 1):
+        raise CLIError(f"--weights {weights}: no such file or folder (download weights with `minidiff download sd15`)")
+    try:
+        return StableDiffusionPipeline.from_pretrained(weights, torch_dtype=torch_dtype)
+    except OSError as error:
+        raise CLIError(str(error).splitlines()[0]) from None
+
+
+# ----- commands ------------------------------------------------------------------------------------
+
+
+def cmd_schedulers(args) -> None:
+    for name, (class_name, stochastic, description) in SCHEDULERS.items():
+        scheduler = scheduler_class(name)()
+        kind = "stochastic" if stochastic else "deterministic"
+        print(f"{name:8s} {class_name:32s} order {scheduler.order}, {kind:13s} {description}")
+        if args.verbose:
+            defaults = {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
+            print(f"{'':9s}default config: {defaults}")
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    width, height = parse_size(args.size)
+    if args.steps < 1:
+        raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    out = check_writable(Path(args.out))
+    pipeline = load_pipeline(args.weights, args.dtype)
+    if args.scheduler:
+        pipeline.scheduler = scheduler_class(args.scheduler).from_config(pipeline.scheduler.config)
+    generator = torch.Generator().manual_seed(args.seed)
+    image = pipeline(
+        args.prompt, negative_prompt=args.negative, height=height, width=width, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, generator=generator,
+    ).images[0]
+    image.save(out)
+    print(f"wrote {out}")
+
+
+def cmd_compare(args) -> None:
+    import torch
+
+    from minidiff.grid import labeled_grid
+
+    names = list(SCHEDULERS) if args.schedulers == "all" else [name.strip() for name in args.schedulers.split(",")]
+    classes = [scheduler_class(name) for name in names]
+    width, height = parse_size(args.size)
+    out = check_writable(Path(args.out))
+    pipeline = load_pipeline(args.weights, args.dtype)
+    base_config = pipeline.scheduler.config
+    images, labels = [], []
+    for name, cls in zip(names, classes):
+        pipeline.scheduler = cls.from_config(base_config)
+        start = time.perf_counter()
+        image = pipeline(
+            args.prompt, height=height, width=width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+            generator=torch.Generator().manual_seed(args.seed),
+        ).images[0]
+        images.append(image)
+        labels.append(f"{name}, {args.steps} steps, {time.perf_counter() - start:.1f} s")
+    labeled_grid(images, labels).save(out)
+    print(f"wrote {out}")
+
+
+def cmd_download(args) -> None:
+    from minidiff import download
+
+    try:
+        if args.what == "sd15":
+            where = download.download_sd15(args.out, args.variant, args.single_file)
+        else:
+            where = download.download_ddpm_cat(args.out)
+    except (ConnectionError, FileNotFoundError) as error:
+        raise CLIError(str(error)) from None
+    print(f"downloaded to {where}")
+    print(f'next: minidiff generate "a photograph of an astronaut riding a horse" --weights {where}')
+
+
+def cmd_convert(args) -> None:
+    from minidiff.checkpoints.single_file import convert
+
+    if not Path(args.src).exists():
+        raise CLIError(f"{args.src} does not exist")
+    convert(args.src, args.dst)
+    print(f"wrote {args.dst}")
+
+
+def cmd_demo(args) -> None:
+    from minidiff.demo import run_demo
+
+    run_demo(check_writable(Path(args.out)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minidiff", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="offline: every scheduler on an exact denoiser; accuracy table and pictures")
+    demo.add_argument("--out", default="minidiff-demo", help="output folder")
+    demo.set_defaults(run=cmd_demo)
+
+    listing = commands.add_parser("schedulers", help="list the schedulers")
+    listing.add_argument("--verbose", "-v", action="store_true", help="also print each default config")
+    listing.set_defaults(run=cmd_schedulers)
+
+    for name, run, help_text in (
+        ("generate", cmd_generate, "text to image"),
+        ("compare", cmd_compare, "the same prompt and seed through several schedulers, as one labeled grid"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("prompt")
+        command.add_argument("--steps", type=int, default=25 if name == "compare" else 50)
+        command.add_argument("--guidance", type=float, default=7.5)
+        command.add_argument("--seed", type=int, default=0)
+        command.add_argument("--size", default="512x512", help="WIDTHxHEIGHT, multiples of 8")
+        command.add_argument("--weights", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="folder, single file or hub repo id")
+        command.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+        command.set_defaults(run=run)
+        if name == "generate":
+            command.add_argument("--negative", default=None, help="negative prompt")
+            command.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULERS)}")
+            command.add_argument("--out", default="image.png")
+        else:
+            command.add_argument("--schedulers", default="all", help="comma-separated names, or all")
+            command.add_argument("--out", default="compare.png")
+
+    download = commands.add_parser("download", help="fetch real weights from the Hugging Face hub")
+    download.add_argument("what", choices=["sd15", "ddpm-cat"])
+    download.add_argument("--variant", choices=["fp16"], default=None)
+    download.add_argument("--single-file", action="store_true", help="v1-5-pruned-emaonly.safetensors only")
+    download.add_argument("--out", default=None, help="folder (default: the Hugging Face cache)")
+    download.set_defaults(run=cmd_download)
+
+    convert = commands.add_parser("convert", help="single-file checkpoint <-> diffusers folder")
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.set_defaults(run=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (CLIError, ValueError, FileNotFoundError, OSError) as error:
+        message = str(error).strip().splitlines()
+        print(f"minidiff: error: {' '.join(message) if message else type(error).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("minidiff: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

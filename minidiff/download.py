@@ -1,0 +1,93 @@
+"""Download real weights through huggingface_hub: only the files minidiff needs, resumable, with progress.
+
+    minidiff download sd15                     # diffusers folder layout, fp32 (about 4.3 GB)
+    minidiff download sd15 --variant fp16      # the fp16 files (about 2.1 GB)
+    minidiff download sd15 --single-file       # v1-5-pruned-emaonly.safetensors (about 4.3 GB)
+    minidiff download ddpm-cat                 # google/ddpm-cat-256
+
+The scripts in weights_scripts/ call these functions. Choosing the files is separate from fetching
+them (`select_sd15_files`), so the choice is tested without a network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD15_SINGLE_FILE = "v1-5-pruned-emaonly.safetensors"
+DDPM_CAT_REPO = "google/ddpm-cat-256"
+
+# component folder -> the weight file's base name in that folder
+SD15_COMPONENTS = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+}
+SD15_CONFIG_FILES = [
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+]
+
+
+def select_sd15_files(repo_files: list[str], variant: str | None = None, single_file: bool = False) -> list[str]:
+    """The files of the SD 1.5 repo to fetch: configs + tokenizer + one safetensors per model (or the single file)."""
+    available = set(repo_files)
+    if single_file:
+        if SD15_SINGLE_FILE not in available:
+            raise FileNotFoundError(f"{SD15_SINGLE_FILE} is not in the repo's file list")
+        return [SD15_SINGLE_FILE]
+    chosen = [name for name in SD15_CONFIG_FILES if name in available]
+    for folder, stem in SD15_COMPONENTS.items():
+        name = f"{folder}/{stem}.{variant}.safetensors" if variant else f"{folder}/{stem}.safetensors"
+        if name not in available:
+            hint = " (try without --variant)" if variant else ""
+            raise FileNotFoundError(f"{name} is not in {SD15_REPO}{hint}")
+        chosen.append(name)
+    return chosen
+
+
+def select_ddpm_files(repo_files: list[str]) -> list[str]:
+    """config.json, scheduler_config.json and the weights (safetensors when the repo has them, else the .bin)."""
+    available = set(repo_files)
+    weights = "diffusion_pytorch_model.safetensors"
+    if weights not in available:
+        weights = "diffusion_pytorch_model.bin"
+    return [name for name in ("config.json", "scheduler_config.json", weights) if name in available]
+
+
+def _fetch(repo_id: str, choose, out: str | Path | None) -> Path:
+    """List the repo, choose files, download each (resumable: huggingface_hub keeps partial files)."""
+    import huggingface_hub
+
+    try:
+        files = huggingface_hub.list_repo_files(repo_id)
+    except Exception as error:
+        raise ConnectionError(
+            f"cannot reach the Hugging Face hub to download {repo_id} ({type(error).__name__}). "
+            "Check your network (and HF_HUB_OFFLINE), or copy the weights onto this machine and pass their folder "
+            "with --weights. Without any weights, `minidiff demo` runs fully offline."
+        ) from None
+    chosen = choose(files)
+    local = None
+    for name in chosen:
+        local = huggingface_hub.hf_hub_download(repo_id, name, local_dir=str(out) if out else None)
+    root = Path(out) if out else Path(local).parents[len(Path(chosen[-1]).parts) - 1]
+    return root
+
+
+def download_sd15(out: str | Path | None = None, variant: str | None = None, single_file: bool = False) -> Path:
+    """Fetch SD 1.5; returns the folder (or file) to pass to `--weights`."""
+    root = _fetch(SD15_REPO, lambda files: select_sd15_files(files, variant, single_file), out)
+    return root / SD15_SINGLE_FILE if single_file else root
+
+
+def download_ddpm_cat(out: str | Path | None = None) -> Path:
+    """Fetch google/ddpm-cat-256; returns its folder."""
+    return _fetch(DDPM_CAT_REPO, select_ddpm_files, out)

@@ -1,0 +1,71 @@
+"""DDPMPipeline: the first loop of the tutorial, for an unconditional pixel-space model (e.g. google/ddpm-cat-256).
+
+    x_T ~ N(0, I);  for t in scheduler.timesteps:  eps = model(x_t, t);  x_{t-1} = scheduler.step(eps, t, x_t)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from minidiff.models.unet_2d import UNet2DModel
+from minidiff.pipelines.stable_diffusion import DenoisingStep, scheduler_from_folder, to_output_type
+from minidiff.schedulers.base import randn_tensor
+
+
+@dataclass
+class ImagePipelineOutput:
+    images: list
+
+
+class DDPMPipeline:
+    """`DDPMPipeline(unet, scheduler)`; `DDPMPipeline.from_pretrained(folder)` reads `unet/` (or the root) and `scheduler/`."""
+
+    def __init__(self, unet, scheduler):
+        self.unet = unet
+        self.scheduler = scheduler
+        self._progress_bar_config: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, torch_dtype: torch.dtype | None = None):
+        # google/ddpm-cat-256 keeps its files at the repo's root; a diffusers pipeline folder uses unet/ and scheduler/.
+        root = Path(path_or_repo_id)
+        unet = UNet2DModel.from_pretrained(
+            path_or_repo_id, subfolder="unet" if (root / "unet").is_dir() else None, torch_dtype=torch_dtype
+        )
+        scheduler = scheduler_from_folder(path_or_repo_id, subfolder="scheduler" if (root / "scheduler").is_dir() else None)
+        return cls(unet, scheduler)
+
+    def to(self, device=None, dtype: torch.dtype | None = None):
+        self.unet.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        self._progress_bar_config = kwargs
+
+    def denoise(self, batch_size: int = 1, generator=None, num_inference_steps: int = 1000):
+        """The loop as a generator: yields a DenoisingStep (x_{t-1} in `.latents`, here pixels) after every step."""
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        image = randn_tensor((batch_size, self.unet.config.in_channels, *size), generator, self.device, self.unet.dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        for step_index, t in enumerate(tqdm(self.scheduler.timesteps, **self._progress_bar_config)):
+            with torch.no_grad():
+                model_output = self.unet(image, t).sample
+            output = self.scheduler.step(model_output, t, image, generator=generator)
+            image = output.prev_sample
+            yield DenoisingStep(step_index, t, image, model_output, output.pred_original_sample)
+
+    def __call__(self, batch_size: int = 1, generator=None, num_inference_steps: int = 1000, output_type: str = "pil"):
+        step = None
+        for step in self.denoise(batch_size, generator, num_inference_steps):
+            pass
+        return ImagePipelineOutput(images=to_output_type(step.latents, output_type))

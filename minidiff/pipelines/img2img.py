@@ -1,0 +1,119 @@
+"""StableDiffusionImg2ImgPipeline: start the loop part-way, from a noised encoding of an image (SDEdit, arXiv 2108.01073).
+
+strength in (0, 1] picks how much of the schedule to run:
+
+    init_timestep = min(int(N * strength), N)        t_start = N - init_timestep
+    timesteps     = scheduler.timesteps[t_start * order:]     (and scheduler.set_begin_index(t_start * order))
+    z_0 = scaling_factor * VAE.encode(image).sample(generator)
+    x_t = scheduler.add_noise(z_0, eps, timesteps[0])
+
+then the same loop as text-to-image. strength 1.0 starts from (almost) pure noise; 0.3 keeps most of the image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline, StableDiffusionPipelineOutput
+from minidiff.schedulers.base import randn_tensor
+
+
+def preprocess_image(image, vae_scale_factor: int = 8) -> torch.Tensor:
+    """PIL image(s) or a tensor -> (B, 3, H, W) in [-1, 1], H and W cut down to multiples of 8 (Lanczos resize)."""
+    if isinstance(image, torch.Tensor):
+        image = image.unsqueeze(0) if image.ndim == 3 else image
+        return image if image.min() < 0 else image * 2 - 1  # a tensor already in [-1, 1] is kept as it is
+    images = image if isinstance(image, list) else [image]
+    if not all(isinstance(item, Image.Image) for item in images):
+        raise TypeError(f"image must be a PIL image, a list of them, or a tensor; got {type(image).__name__}")
+    width, height = (size // vae_scale_factor * vae_scale_factor for size in images[0].size)
+    arrays = [
+        np.asarray(item.convert("RGB").resize((width, height), resample=Image.LANCZOS), dtype=np.float32) / 255.0
+        for item in images
+    ]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2 - 1
+
+
+class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
+    """Image-to-image: the text-to-image loop started from a noised VAE encoding of `image`."""
+
+    def get_timesteps(self, num_inference_steps: int, strength: float):
+        """The tail of the schedule that `strength` selects, and how many steps that is."""
+        init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+        t_start = max(num_inference_steps - init_timestep, 0)
+        timesteps = self.scheduler.timesteps[t_start * self.scheduler.order :]
+        self.scheduler.set_begin_index(t_start * self.scheduler.order)
+        return timesteps, num_inference_steps - t_start
+
+    @torch.no_grad()
+    def prepare_image_latents(self, image: torch.Tensor, timestep: torch.Tensor, batch_size: int, dtype, generator=None):
+        """z_0 = scaling_factor * E(image) sampled from the latent distribution, then noised to `timestep`."""
+        image = image.to(device=self.device, dtype=dtype)
+        if isinstance(generator, list):
+            if image.shape[0] < batch_size:
+                image = torch.cat([image] * (batch_size // image.shape[0]))
+            init_latents = torch.cat(
+                [self.vae.encode(image[i : i + 1]).latent_dist.sample(generator[i]) for i in range(batch_size)]
+            )
+        else:
+            init_latents = self.vae.encode(image).latent_dist.sample(generator)
+        init_latents = self.vae.config.scaling_factor * init_latents
+        if batch_size % init_latents.shape[0]:
+            raise ValueError(f"cannot repeat {init_latents.shape[0]} image(s) to a batch of {batch_size} prompts")
+        init_latents = torch.cat([init_latents] * (batch_size // init_latents.shape[0]))
+        noise = randn_tensor(init_latents.shape, generator=generator, device=self.device, dtype=dtype)
+        return self.scheduler.add_noise(init_latents, noise, timestep)
+
+    def denoise(
+        self,
+        prompt: str | list[str],
+        image=None,
+        strength: float = 0.8,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        eta: float = 0.0,
+    ):
+        """The image-to-image loop as a generator of `DenoisingStep`s."""
+        if image is None:
+            raise ValueError("img2img needs an `image` to start from")
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        image = preprocess_image(image, self.vae_scale_factor)
+        self.check_inputs(prompt, image.shape[-2], image.shape[-1])
+        prompt = [prompt] if isinstance(prompt, str) else prompt
+        batch_size = len(prompt) * num_images_per_prompt
+        text_embeddings = self.encode_prompt(prompt, num_images_per_prompt, guidance_scale > 1.0, negative_prompt)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength)
+        if num_inference_steps < 1:
+            raise ValueError(f"strength {strength} leaves no step to run; raise strength or num_inference_steps")
+        latent_timestep = timesteps[:1].repeat(batch_size)
+        latents = self.prepare_image_latents(image, latent_timestep, batch_size, text_embeddings.dtype, generator)
+        yield from self.denoising_loop(latents, timesteps, text_embeddings, guidance_scale, self.step_kwargs(generator, eta))
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        image=None,
+        strength: float = 0.8,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+    ) -> StableDiffusionPipelineOutput:
+        step = None
+        for step in self.denoise(
+            prompt, image, strength, negative_prompt, num_inference_steps, guidance_scale,
+            num_images_per_prompt, generator, eta,
+        ):
+            pass
+        return StableDiffusionPipelineOutput(images=self.decode_latents(step.latents, output_type))

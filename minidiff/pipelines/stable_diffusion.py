@@ -1,0 +1,270 @@
+"""StableDiffusionPipeline: the deconstruction tutorial's loop, behind `__call__`.
+
+    prompt -> tokenizer -> text encoder -> (loop: scheduler <-> UNet, guidance) -> VAE decoder -> image
+
+`denoise(...)` is the loop itself, as a generator: it yields a `DenoisingStep` after every step so
+a tutorial can stop, look at the latents, the guided noise prediction and the predicted x0, and
+resume. `__call__` runs it to the end and decodes. The order of operations (and of random draws)
+is diffusers', so the same weights, prompt and seed give the same image.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+import minidiff.schedulers as schedulers
+from minidiff.schedulers.base import randn_tensor
+from minidiff.models.clip_text import CLIPTextModel
+from minidiff.models.unet_2d_condition import UNet2DConditionModel
+from minidiff.models.vae import AutoencoderKL
+from minidiff.tokenizer import CLIPTokenizer
+
+
+@dataclass
+class StableDiffusionPipelineOutput:
+    """`images`: a list of PIL images, a (B, H, W, 3) numpy array in [0, 1], a (B, 3, H, W) tensor, or latents."""
+
+    images: list | np.ndarray | torch.Tensor
+    nsfw_content_detected: list | None = None  # minidiff has no safety checker; kept for diffusers' API
+
+
+@dataclass
+class DenoisingStep:
+    """What the loop yields after step `step_index` (x_t -> x_{t-1}) at timestep `t`."""
+
+    step_index: int
+    t: torch.Tensor
+    latents: torch.Tensor  # x_{t-1}, after the scheduler step: (B, 4, H/8, W/8) (pixels for DDPMPipeline)
+    noise_pred: torch.Tensor  # the guided prediction eps_uncond + s * (eps_text - eps_uncond)
+    pred_original_sample: torch.Tensor  # the scheduler's estimate of x_0 from this step
+
+
+def to_output_type(image: torch.Tensor, output_type: str):
+    """(B, 3, H, W) in [-1, 1] -> "pt" (B, 3, H, W) in [0, 1], "np" (B, H, W, 3) in [0, 1], or "pil" images."""
+    image = (image / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return image
+    array = image.cpu().permute(0, 2, 3, 1).float().numpy()
+    if output_type == "np":
+        return array
+    return [Image.fromarray(pixels) for pixels in (array * 255).round().astype("uint8")]
+
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class StableDiffusionPipeline:
+    """Text-to-image with Stable Diffusion 1.x: tokenizer, CLIP text encoder, UNet, scheduler, VAE."""
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.unet = unet
+        self.scheduler = scheduler
+        self._progress_bar_config: dict = {}
+
+    # ----- loading -----
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, torch_dtype: torch.dtype | None = None, variant: str | None = None):
+        """Load every component of a diffusers-layout folder (or hub repo id): unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
+        path = Path(path_or_repo_id)
+        if path.is_file():
+            return cls.from_single_file(path, torch_dtype=torch_dtype)
+        load = dict(torch_dtype=torch_dtype, variant=variant)
+        return cls(
+            vae=AutoencoderKL.from_pretrained(path_or_repo_id, subfolder="vae", **load),
+            text_encoder=CLIPTextModel.from_pretrained(path_or_repo_id, subfolder="text_encoder", **load),
+            tokenizer=CLIPTokenizer.from_pretrained(path_or_repo_id, subfolder="tokenizer"),
+            unet=UNet2DConditionModel.from_pretrained(path_or_repo_id, subfolder="unet", **load),
+            scheduler=scheduler_from_folder(path_or_repo_id),
+        )
+
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None, use_ema: bool = False):
+        """Load an original one-file checkpoint (e.g. v1-5-pruned-emaonly.safetensors), offline."""
+        from minidiff.checkpoints.single_file import load_single_file
+
+        parts = load_single_file(path, torch_dtype=torch_dtype, use_ema=use_ema)
+        return cls(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet, scheduler=parts.scheduler)
+
+    def to(self, device=None, dtype: torch.dtype | None = None):
+        for module in (self.vae, self.text_encoder, self.unet):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """8 for SD: the VAE halves the resolution once per block but the last."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # ----- progress bars -----
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Options for tqdm, e.g. `disable=True` to turn the progress bars off."""
+        self._progress_bar_config = kwargs
+
+    def progress_bar(self, iterable):
+        return tqdm(iterable, **self._progress_bar_config)
+
+    # ----- the steps of the tutorial -----
+
+    def check_inputs(self, prompt, height: int, width: int, output_type: str = "pil") -> None:
+        if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt)):
+            raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+        if height % 8 or width % 8 or height <= 0 or width <= 0:
+            raise ValueError(
+                f"height and width must be positive multiples of 8 (the VAE works on 8x8 patches), got {height}x{width}; "
+                f"try {max(8, height // 8 * 8)}x{max(8, width // 8 * 8)}"
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES}")
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: list[str], num_images_per_prompt: int, do_classifier_free_guidance: bool, negative_prompt=None):
+        """Token ids -> CLIP's last hidden state, (B*n, 77, 768); with guidance, [uncond; text] as one batch (2B*n, 77, 768)."""
+        text_input = self.tokenizer(
+            prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
+        text_embeddings = self.text_encoder(text_input.input_ids.to(self.text_encoder.device))[0]
+        text_embeddings = text_embeddings.repeat_interleave(num_images_per_prompt, dim=0)
+        if not do_classifier_free_guidance:
+            return text_embeddings
+
+        if negative_prompt is None:
+            uncond_tokens = [""] * len(prompt)
+        elif isinstance(negative_prompt, str):
+            uncond_tokens = [negative_prompt] * len(prompt)
+        elif len(negative_prompt) != len(prompt):
+            raise ValueError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {len(prompt)}; give one per prompt")
+        else:
+            uncond_tokens = list(negative_prompt)
+        max_length = text_input.input_ids.shape[-1]
+        uncond_input = self.tokenizer(uncond_tokens, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        uncond_embeddings = self.text_encoder(uncond_input.input_ids.to(self.text_encoder.device))[0]
+        uncond_embeddings = uncond_embeddings.repeat_interleave(num_images_per_prompt, dim=0)
+        # one batch instead of two forward passes: the first half is unconditional
+        return torch.cat([uncond_embeddings, text_embeddings])
+
+    def prepare_latents(self, batch_size: int, height: int, width: int, dtype, generator=None, latents=None) -> torch.Tensor:
+        """x_T ~ N(0, I) of shape (B, 4, H/8, W/8), scaled by the scheduler's `init_noise_sigma`."""
+        shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for this prompt batch and size, got {tuple(latents.shape)}")
+        return latents.to(self.device) * self.scheduler.init_noise_sigma
+
+    def step_kwargs(self, generator, eta: float) -> dict:
+        """`eta` (DDIM) and `generator` (stochastic schedulers) go to `step` only when the scheduler takes them."""
+        accepted = inspect.signature(self.scheduler.step).parameters
+        kwargs = {}
+        if "eta" in accepted:
+            kwargs["eta"] = eta
+        if "generator" in accepted:
+            kwargs["generator"] = generator
+        return kwargs
+
+    def denoising_loop(self, latents, timesteps, text_embeddings, guidance_scale: float, step_kwargs: dict):
+        """The loop of the tutorial. Yields a DenoisingStep after each scheduler step."""
+        do_classifier_free_guidance = guidance_scale > 1.0
+        for step_index, t in enumerate(self.progress_bar(timesteps)):
+            # expand the latents for classifier-free guidance: (2B, 4, H/8, W/8)
+            latent_model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
+            latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+
+            # predict the noise residual
+            with torch.no_grad():
+                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=text_embeddings).sample
+
+            # perform guidance
+            if do_classifier_free_guidance:
+                noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+
+            # compute the previous noisy sample x_t -> x_t-1
+            output = self.scheduler.step(noise_pred, t, latents, **step_kwargs)
+            latents = output.prev_sample
+            yield DenoisingStep(step_index, t, latents, noise_pred, output.pred_original_sample)
+
+    def denoise(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int = 512,
+        width: int = 512,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        eta: float = 0.0,
+    ):
+        """The whole text-to-image loop as a generator of `DenoisingStep`s: stop at any step, inspect, resume."""
+        self.check_inputs(prompt, height, width)
+        prompt = [prompt] if isinstance(prompt, str) else prompt
+        text_embeddings = self.encode_prompt(prompt, num_images_per_prompt, guidance_scale > 1.0, negative_prompt)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        latents = self.prepare_latents(
+            len(prompt) * num_images_per_prompt, height, width, text_embeddings.dtype, generator, latents
+        )
+        yield from self.denoising_loop(
+            latents, self.scheduler.timesteps, text_embeddings, guidance_scale, self.step_kwargs(generator, eta)
+        )
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
+        """z -> image: undo the latent scaling (1 / 0.18215 for SD 1.5), decode with the VAE, convert."""
+        if output_type == "latent":
+            return latents
+        image = self.vae.decode(latents / self.vae.config.scaling_factor).sample  # (B, 3, H, W) in [-1, 1]
+        return to_output_type(image, output_type)
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int = 512,
+        width: int = 512,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+    ) -> StableDiffusionPipelineOutput:
+        self.check_inputs(prompt, height, width, output_type)
+        step = None
+        for step in self.denoise(
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+            num_images_per_prompt, generator, latents, eta,
+        ):
+            pass
+        return StableDiffusionPipelineOutput(images=self.decode_latents(step.latents, output_type))
+
+
+def scheduler_from_folder(path_or_repo_id, subfolder: str | None = "scheduler") -> schedulers.SchedulerMixin:
+    """The scheduler named in `scheduler/scheduler_config.json` (`_class_name`), built from that config."""
+    config = schedulers.SchedulerMixin.load_config(path_or_repo_id, subfolder=subfolder)
+    name = config.get("_class_name", "PNDMScheduler")
+    scheduler_class = getattr(schedulers, str(name), None)
+    if scheduler_class is None:
+        raise ValueError(
+            f"the scheduler config names {name!r}, which minidiff does not implement; minidiff has "
+            f"{', '.join(cls.__name__ for cls in schedulers.SchedulerMixin.compatibles)}. Swap it with e.g. `pipe.scheduler = EulerDiscreteScheduler.from_config(config)`."
+        )
+    return scheduler_class.from_config(config)
