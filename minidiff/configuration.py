@@ -104,10 +104,20 @@ def _init_defaults(cls) -> dict[str, Any]:
     return {name: p.default for name, p in parameters.items() if name != "self" and p.default is not p.empty}
 
 
+def _annotation_allows_sequence(cls, key: str) -> bool:
+    """Whether `cls.__init__` annotates `key` as possibly a tuple/list (`int | tuple[int]`), so a scalar default
+    does not forbid a per-block list."""
+    annotation = inspect.signature(cls.__init__).parameters[key].annotation
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    return "tuple" in text or "list" in text
+
+
 def _check_type(cls, key: str, value: Any, default: Any) -> None:
     """Reject a config value whose JSON type cannot be what the argument's default is."""
     if value is None or default is None:
         return
+    if isinstance(value, (list, tuple)) and _annotation_allows_sequence(cls, key):
+        return  # e.g. `attention_head_dim: int | tuple[int]` given per block, as SD 2.x's [5, 10, 20, 20]
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
