@@ -28,23 +28,30 @@ def download_file(repo_id: str, filename: str, subfolder: str | None = None) -> 
 
 
 def download_component(repo_id: str, subfolder: str | None, file_names: list[str], variant: str | None = None):
-    """Downloads only the files one component needs (config and weights, shards included); returns its local folder."""
+    """Downloads only the files one component needs; returns its local folder.
+
+    `file_names` are the config file(s) (`*.json`, always fetched) and the weights names in order of
+    preference: the first weights name the repo has (as one file, or as an index and its shards) is
+    the only one downloaded, so a repo holding both .safetensors and .bin costs one download.
+    """
     import huggingface_hub
     from pathlib import Path
 
+    from minidiff.checkpoints.folder import weight_file_patterns
+
     prefix = f"{subfolder}/" if subfolder else ""
-    patterns = []
-    for name in file_names:
-        if variant and not name.endswith(".json"):
-            stem, _, extension = name.partition(".")
-            name = f"{stem}.{variant}.{extension}"
-        patterns += [prefix + name, prefix + name.replace(".", "-*.", 1), prefix + name + ".index.json"]
+    config_names = [prefix + name for name in file_names if name.endswith(".json")]
+    weights_names = [name for name in file_names if not name.endswith(".json")]
     try:
-        root = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns)
+        for weights_name in weights_names:
+            patterns = [prefix + pattern for pattern in weight_file_patterns(weights_name, variant)]
+            root = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=config_names + patterns))
+            if any(file.is_file() for pattern in patterns for file in root.glob(pattern)):
+                break
     except Exception as error:
         raise HubUnavailableError(
             f"could not download {repo_id}/{prefix} from the Hugging Face hub ({type(error).__name__}). "
             "The weights are not on this machine: download them first with the scripts in weights_scripts/ "
             "(`minidiff download sd15`), or pass the local folder that holds them."
         ) from None
-    return Path(root) / subfolder if subfolder else Path(root)
+    return root / subfolder if subfolder else root

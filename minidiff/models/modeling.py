@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from minidiff.checkpoints.errors import CheckpointError, check_state_dict
-from minidiff.checkpoints.folder import read_state_dict, weight_files_in_folder
+from minidiff.checkpoints.folder import read_state_dict, weight_files_in_folder, with_variant
 from minidiff.configuration import ConfigMixin
 
 
@@ -59,25 +59,38 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         torch_dtype: torch.dtype | None = None,
         variant: str | None = None,
     ):
-        """Load config and weights from a diffusers-layout folder (or a hub repo id, through huggingface_hub)."""
+        """Load config and weights from a diffusers-layout folder (or a hub repo id, through huggingface_hub).
+
+        `torch_dtype` is the dtype of the loaded floating-point weights; as in diffusers, it defaults to
+        torch's default dtype (float32), whatever the file holds, so `variant="fp16"` alone gives an
+        fp32 model and `variant="fp16", torch_dtype=torch.float16` an fp16 one.
+        """
+        _check_dtype(cls, torch_dtype)
         folder = _component_folder(path_or_repo_id, subfolder, cls, variant)
         config = cls.load_config(folder)
+        _check_class_name(cls, config, folder)
         files = weight_files_in_folder(folder, cls.weights_names, variant)
-        return cls.from_state_dict(config, read_state_dict(files), torch_dtype, source=str(files[0]))
+        source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
+        return cls.from_state_dict(config, read_state_dict(files), torch_dtype, source=source)
 
     @classmethod
     def from_state_dict(
         cls, config: dict, state_dict: dict[str, torch.Tensor], torch_dtype: torch.dtype | None = None, source: str = "checkpoint"
     ):
-        """Build the module from `config` on the meta device and assign `state_dict`'s tensors to it."""
+        """Build the module from `config` on the meta device and assign `state_dict`'s tensors to it.
+
+        Each floating-point tensor is cast once, to `torch_dtype` (default: torch's default dtype);
+        a tensor already in that dtype is used as it is (for safetensors: a view of the memory map).
+        """
+        _check_dtype(cls, torch_dtype)
+        torch_dtype = torch_dtype or torch.get_default_dtype()
         with torch.device("meta"):
             model = cls.from_config(config)
         state_dict = cls.checkpoint_to_module_keys(state_dict)
         check_state_dict(model, state_dict, source)
-        if torch_dtype is not None:
-            state_dict = {
-                key: value.to(torch_dtype) if value.is_floating_point() else value for key, value in state_dict.items()
-            }
+        state_dict = {
+            key: value.to(torch_dtype) if value.is_floating_point() else value for key, value in state_dict.items()
+        }
         model.load_state_dict(state_dict, strict=True, assign=True)
         left_on_meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
         if left_on_meta:
@@ -87,16 +100,34 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
     # ----- writing -----
 
     def save_pretrained(self, folder: str | os.PathLike, variant: str | None = None) -> Path:
-        """Write `config.json` and the weights (safetensors) into `folder`, in diffusers' layout."""
+        """Write `config.json` and the weights (safetensors) into `folder`, in diffusers' layout.
+
+        The weights are written in the module's dtype: for an fp16 variant, `model.half()` first.
+        """
         folder = Path(folder)
         self.save_config(folder)
-        name = self.weights_names[0]
-        if variant:
-            stem, _, extension = name.partition(".")
-            name = f"{stem}.{variant}.{extension}"
+        name = with_variant(self.weights_names[0], variant)  # e.g. diffusion_pytorch_model.fp16.safetensors
         tensors = {key: value.detach().contiguous() for key, value in self.state_dict().items()}
         save_file(tensors, str(folder / name), metadata={"format": "pt"})
         return folder
+
+
+def _check_dtype(cls, torch_dtype) -> None:
+    if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+        raise ValueError(
+            f"{cls.__name__}.from_pretrained: torch_dtype must be a floating torch.dtype such as torch.float16, "
+            f"got {torch_dtype!r}"
+        )
+
+
+def _check_class_name(cls, config: dict, folder: Path) -> None:
+    """A config written for another model class (e.g. the VAE's, read as a UNet) is refused up front."""
+    written_by = config.get("_class_name")
+    if isinstance(written_by, str) and written_by != cls.__name__:
+        raise ValueError(
+            f"{folder / cls.config_name} describes a {written_by}, not a {cls.__name__}: "
+            f"load it with {written_by}.from_pretrained(...), or pick the right subfolder"
+        )
 
 
 def _component_folder(path_or_repo_id, subfolder: str | None, cls, variant: str | None) -> Path:
