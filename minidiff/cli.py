@@ -102,11 +102,21 @@ def cmd_generate(args) -> None:
     if args.scheduler:
         pipeline.scheduler = scheduler_class(args.scheduler).from_config(pipeline.scheduler.config)
     generator = torch.Generator().manual_seed(args.seed)
-    image = pipeline(
+    steps = pipeline.denoise(
         args.prompt, negative_prompt=args.negative, height=height, width=width, num_inference_steps=args.steps,
         guidance_scale=args.guidance, generator=generator,
-    ).images[0]
-    image.save(out)
+    )
+    if args.trace:
+        from minidiff import trace
+
+        frames = trace.record(steps, pipeline.latents_to_image, count=8)
+        print(f"wrote {trace.save_film_strip(frames, Path(args.trace) / 'film_strip.png')}")
+        print(f"wrote {trace.save_gif(frames, Path(args.trace) / 'denoising.gif')}")
+        last = frames[-1].sample
+    else:
+        *_, final = steps
+        last = pipeline.decode_latents(final.latents, "pil")[0]
+    last.save(out)
     print(f"wrote {out}")
 
 
@@ -193,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--negative", default=None, help="negative prompt")
             command.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULERS)}")
             command.add_argument("--out", default="image.png")
+            command.add_argument("--trace", default=None, help="folder for a film strip PNG and a GIF of x_t and predicted x0")
         else:
             command.add_argument("--schedulers", default="all", help="comma-separated names, or all")
             command.add_argument("--out", default="compare.png")

@@ -62,7 +62,7 @@ class DDPMPipeline:
                 model_output = self.unet(image, t).sample
             output = self.scheduler.step(model_output, t, image, generator=generator)
             image = output.prev_sample
-            yield DenoisingStep(step_index, t, image, model_output, output.pred_original_sample)
+            yield DenoisingStep(step_index, len(self.scheduler.timesteps), t, image, model_output, output.pred_original_sample)
 
     def __call__(self, batch_size: int = 1, generator=None, num_inference_steps: int = 1000, output_type: str = "pil"):
         step = None

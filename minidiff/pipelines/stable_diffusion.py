@@ -41,6 +41,7 @@ class DenoisingStep:
     """What the loop yields after step `step_index` (x_t -> x_{t-1}) at timestep `t`."""
 
     step_index: int
+    num_steps: int  # len(timesteps): steps in the whole loop (PNDM runs N+1 for N)
     t: torch.Tensor
     latents: torch.Tensor  # x_{t-1}, after the scheduler step: (B, 4, H/8, W/8) (pixels for DDPMPipeline)
     noise_pred: torch.Tensor  # the guided prediction eps_uncond + s * (eps_text - eps_uncond)
@@ -198,7 +199,7 @@ class StableDiffusionPipeline:
             # compute the previous noisy sample x_t -> x_t-1
             output = self.scheduler.step(noise_pred, t, latents, **step_kwargs)
             latents = output.prev_sample
-            yield DenoisingStep(step_index, t, latents, noise_pred, output.pred_original_sample)
+            yield DenoisingStep(step_index, len(timesteps), t, latents, noise_pred, output.pred_original_sample)
 
     def denoise(
         self,
@@ -232,6 +233,10 @@ class StableDiffusionPipeline:
             return latents
         image = self.vae.decode(latents / self.vae.config.scaling_factor).sample  # (B, 3, H, W) in [-1, 1]
         return to_output_type(image, output_type)
+
+    def latents_to_image(self, latents: torch.Tensor) -> Image.Image:
+        """The first image of a latent batch, decoded to PIL (for traces and step-through tutorials)."""
+        return self.decode_latents(latents[:1], "pil")[0]
 
     def __call__(
         self,
