@@ -5,5 +5,6 @@ __version__ = "0.1.0"
 from minidiff.configuration import ConfigMixin, FrozenConfig, register_to_config
 from minidiff.schedulers import *  # noqa: F401,F403  (every scheduler class, e.g. minidiff.DDIMScheduler)
 from minidiff.schedulers import __all__ as _scheduler_names
+from minidiff.tokenizer import CLIPTokenizer
 
-__all__ = ["ConfigMixin", "FrozenConfig", "register_to_config", *_scheduler_names]
+__all__ = ["ConfigMixin", "FrozenConfig", "register_to_config", *_scheduler_names, "CLIPTokenizer"]
