@@ -97,6 +97,18 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
             raise CheckpointError(f"{cls.__name__} has tensors the checkpoint does not set: {left_on_meta[:10]}")
         return model.eval()
 
+    @classmethod
+    def from_single_file(
+        cls, path: str | os.PathLike, config=None, torch_dtype: torch.dtype | None = None, use_ema: bool = False
+    ):
+        """Load this network (UNet2DConditionModel, AutoencoderKL or CLIPTextModel) from an original one-file
+        SD 1.x checkpoint such as `v1-5-pruned-emaonly.safetensors`, offline. `config` (a dict or a
+        diffusers-layout folder) defaults to SD 1.5's bundled config; `use_ema` takes the UNet's EMA copy.
+        See minidiff/checkpoints/single_file.py and key_map.py."""
+        from minidiff.checkpoints.single_file import load_component
+
+        return load_component(cls, path, config=config, torch_dtype=torch_dtype, use_ema=use_ema)
+
     # ----- writing -----
 
     def save_pretrained(self, folder: str | os.PathLike, variant: str | None = None) -> Path:
