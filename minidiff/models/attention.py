@@ -92,11 +92,9 @@ class Attention(nn.Module):
         if hidden_states.ndim == 4:
             batch, channels, height, width = hidden_states.shape
             spatial_shape = hidden_states.shape
-            if self.group_norm is not None:
-                hidden_states = self.group_norm(hidden_states)
-            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)  # (B, H*W, C)
-        elif self.group_norm is not None:
-            hidden_states = self.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+            hidden_states = hidden_states.reshape(batch, channels, height * width).transpose(1, 2)  # (B, H*W, C)
+        if self.group_norm is not None:
+            hidden_states = self.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)  # GroupNorm over C
 
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query = self._split_heads(self.to_q(hidden_states))  # (B, heads, N, dim_head)
