@@ -6,5 +6,7 @@ from minidiff.configuration import ConfigMixin, FrozenConfig, register_to_config
 from minidiff.schedulers import *  # noqa: F401,F403  (every scheduler class, e.g. minidiff.DDIMScheduler)
 from minidiff.schedulers import __all__ as _scheduler_names
 from minidiff.tokenizer import CLIPTokenizer
+from minidiff.models.unet_2d_condition import UNet2DConditionModel
+from minidiff.models.vae import AutoencoderKL
 
-__all__ = ["ConfigMixin", "FrozenConfig", "register_to_config", *_scheduler_names, "CLIPTokenizer"]
+__all__ = ["ConfigMixin", "FrozenConfig", "register_to_config", *_scheduler_names, "CLIPTokenizer", "UNet2DConditionModel", "AutoencoderKL"]
