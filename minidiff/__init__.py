@@ -8,5 +8,6 @@ from minidiff.schedulers import __all__ as _scheduler_names
 from minidiff.tokenizer import CLIPTokenizer
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
+from minidiff.models.unet_2d import UNet2DModel
 
-__all__ = ["ConfigMixin", "FrozenConfig", "register_to_config", *_scheduler_names, "CLIPTokenizer", "UNet2DConditionModel", "AutoencoderKL"]
+__all__ = ["ConfigMixin", "FrozenConfig", "register_to_config", *_scheduler_names, "CLIPTokenizer", "UNet2DConditionModel", "AutoencoderKL", "UNet2DModel"]

@@ -2,7 +2,8 @@
 
 from minidiff.models.gaussian_mixture import GaussianMixtureDenoiser
 from minidiff.models.modeling import ModelMixin
+from minidiff.models.unet_2d import UNet2DModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
 
-__all__ = ["GaussianMixtureDenoiser", "ModelMixin", "UNet2DConditionModel", "AutoencoderKL"]
+__all__ = ["GaussianMixtureDenoiser", "ModelMixin", "UNet2DConditionModel", "AutoencoderKL", "UNet2DModel"]
