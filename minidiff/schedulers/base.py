@@ -140,6 +140,20 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> np.ndarray:
 # ----- which timesteps to visit --------------------------------------------------------------------
 
 
+def integer_timestep(timestep, scheduler_name: str) -> int:
+    """The training timestep `t` (an int, or a 0-dim tensor holding one) as a Python int.
+
+    The DDPM-family schedulers index alpha_bar by t; a fractional t has no alpha_bar.
+    """
+    value = float(timestep)
+    if value != int(value):
+        raise ValueError(
+            f"{scheduler_name} works on integer training timesteps, got {value}; "
+            "pass the values of `scheduler.timesteps` (after `set_timesteps`) to `step`"
+        )
+    return int(value)
+
+
 def check_num_inference_steps(num_inference_steps, num_train_timesteps: int) -> None:
     if not isinstance(num_inference_steps, (int, np.integer)) or isinstance(num_inference_steps, bool):
         raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}")
