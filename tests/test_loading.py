@@ -313,3 +313,115 @@ def test_hub_id_offline_says_weights_are_not_here(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # so "google/ddpm-cat-256" cannot be a local folder
     with pytest.raises(HubUnavailableError, match=r"weights are not on this machine.*weights_scripts/"):
         TinyNet.from_pretrained("google/ddpm-cat-256")
+
+
+# ----- weights_scripts/make_random_sd15.py: a random SD 1.5 folder that every loader reads -----
+
+
+def _make_random_sd15():
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "weights_scripts" / "make_random_sd15.py"
+    spec = importlib.util.spec_from_file_location("make_random_sd15", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SD15_LAYOUT = [
+    "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
+    "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json",
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15(tmp_path_factory):
+    return _make_random_sd15().make_random_sd15(tmp_path_factory.mktemp("tiny-sd15"), seed=0, tiny=True)
+
+
+def test_random_sd15_has_the_layout_and_loads_in_minidiff(tiny_sd15):
+    from minidiff import AutoencoderKL, CLIPTokenizer, PNDMScheduler, UNet2DConditionModel
+    from minidiff.models.clip_text import CLIPTextModel
+
+    assert sorted(p.relative_to(tiny_sd15).as_posix() for p in tiny_sd15.rglob("*") if p.is_file()) == SD15_LAYOUT
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(tiny_sd15, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_sd15, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd15, subfolder="tokenizer")
+    scheduler = PNDMScheduler.from_pretrained(tiny_sd15, subfolder="scheduler")
+    assert unet.config.cross_attention_dim == text_encoder.config.hidden_size == 32
+    assert vae.config.scaling_factor == 0.18215
+    assert scheduler.config.skip_prk_steps and scheduler.config.steps_offset == 1
+    # the real SD 1.5 scheduler file: no timestep_spacing, so each scheduler class applies its own default
+    assert "timestep_spacing" not in json.loads((tiny_sd15 / "scheduler/scheduler_config.json").read_text())
+    ids = tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        context = text_encoder(ids)[0]  # (1, 77, 32)
+        eps = unet(torch.randn(1, 4, 8, 8), 981, encoder_hidden_states=context).sample
+        image = vae.decode(eps).sample
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
+def test_random_sd15_is_seeded_and_leaves_global_rng_alone(tiny_sd15, tmp_path):
+    make = _make_random_sd15()
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    again = make.make_random_sd15(tmp_path / "again", seed=0, tiny=True)
+    assert torch.equal(torch.rand(1), expected_next)
+    for name in ["unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]:
+        assert (again / name).read_bytes() == (tiny_sd15 / name).read_bytes(), name
+    other_seed = make.random_model("vae", seed=7, tiny=True)
+    same_seed = make.random_model("vae", seed=1, tiny=True)  # the VAE is model 1: seed 0 + 1
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tiny_sd15 / "vae/diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(stored[key], value) for key, value in same_seed.state_dict().items())
+    assert not torch.equal(stored["decoder.conv_in.weight"], other_seed.state_dict()["decoder.conv_in.weight"])
+
+
+def test_random_sd15_fp16_variant(tmp_path):
+    from minidiff import UNet2DConditionModel
+
+    folder = _make_random_sd15().make_random_sd15(tmp_path, seed=0, tiny=True, variant="fp16")
+    assert (folder / "unet/diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert (folder / "text_encoder/model.fp16.safetensors").is_file()
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", variant="fp16", torch_dtype=torch.float16)
+    assert unet.dtype == torch.float16
+    with pytest.raises(FileNotFoundError, match="pass variant='fp16'"):
+        UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+
+
+@pytest.mark.filterwarnings("ignore:The configuration file of the unet has set the default `sample_size`")
+def test_random_sd15_loads_in_diffusers_and_transformers(tiny_sd15):
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    from minidiff import UNet2DConditionModel
+    from minidiff.models.clip_text import CLIPTextModel
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_sd15, safety_checker=None)
+    assert isinstance(pipe.scheduler, diffusers.PNDMScheduler)
+    ids = pipe.tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ours_text = CLIPTextModel.from_pretrained(tiny_sd15, subfolder="text_encoder")
+    theirs_text = transformers.CLIPTextModel.from_pretrained(tiny_sd15, subfolder="text_encoder")
+    ours_unet = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        context = theirs_text(ids)[0]
+        # same weights read by both libraries: same numbers (fp32, max abs <= 1e-5)
+        assert (ours_text(ids)[0] - context).abs().max() <= 1e-5
+        context = context.expand(2, -1, -1)
+        eps_theirs = pipe.unet(latents, 981, encoder_hidden_states=context).sample
+        eps_ours = ours_unet(latents, 981, encoder_hidden_states=context).sample
+    assert (eps_ours - eps_theirs).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_full_size_random_sd15_has_sd15_parameter_counts(tmp_path):
+    from minidiff import UNet2DConditionModel
+
+    folder = _make_random_sd15().make_random_sd15(tmp_path, seed=0)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    assert sum(parameter.numel() for parameter in unet.parameters()) == 859_520_964
