@@ -184,6 +184,16 @@ def spaced_timesteps(spacing: str, num_inference_steps: int, num_train_timesteps
 # ----- noise levels of the sigma schedulers (Euler, LMS, DPM-Solver, UniPC) -------------------
 
 
+def check_float_timestep(timestep, where: str) -> None:
+    """The sigma schedulers find their noise level from `timestep` itself, a float of `scheduler.timesteps`
+    (e.g. 978.6122); an integer is almost always a loop index by mistake. `where` names the caller in the error."""
+    if isinstance(timestep, (int, np.integer)) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
+        raise ValueError(
+            f"{where} got the integer timestep {timestep!r}; pass the float values of `scheduler.timesteps` "
+            "(e.g. `for t in scheduler.timesteps: ... scheduler.step(output, t, sample)`), not an index from `enumerate`"
+        )
+
+
 def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """The (fractional) training timestep whose noise level is `sigma`: linear interpolation in log-sigma."""
     log_sigma = np.log(np.maximum(sigma, 1e-10))
@@ -205,6 +215,58 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, 
 def exponential_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int) -> np.ndarray:
     """Noise levels evenly spaced in log-sigma, from sigma_max down to sigma_min."""
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_inference_steps))
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """Lee et al. 2024, "Beta Sampling is All You Need" (arXiv 2407.12173): noise levels at the quantiles
+    of a Beta(alpha, beta) distribution, dense near both ends of the schedule:
+
+    sigma_i = sigma_min + F^-1(1 - i/(N-1)) (sigma_max - sigma_min),   F = the Beta(alpha, beta) CDF
+    """
+    quantiles = 1 - np.linspace(0, 1, num_inference_steps)
+    return np.array([sigma_min + beta_ppf(q, alpha, beta) * (sigma_max - sigma_min) for q in quantiles])
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """Inverse of the Beta(a, b) CDF, by bisection on `regularized_incomplete_beta` (monotone in x)."""
+    if q <= 0 or q >= 1:
+        return float(q >= 1)
+    low, high = 0.0, 1.0
+    for _ in range(60):  # 2^-60 < 1e-18: as exact as a float64 allows
+        middle = (low + high) / 2
+        low, high = (middle, high) if regularized_incomplete_beta(middle, a, b) < q else (low, middle)
+    return (low + high) / 2
+
+
+def regularized_incomplete_beta(x: float, a: float, b: float) -> float:
+    """The Beta(a, b) CDF, I_x(a, b) = B(x; a, b) / B(a, b), by its continued fraction
+    (Abramowitz & Stegun 26.5.8), evaluated with the modified Lentz method.
+
+    The fraction converges fast for x < (a+1)/(a+b+2); above that, I_x(a, b) = 1 - I_{1-x}(b, a).
+    """
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - regularized_incomplete_beta(1.0 - x, b, a)
+    log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    front = math.exp(a * math.log(x) + b * math.log1p(-x) - log_beta) / a
+
+    def nonzero(value: float) -> float:  # Lentz's guard against dividing by zero
+        return value if abs(value) > 1e-300 else 1e-300
+
+    c, d = 1.0, 1 / nonzero(1 - (a + b) * x / (a + 1))
+    fraction = d
+    for m in range(1, 300):
+        for numerator in (  # the terms d_{2m} and d_{2m+1} of the fraction
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1 / nonzero(1 + numerator * d)
+            c = nonzero(1 + numerator / c)
+            fraction *= c * d
+        if abs(c * d - 1) < 1e-16:
+            break
+    return front * fraction
 
 
 # ----- noise for the stochastic samplers --------------------------------------------------------
@@ -343,6 +405,20 @@ class SchedulerMixin(ConfigMixin):
 
     def _init_step_index(self, timestep) -> None:
         self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+
+    def _add_noise_step_indices(self, timesteps: torch.Tensor, schedule_timesteps: torch.Tensor) -> list[int]:
+        """Which entry of the schedule `add_noise` takes for each sample, as diffusers' sigma schedulers:
+
+        - no `set_begin_index` (training, or a pipeline without it): search each timestep (second match);
+        - after the first step (inpainting re-noises the known region): the current step index;
+        - before the first step (img2img builds its start latent): the begin index.
+        """
+        timesteps = timesteps.reshape(-1)
+        if self.begin_index is None:
+            return [self.index_for_timestep(t, schedule_timesteps) for t in timesteps]
+        if self.step_index is not None:
+            return [self.step_index] * len(timesteps)
+        return [self.begin_index] * len(timesteps)
 
     def _check_timesteps_set(self) -> None:
         if getattr(self, "num_inference_steps", None) is None:

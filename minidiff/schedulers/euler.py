@@ -1,0 +1,292 @@
+"""Euler steps on the probability-flow ODE, with optional "churn" noise.
+
+Paper: Karras, Aittala, Aila, Laine 2022, "Elucidating the Design Space of Diffusion-Based
+Generative Models" (EDM), arXiv 2206.00364, Algorithm 2 without its second-order correction.
+This is k-diffusion's `sample_euler` and A1111's "Euler".
+
+SD's DDPM-trained model is read as a denoiser of x = x_0 + sigma eps ("variance exploding" form),
+with sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t). The model is fed x / sqrt(sigma^2 + 1), the
+scale it saw in training (`scale_model_input`). One step from sigma_i to sigma_{i+1}:
+
+    gamma     = min(s_churn / N, sqrt(2) - 1)  if s_tmin <= sigma_i <= s_tmax, else 0
+    sigma_hat = sigma_i (1 + gamma)
+    x_hat     = x_i + sqrt(sigma_hat^2 - sigma_i^2) * s_noise * z,   z ~ N(0, I)    (only if gamma > 0)
+    x0_pred   = D(x_hat; sigma_hat), from the model output (see prediction_type)
+    d_i       = (x_hat - x0_pred) / sigma_hat                                     (EDM eq. 3)
+    x_{i+1}   = x_hat + (sigma_{i+1} - sigma_hat) d_i                             (Euler step)
+
+With s_churn = 0 (the default) this is the plain Euler method on dx/dsigma = (x - x0_pred) / sigma.
+As in diffusers, the model output handed to `step` was computed at x_i, not at x_hat.
+
+Config fields (diffusers' names and defaults):
+- num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training schedule
+  alpha_bar_t, hence sigma_t.
+- rescale_betas_zero_snr: zero terminal SNR (Lin et al. 2023, arXiv 2305.08891); alpha_bar_{T-1} is
+  then set to 2^-24 so that sigma_max stays finite.
+- prediction_type: "epsilon": x0 = x - sigma eps; "v_prediction": x0 = x / (sigma^2+1) - v sigma / sqrt(sigma^2+1);
+  "sample": the model predicts x0 itself.
+- timestep_spacing ("linspace", "leading", "trailing") and steps_offset: which training timesteps
+  to visit. "linspace" keeps fractional timesteps (978.6122...).
+- interpolation_type: "linear": sigma at a fractional timestep is interpolated linearly in sigma
+  between integer timesteps. "log_linear": N+1 sigmas evenly spaced in log-sigma from sigma_max to
+  sigma_min (as diffusers: the last step then ends at sigma_min; the appended final sigma is unused).
+- use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas (at most one): replace the N sigmas by
+  the Karras rho = 7 ramp, a ramp even in log-sigma, or Beta(0.6, 0.6) quantiles, between sigma_min
+  and sigma_max (which default to the ends of the spaced schedule); timesteps then come from `sigma_to_t`.
+- timestep_type: "continuous" with v_prediction feeds the model EDM's c_noise = ln(sigma) / 4 as timestep.
+- final_sigmas_type: the sigma after the last step: "zero", or "sigma_min" (the smallest training sigma).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from minidiff.configuration import register_to_config
+from minidiff.schedulers.base import (
+    PREDICTION_TYPES,
+    TIMESTEP_SPACINGS,
+    SchedulerMixin,
+    SchedulerOutput,
+    _broadcast,
+    beta_sigmas,
+    check_choice,
+    check_float_timestep,
+    check_num_inference_steps,
+    exponential_sigmas,
+    karras_sigmas,
+    make_betas,
+    randn_tensor,
+    sigma_to_t,
+    sigmas_from_alphas_cumprod,
+    spaced_timesteps,
+)
+
+INTERPOLATION_TYPES = ("linear", "log_linear")
+TIMESTEP_TYPES = ("discrete", "continuous")
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+
+
+class EulerDiscreteScheduler(SchedulerMixin):
+    """Euler steps in sigma (Karras et al. 2022, Algorithm 2), with optional churn noise."""
+
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        prediction_type: str = "epsilon",
+        interpolation_type: str = "linear",
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        timestep_spacing: str = "linspace",
+        timestep_type: str = "discrete",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        final_sigmas_type: str = "zero",
+    ):
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        check_choice("interpolation_type", interpolation_type, INTERPOLATION_TYPES)
+        check_choice("timestep_type", timestep_type, TIMESTEP_TYPES)
+        check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
+        if sum(map(bool, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas))) > 1:
+            raise ValueError(
+                "use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas each replace the noise levels; "
+                "set at most one of them to True"
+            )
+        self.betas = make_betas(
+            beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas, rescale_betas_zero_snr
+        )
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        if rescale_betas_zero_snr:
+            self.alphas_cumprod[-1] = 2**-24  # zero SNR would make sigma_{T-1} infinite
+        self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, sigma_t for t = 0..T-1
+        self.log_train_sigmas = np.log(self.train_sigmas)  # float32, as diffusers' sigma_to_t sees them
+
+        # Until `set_timesteps`: every training timestep, noisiest first, then sigma = 0.
+        self.num_inference_steps = None
+        self.sigmas = torch.cat([torch.from_numpy(self.train_sigmas).flip(0), torch.zeros(1)])
+        self.timesteps = self._model_timesteps(np.arange(num_train_timesteps - 1, -1, -1), self.sigmas)
+        self.is_scale_input_called = False
+        self._step_index = None
+        self._begin_index = None
+
+    @property
+    def init_noise_sigma(self) -> torch.Tensor:
+        """Std of the starting noise x_T: sigma_max, or sqrt(sigma_max^2 + 1) for "leading" (as diffusers)."""
+        sigma_max = self.sigmas.max()
+        if self.config.timestep_spacing in ("linspace", "trailing"):
+            return sigma_max
+        return (sigma_max**2 + 1) ** 0.5
+
+    def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """The model input x / sqrt(sigma^2 + 1): the noisy sample at the scale the model was trained on."""
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma = self.sigmas[self.step_index]
+        self.is_scale_input_called = True
+        return sample / ((sigma**2 + 1) ** 0.5)
+
+    # ----- the schedule -------------------------------------------------------------------------
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None) -> None:
+        """Choose the N noise levels to visit: from `num_inference_steps` and the config, or from custom
+        `timesteps` (training timesteps, noisiest first), or from custom `sigmas` (N + 1 values, final one included)."""
+        self._check_set_timesteps_arguments(num_inference_steps, timesteps, sigmas)
+        if num_inference_steps is None:
+            num_inference_steps = len(timesteps) if timesteps is not None else len(sigmas) - 1
+        self.num_inference_steps = num_inference_steps
+
+        if sigmas is not None:
+            sigmas = np.asarray(sigmas, dtype=np.float32)  # (N+1,)
+            timesteps = sigma_to_t(sigmas[:-1], self.log_train_sigmas)
+        else:
+            if timesteps is None:
+                timesteps = spaced_timesteps(
+                    self.config.timestep_spacing, num_inference_steps, self.config.num_train_timesteps, self.config.steps_offset
+                )
+            timesteps = np.asarray(timesteps, dtype=np.float32)  # (N,)
+            sigmas = self._sigmas_at(timesteps)
+            sigmas, timesteps = self._replace_noise_levels(sigmas, timesteps)
+            sigmas = np.concatenate([sigmas, [self._final_sigma()]]).astype(np.float32)  # (N+1,)
+
+        self.sigmas = torch.from_numpy(sigmas)  # kept on the CPU: read one value per step
+        self.timesteps = self._model_timesteps(timesteps, self.sigmas).to(device)
+        self._step_index = None
+        self._begin_index = None
+
+    def _check_set_timesteps_arguments(self, num_inference_steps, timesteps, sigmas) -> None:
+        given = [name for name, value in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps), ("sigmas", sigmas)) if value is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"set_timesteps takes exactly one of num_inference_steps, timesteps or sigmas; got {given or 'none'}"
+            )
+        if num_inference_steps is not None:
+            check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
+        if timesteps is not None:
+            replacing = [name for name in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if self.config[name]]
+            if replacing:
+                raise ValueError(f"custom `timesteps` cannot be used with {replacing[0]}=True, which picks its own noise levels")
+            if self.config.timestep_type == "continuous" and self.config.prediction_type == "v_prediction":
+                raise ValueError(
+                    "custom `timesteps` cannot be used with timestep_type='continuous' and v_prediction, whose "
+                    "timesteps are ln(sigma)/4; pass custom `sigmas` instead"
+                )
+            if len(timesteps) < 1:
+                raise ValueError("custom `timesteps` must hold at least one timestep")
+        if sigmas is not None and len(sigmas) < 2:
+            raise ValueError("custom `sigmas` must hold at least two values: one per step plus the final sigma")
+
+    def _sigmas_at(self, timesteps: np.ndarray) -> np.ndarray:
+        """sigma at each (possibly fractional) timestep, per interpolation_type."""
+        if self.config.interpolation_type == "linear":
+            return np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
+        # "log_linear": N+1 values even in log-sigma from sigma_max down to sigma_min (diffusers' behaviour)
+        log_sigma_max, log_sigma_min = float(self.log_train_sigmas[-1]), float(self.log_train_sigmas[0])
+        return torch.linspace(log_sigma_max, log_sigma_min, len(timesteps) + 1).exp().numpy()
+
+    def _replace_noise_levels(self, sigmas: np.ndarray, timesteps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Karras / exponential / beta noise levels between sigma_min and sigma_max, and their timesteps."""
+        config = self.config
+        if not (config.use_karras_sigmas or config.use_exponential_sigmas or config.use_beta_sigmas):
+            return sigmas, timesteps
+        sigma_min = config.sigma_min if config.sigma_min is not None else sigmas[-1].item()
+        sigma_max = config.sigma_max if config.sigma_max is not None else sigmas[0].item()
+        if config.use_karras_sigmas:
+            sigmas = karras_sigmas(sigma_min, sigma_max, self.num_inference_steps)
+        elif config.use_exponential_sigmas:
+            sigmas = exponential_sigmas(sigma_min, sigma_max, self.num_inference_steps)
+        else:
+            sigmas = beta_sigmas(sigma_min, sigma_max, self.num_inference_steps)
+        return sigmas, sigma_to_t(sigmas, self.log_train_sigmas)
+
+    def _final_sigma(self) -> float:
+        return 0.0 if self.config.final_sigmas_type == "zero" else float(self.train_sigmas[0])
+
+    def _model_timesteps(self, timesteps: np.ndarray, sigmas: torch.Tensor) -> torch.Tensor:
+        """What the model is told: the training timestep, or ln(sigma)/4 for continuous v-prediction (EDM's c_noise)."""
+        if self.config.timestep_type == "continuous" and self.config.prediction_type == "v_prediction":
+            return torch.stack([0.25 * sigma.log() for sigma in sigmas[:-1]])  # one by one, as diffusers rounds them
+        return torch.from_numpy(np.asarray(timesteps).astype(np.float32))
+
+    # ----- one step -----------------------------------------------------------------------------
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        """One Euler step from sigma_i to sigma_{i+1} (with churn when s_churn > 0); see the module docstring."""
+        check_float_timestep(timestep, f"{type(self).__name__}.step")
+        self._check_timesteps_set()
+        if not self.is_scale_input_called:
+            warnings.warn("call `scheduler.scale_model_input(sample, t)` on the model input before `step`", stacklevel=2)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+
+        sample = sample.to(torch.float32)  # the update in fp32; cast back at the end
+        sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
+
+        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0  # Alg. 2: gamma_i
+        sigma_hat = sigma * (gamma + 1)  # Alg. 2: t_hat = t_i + gamma_i t_i
+        if gamma > 0:
+            z = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
+            sample = sample + z * s_noise * (sigma_hat**2 - sigma**2) ** 0.5  # Alg. 2: x_hat
+        x0_pred = self._predict_x0(model_output, sample, sigma, sigma_hat)  # D(x_hat; sigma_hat)
+        derivative = (sample - x0_pred) / sigma_hat  # EDM eq. 3: d = (x - D(x; sigma)) / sigma
+        prev_sample = sample + derivative * (sigma_next - sigma_hat)  # Euler step to sigma_{i+1}
+
+        prev_sample = prev_sample.to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return prev_sample, x0_pred
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+
+    def _predict_x0(self, model_output, sample, sigma, sigma_hat) -> torch.Tensor:
+        prediction_type = self.config.prediction_type
+        if prediction_type == "epsilon":
+            return sample - sigma_hat * model_output  # x0 = x - sigma eps
+        if prediction_type == "v_prediction":  # x0 = c_skip x + c_out v, c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(sigma^2+1)
+            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+        return model_output  # "sample": the model predicts x0
+
+    # ----- the forward process ------------------------------------------------------------------
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = x_0 + sigma_t eps, with sigma_t the schedule's noise level at each timestep in `timesteps`."""
+        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
+        step_indices = self._add_noise_step_indices(timesteps.to(original_samples.device), self.timesteps.to(original_samples.device))
+        sigma = _broadcast(sigmas[step_indices], original_samples)  # (B, 1, 1, 1)
+        return original_samples + noise * sigma
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The v-prediction target v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022, §4),
+        with alpha_bar = 1 / (sigma^2 + 1) at each timestep's noise level: v = (eps - sigma x_0) / sqrt(sigma^2 + 1).
+
+        diffusers 0.42.1 indexes alphas_cumprod by the *position* in `timesteps` here instead of the
+        timestep; minidiff uses the timestep's own noise level.
+        """
+        check_float_timestep(timesteps, f"{type(self).__name__}.get_velocity")
+        schedule_timesteps = self.timesteps.to(sample.device)
+        step_indices = [self.index_for_timestep(t, schedule_timesteps) for t in timesteps.to(sample.device).reshape(-1)]
+        sigma = _broadcast(self.sigmas.to(device=sample.device, dtype=sample.dtype)[step_indices], sample)
+        return (noise - sigma * sample) / (sigma**2 + 1) ** 0.5

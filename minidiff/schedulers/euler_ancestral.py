@@ -1,0 +1,168 @@
+"""Euler ancestral sampling: an Euler step down to a lower noise level, then fresh noise back up.
+
+Source: k-diffusion's `sample_euler_ancestral` (Katherine Crowson), the "Euler a" sampler of A1111;
+the step splits each move from sigma_from to sigma_to as in ancestral sampling of DDPM
+(Ho et al. 2020, arXiv 2006.11239), written in the sigma form of Karras et al. 2022 (arXiv 2206.00364).
+
+With x = x_0 + sigma eps (sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)), one step from
+sigma_from = sigma_i to sigma_to = sigma_{i+1} is
+
+    sigma_up   = sqrt( sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2 )   the noise to add back
+    sigma_down = sqrt( sigma_to^2 - sigma_up^2 )                                  where the ODE step lands
+    x0_pred    = D(x_i; sigma_from), from the model output (see prediction_type)
+    d          = (x_i - x0_pred) / sigma_from                                     (Karras eq. 3)
+    x_{i+1}    = x_i + (sigma_down - sigma_from) d + sigma_up z,   z ~ N(0, I)
+
+so x_{i+1} has noise level sqrt(sigma_down^2 + sigma_up^2) = sigma_to. Noise is drawn on every step,
+the last one included (where sigma_to = 0, so sigma_up = 0), as diffusers does, so a seed gives the
+same images.
+
+Config fields (diffusers' names and defaults):
+- num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training schedule alpha_bar_t.
+- rescale_betas_zero_snr: zero terminal SNR (Lin et al. 2023, arXiv 2305.08891), with alpha_bar_{T-1} = 2^-24
+  so that sigma_max stays finite.
+- prediction_type: "epsilon": x0 = x - sigma eps; "v_prediction": x0 = x / (sigma^2+1) - v sigma / sqrt(sigma^2+1);
+  "sample": the model predicts x0 (diffusers raises NotImplementedError for it; minidiff supports it).
+- timestep_spacing ("linspace", "leading", "trailing") and steps_offset: which training timesteps to
+  visit; sigma at a fractional timestep is interpolated linearly in sigma.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from minidiff.configuration import register_to_config
+from minidiff.schedulers.base import (
+    PREDICTION_TYPES,
+    TIMESTEP_SPACINGS,
+    SchedulerMixin,
+    SchedulerOutput,
+    _broadcast,
+    check_choice,
+    check_float_timestep,
+    check_num_inference_steps,
+    make_betas,
+    randn_tensor,
+    sigmas_from_alphas_cumprod,
+    spaced_timesteps,
+)
+
+
+class EulerAncestralDiscreteScheduler(SchedulerMixin):
+    """Euler ancestral ("Euler a"): an Euler step to sigma_down, then noise of std sigma_up."""
+
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+    ):
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        self.betas = make_betas(
+            beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas, rescale_betas_zero_snr
+        )
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        if rescale_betas_zero_snr:
+            self.alphas_cumprod[-1] = 2**-24  # zero SNR would make sigma_{T-1} infinite
+        self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, sigma_t for t = 0..T-1
+
+        # Until `set_timesteps`: every training timestep, noisiest first, then sigma = 0.
+        self.num_inference_steps = None
+        self.sigmas = torch.cat([torch.from_numpy(self.train_sigmas).flip(0), torch.zeros(1)])
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.float32)
+        self.is_scale_input_called = False
+        self._step_index = None
+        self._begin_index = None
+
+    @property
+    def init_noise_sigma(self) -> torch.Tensor:
+        """Std of the starting noise x_T: sigma_max, or sqrt(sigma_max^2 + 1) for "leading" (as diffusers)."""
+        sigma_max = self.sigmas.max()
+        if self.config.timestep_spacing in ("linspace", "trailing"):
+            return sigma_max
+        return (sigma_max**2 + 1) ** 0.5
+
+    def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """The model input x / sqrt(sigma^2 + 1): the noisy sample at the scale the model was trained on."""
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma = self.sigmas[self.step_index]
+        self.is_scale_input_called = True
+        return sample / ((sigma**2 + 1) ** 0.5)
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        """The N timesteps to visit (per timestep_spacing) and their sigmas, linearly interpolated, then sigma = 0."""
+        check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
+        self.num_inference_steps = num_inference_steps
+        timesteps = spaced_timesteps(
+            self.config.timestep_spacing, num_inference_steps, self.config.num_train_timesteps, self.config.steps_offset
+        ).astype(np.float32)  # (N,)
+        sigmas = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
+        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # (N+1,)
+
+        self.sigmas = torch.from_numpy(sigmas)  # kept on the CPU: read one value per step
+        self.timesteps = torch.from_numpy(timesteps).to(device)
+        self._step_index = None
+        self._begin_index = None
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        """One ancestral step from sigma_i to sigma_{i+1}; see the module docstring."""
+        check_float_timestep(timestep, f"{type(self).__name__}.step")
+        self._check_timesteps_set()
+        if not self.is_scale_input_called:
+            warnings.warn("call `scheduler.scale_model_input(sample, t)` on the model input before `step`", stacklevel=2)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+
+        sigma_from, sigma_to = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
+        sample = sample.to(torch.float32)  # the update in fp32; cast back at the end
+        x0_pred = self._predict_x0(model_output, sample, sigma_from)
+
+        sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        derivative = (sample - x0_pred) / sigma_from  # Karras eq. 3: d = (x - D(x; sigma)) / sigma
+        prev_sample = sample + derivative * (sigma_down - sigma_from)  # Euler step down to sigma_down
+        z = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
+        prev_sample = prev_sample + z * sigma_up  # noise back up to sigma_to
+
+        prev_sample = prev_sample.to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return prev_sample, x0_pred
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+
+    def _predict_x0(self, model_output, sample, sigma) -> torch.Tensor:
+        prediction_type = self.config.prediction_type
+        if prediction_type == "epsilon":
+            return sample - sigma * model_output  # x0 = x - sigma eps
+        if prediction_type == "v_prediction":  # x0 = c_skip x + c_out v, c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(sigma^2+1)
+            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+        return model_output  # "sample": the model predicts x0
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = x_0 + sigma_t eps, with sigma_t the schedule's noise level at each timestep in `timesteps`."""
+        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
+        step_indices = self._add_noise_step_indices(timesteps.to(original_samples.device), self.timesteps.to(original_samples.device))
+        sigma = _broadcast(sigmas[step_indices], original_samples)  # (B, 1, 1, 1)
+        return original_samples + noise * sigma

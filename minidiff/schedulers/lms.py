@@ -1,0 +1,213 @@
+"""Linear multistep (LMS): the Adams-Bashforth idea on the probability-flow ODE, in sigma.
+
+Source: k-diffusion's `sample_lms` (Katherine Crowson), after Karras et al. 2022 (arXiv 2206.00364),
+whose ODE it integrates; the multistep method itself is the classical Adams-Bashforth family with
+non-uniform steps (Hairer, Norsett & Wanner, "Solving ODEs I", §III.1).
+
+With x = x_0 + sigma eps (sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)), the ODE is
+dx/dsigma = d(x, sigma) = (x - x0_pred) / sigma (Karras eq. 3). LMS keeps the last derivatives
+d_i, d_{i-1}, ..., d_{i-q+1} and steps
+
+    x_{i+1} = x_i + sum_{j=0}^{q-1} c_j d_{i-j}
+
+    c_j = integral from sigma_i to sigma_{i+1} of  prod_{k != j} (tau - sigma_{i-k}) / (sigma_{i-j} - sigma_{i-k})  dtau
+
+i.e. d is replaced by the polynomial through the q stored points (sigma_{i-k}, d_{i-k}) (Lagrange form)
+and that polynomial is integrated over the step. q = min(step_index + 1, order), order = 4 by default,
+so the first step is plain Euler. The integrand is a polynomial of degree q - 1 <= 3, which minidiff
+integrates exactly (diffusers uses scipy.integrate.quad).
+
+Config fields (diffusers' names and defaults):
+- num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training schedule alpha_bar_t.
+- prediction_type: "epsilon": x0 = x - sigma eps; "v_prediction": x0 = x / (sigma^2+1) - v sigma / sqrt(sigma^2+1);
+  "sample": the model predicts x0.
+- timestep_spacing ("linspace", "leading", "trailing") and steps_offset: which training timesteps to
+  visit; sigma at a fractional timestep is interpolated linearly in sigma.
+- use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas (at most one): replace the N sigmas by
+  the Karras rho = 7 ramp, a ramp even in log-sigma, or Beta(0.6, 0.6) quantiles, between the ends
+  of the spaced schedule; timesteps then come from `sigma_to_t`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from minidiff.configuration import register_to_config
+from minidiff.schedulers.base import (
+    PREDICTION_TYPES,
+    TIMESTEP_SPACINGS,
+    SchedulerMixin,
+    SchedulerOutput,
+    _broadcast,
+    beta_sigmas,
+    check_choice,
+    check_float_timestep,
+    check_num_inference_steps,
+    exponential_sigmas,
+    karras_sigmas,
+    make_betas,
+    sigma_to_t,
+    sigmas_from_alphas_cumprod,
+    spaced_timesteps,
+)
+
+
+def lagrange_basis_integral(nodes: list[float], j: int, start: float, end: float) -> float:
+    """integral from `start` to `end` of L_j(tau) = prod_{k != j} (tau - nodes[k]) / (nodes[j] - nodes[k]), exactly.
+
+    L_j is the Lagrange basis polynomial that is 1 at nodes[j] and 0 at the other nodes.
+    """
+    numerator, denominator = np.polynomial.Polynomial([1.0]), 1.0
+    for k, node in enumerate(nodes):
+        if k != j:
+            numerator = numerator * np.polynomial.Polynomial([-node, 1.0])  # times (tau - nodes[k])
+            denominator *= nodes[j] - node
+    antiderivative = numerator.integ()
+    return float(antiderivative(end) - antiderivative(start)) / denominator
+
+
+class LMSDiscreteScheduler(SchedulerMixin):
+    """Linear multistep in sigma: integrate the polynomial through the last `order` derivatives."""
+
+    order = 1  # model evaluations per step (the multistep order is `step(..., order=4)`)
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+    ):
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        if sum(map(bool, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas))) > 1:
+            raise ValueError(
+                "use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas each choose the noise levels; "
+                "set at most one of them to True"
+            )
+        self.betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, sigma_t for t = 0..T-1
+        self.log_train_sigmas = np.log(self.train_sigmas)  # float32, as diffusers' sigma_to_t sees them
+
+        # Until `set_timesteps`: every training timestep, noisiest first, then sigma = 0.
+        self.num_inference_steps = None
+        self.sigmas = torch.cat([torch.from_numpy(self.train_sigmas).flip(0), torch.zeros(1)])
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.float32)
+        self.derivatives: list[torch.Tensor] = []  # d_{i-q+1}, ..., d_i: the newest last
+        self.is_scale_input_called = False
+        self._step_index = None
+        self._begin_index = None
+
+    @property
+    def init_noise_sigma(self) -> torch.Tensor:
+        """Std of the starting noise x_T: sigma_max, or sqrt(sigma_max^2 + 1) for "leading" (as diffusers)."""
+        sigma_max = self.sigmas.max()
+        if self.config.timestep_spacing in ("linspace", "trailing"):
+            return sigma_max
+        return (sigma_max**2 + 1) ** 0.5
+
+    def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """The model input x / sqrt(sigma^2 + 1): the noisy sample at the scale the model was trained on."""
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma = self.sigmas[self.step_index]
+        self.is_scale_input_called = True
+        return sample / ((sigma**2 + 1) ** 0.5)
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        """The N timesteps to visit and their sigmas (linear in sigma, or Karras), then sigma = 0; clears the history."""
+        check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
+        self.num_inference_steps = num_inference_steps
+        timesteps = spaced_timesteps(
+            self.config.timestep_spacing, num_inference_steps, self.config.num_train_timesteps, self.config.steps_offset
+        ).astype(np.float32)  # (N,)
+        sigmas = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
+        sigmas, timesteps = self._replace_noise_levels(sigmas, timesteps)
+        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # (N+1,)
+
+        self.sigmas = torch.from_numpy(sigmas)  # kept on the CPU: read one value per step
+        self.timesteps = torch.from_numpy(np.asarray(timesteps, dtype=np.float32)).to(device)
+        self.derivatives = []
+        self._step_index = None
+        self._begin_index = None
+
+    def _replace_noise_levels(self, sigmas: np.ndarray, timesteps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Karras / exponential / beta noise levels between the ends of `sigmas`, and their timesteps."""
+        config, sigma_min, sigma_max = self.config, sigmas[-1].item(), sigmas[0].item()
+        if config.use_karras_sigmas:
+            sigmas = karras_sigmas(sigma_min, sigma_max, self.num_inference_steps)
+        elif config.use_exponential_sigmas:
+            sigmas = exponential_sigmas(sigma_min, sigma_max, self.num_inference_steps)
+        elif config.use_beta_sigmas:
+            sigmas = beta_sigmas(sigma_min, sigma_max, self.num_inference_steps)
+        else:
+            return sigmas, timesteps
+        return sigmas, sigma_to_t(sigmas, self.log_train_sigmas)
+
+    def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
+        """c_j for j = `current_order` of a q = `order` step at index `t`: the integral from sigma_t to
+        sigma_{t+1} of the Lagrange basis polynomial of node sigma_{t-j} over the nodes sigma_t, ..., sigma_{t-q+1}."""
+        nodes = [float(self.sigmas[t - k]) for k in range(order)]
+        return lagrange_basis_integral(nodes, current_order, float(self.sigmas[t]), float(self.sigmas[t + 1]))
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        order: int = 4,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        """One linear multistep step of order min(step_index + 1, order); see the module docstring."""
+        check_float_timestep(timestep, f"{type(self).__name__}.step")
+        self._check_timesteps_set()
+        if not self.is_scale_input_called:
+            warnings.warn("call `scheduler.scale_model_input(sample, t)` on the model input before `step`", stacklevel=2)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+
+        sigma = self.sigmas[self.step_index]
+        x0_pred = self._predict_x0(model_output, sample, sigma)
+        derivative = (sample - x0_pred) / sigma  # Karras eq. 3: d_i = (x_i - D(x_i; sigma_i)) / sigma_i
+        self.derivatives.append(derivative)
+        if len(self.derivatives) > order:
+            self.derivatives.pop(0)
+
+        # q = min(i + 1, order) counts steps since index 0, not stored derivatives: after
+        # set_begin_index (img2img) fewer may be stored, and zip keeps as many terms as there are (as diffusers).
+        q = min(self.step_index + 1, order)
+        coefficients = [self.get_lms_coefficient(q, self.step_index, j) for j in range(q)]  # c_0 .. c_{q-1}
+        prev_sample = sample + sum(c_j * d for c_j, d in zip(coefficients, reversed(self.derivatives)))  # x_i + sum_j c_j d_{i-j}
+
+        self._step_index += 1
+        if not return_dict:
+            return prev_sample, x0_pred
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+
+    def _predict_x0(self, model_output, sample, sigma) -> torch.Tensor:
+        prediction_type = self.config.prediction_type
+        if prediction_type == "epsilon":
+            return sample - sigma * model_output  # x0 = x - sigma eps
+        if prediction_type == "v_prediction":  # x0 = c_skip x + c_out v, c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(sigma^2+1)
+            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+        return model_output  # "sample": the model predicts x0
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = x_0 + sigma_t eps, with sigma_t the schedule's noise level at each timestep in `timesteps`."""
+        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
+        step_indices = self._add_noise_step_indices(timesteps.to(original_samples.device), self.timesteps.to(original_samples.device))
+        sigma = _broadcast(sigmas[step_indices], original_samples)  # (B, 1, 1, 1)
+        return original_samples + noise * sigma
