@@ -4,5 +4,8 @@ from minidiff.schedulers.base import SchedulerMixin, SchedulerOutput
 from minidiff.schedulers.ddim import DDIMScheduler
 from minidiff.schedulers.ddpm import DDPMScheduler
 from minidiff.schedulers.pndm import PNDMScheduler
+from minidiff.schedulers.euler import EulerDiscreteScheduler
+from minidiff.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
+from minidiff.schedulers.lms import LMSDiscreteScheduler
 
-__all__ = ["SchedulerMixin", "SchedulerOutput", "DDIMScheduler", "DDPMScheduler", "PNDMScheduler"]
+__all__ = ["SchedulerMixin", "SchedulerOutput", "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler"]
