@@ -97,10 +97,11 @@ def cmd_generate(args) -> None:
     width, height = parse_size(args.size)
     if args.steps < 1:
         raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    chosen_scheduler = scheduler_class(args.scheduler) if args.scheduler else None
     out = check_writable(Path(args.out))
     pipeline = load_pipeline(args.weights, args.dtype)
-    if args.scheduler:
-        pipeline.scheduler = scheduler_class(args.scheduler).from_config(pipeline.scheduler.config)
+    if chosen_scheduler:
+        pipeline.scheduler = chosen_scheduler.from_config(pipeline.scheduler.config)
     generator = torch.Generator().manual_seed(args.seed)
     steps = pipeline.denoise(
         args.prompt, negative_prompt=args.negative, height=height, width=width, num_inference_steps=args.steps,
@@ -128,6 +129,8 @@ def cmd_compare(args) -> None:
     names = list(SCHEDULERS) if args.schedulers == "all" else [name.strip() for name in args.schedulers.split(",")]
     classes = [scheduler_class(name) for name in names]
     width, height = parse_size(args.size)
+    if args.steps < 1:
+        raise CLIError(f"--steps must be at least 1, got {args.steps}")
     out = check_writable(Path(args.out))
     pipeline = load_pipeline(args.weights, args.dtype)
     base_config = pipeline.scheduler.config
