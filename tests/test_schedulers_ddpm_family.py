@@ -237,7 +237,9 @@ def test_ddpm_custom_timesteps_parity(timesteps):
 
 def test_ddpm_generator_list_draws_one_sample_each():
     ours, theirs = both(DDPMScheduler, {}, num_inference_steps=5)
-    generators = lambda: [torch.Generator().manual_seed(seed) for seed in (3, 4)]  # noqa: E731  (batch of 2)
+    def generators():  # one per sample of the batch of 2
+        return [torch.Generator().manual_seed(seed) for seed in (3, 4)]
+
     assert_loops_close(run_loop(ours, fake_model, generator=generators()), run_loop(theirs, fake_model, generator=generators()))
 
 
@@ -612,8 +614,9 @@ def test_ddim_step_with_the_true_noise_lands_on_the_forward_process(num_inferenc
     """x_t = add_noise(x0, eps, t); one DDIM step (eta = 0) given the true eps returns x0_pred = x0 and
     x_prev = sqrt(alpha_bar_prev) x0 + sqrt(1 - alpha_bar_prev) eps (eq. 12 with sigma_t = 0).
 
-    Tolerance 2e-4 absolute: float32 x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) loses about
-    1e-7 / sqrt(alpha_bar_min) = 1e-7 / 0.068 relative for SD 1.5's schedule, times |x| of a few.
+    Tolerance 2e-5 absolute: float32 x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) loses about
+    6e-8 / sqrt(alpha_bar_min) = 6e-8 / 0.068 ~ 1e-6 per unit of |x_t| on SD 1.5's schedule
+    (measured worst over 300 random cases: 1.9e-6).
     """
     scheduler = DDIMScheduler(**{**sd15_config(DDIMScheduler), "set_alpha_to_one": set_alpha_to_one}, timestep_spacing=spacing)
     scheduler.set_timesteps(num_inference_steps)
@@ -626,7 +629,7 @@ def test_ddim_step_with_the_true_noise_lands_on_the_forward_process(num_inferenc
     prev_t = int(t) - 1000 // num_inference_steps
     alpha_bar_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
     expected_prev = alpha_bar_prev**0.5 * x0 + (1 - alpha_bar_prev) ** 0.5 * eps
-    torch.testing.assert_close(out.pred_original_sample, x0, rtol=0, atol=2e-4)
-    torch.testing.assert_close(out.prev_sample, expected_prev, rtol=0, atol=2e-4)
+    torch.testing.assert_close(out.pred_original_sample, x0, rtol=0, atol=2e-5)
+    torch.testing.assert_close(out.prev_sample, expected_prev, rtol=0, atol=2e-5)
     if prev_t < 0 and set_alpha_to_one:  # the final step returns x_0 itself
-        torch.testing.assert_close(out.prev_sample, x0, rtol=0, atol=2e-4)
+        torch.testing.assert_close(out.prev_sample, x0, rtol=0, atol=2e-5)
