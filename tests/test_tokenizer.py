@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidiff.tokenizer import BatchEncoding, CLIPTokenizer, bytes_to_unicode, clip_vocab_from_bpe_file
@@ -263,7 +263,7 @@ random_text = st.one_of(
 )
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=250, deadline=None)
 @given(text=random_text)
 def test_random_text_matches_transformers(tokenizer, oracle, text):
     with warnings.catch_warnings():
@@ -275,7 +275,7 @@ def test_random_text_matches_transformers(tokenizer, oracle, text):
     assert tokenizer.encode(text) == oracle.encode(text)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None)
 @given(texts=st.lists(random_text, min_size=1, max_size=4))
 def test_random_batches_match_transformers(tokenizer, oracle, texts):
     ours = tokenizer(texts, padding=True, return_tensors="pt")

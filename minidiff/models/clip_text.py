@@ -155,7 +155,10 @@ class CLIPEncoder(nn.Module):
 
 
 class CLIPTextTransformer(nn.Module):
-    """Embeddings, the encoder layers and the final LayerNorm (the `text_model.` of the checkpoints)."""
+    """Embeddings, the encoder layers and the final LayerNorm: the `text_model.` of the checkpoint keys.
+
+    It only holds the modules; `CLIPTextModel.forward` runs them, so the whole pass reads in one place.
+    """
 
     def __init__(self, config):
         super().__init__()
