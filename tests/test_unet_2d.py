@@ -222,3 +222,40 @@ def test_bad_inputs_are_refused():
 def test_full_size_ddpm_cat_256_parity(tmp_path):
     error = compare(DDPM_CAT_256, tmp_path, FULL_ATOL, batch=1)
     print(f"full-size ddpm-cat-256 max abs difference: {error:.3g}")
+
+
+# ----- weights_scripts/make_random_ddpm.py -----
+
+
+def _make_random_ddpm():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "weights_scripts" / "make_random_ddpm.py"
+    spec = importlib.util.spec_from_file_location("make_random_ddpm", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_random_ddpm_folder_runs_the_same_in_both_pipelines(tmp_path):
+    from minidiff.pipelines.ddpm import DDPMPipeline
+
+    make = _make_random_ddpm()
+    folder = make.make_random_ddpm(tmp_path / "a", seed=0, tiny=True)
+    again = make.make_random_ddpm(tmp_path / "b", seed=0, tiny=True)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (folder / weights).read_bytes() == (again / weights).read_bytes()  # seeded: same files
+    assert make.ddpm_cat_config()["block_out_channels"] == DDPM_CAT_256["block_out_channels"]
+
+    ours = DDPMPipeline.from_pretrained(folder)
+    theirs = diffusers.DDPMPipeline.from_pretrained(folder)
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+    assert ours.unet.config.sample_size == 32
+    images = [
+        pipe(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=2, output_type="np").images
+        for pipe in (ours, theirs)
+    ]
+    # the whole loop (noise draw, two UNet calls, DDPM steps, clipping), on the same random weights
+    assert abs(torch.as_tensor(images[0]) - torch.as_tensor(images[1])).max() <= TINY_ATOL
