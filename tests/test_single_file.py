@@ -351,6 +351,31 @@ def test_damaged_position_ids_warn_and_are_ignored(tiny, tmp_path):
     assert_same_state(parts.text_encoder, CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"))
 
 
+def test_save_single_file_from_modules_writes_the_same_file(tiny, tmp_path):
+    folder, file = tiny
+    parts = load_single_file(file, config=folder)
+    written = save_single_file(tmp_path / "saved.safetensors", parts.unet, parts.vae, parts.text_encoder, parts.scheduler)
+    assert written.read_bytes() == file.read_bytes()
+
+
+def test_pipeline_from_single_file_matches_folder(tiny_sd15_folder, tmp_path):
+    """The SD 1.5-layout tiny folder, through a single file, gives the same images as the folder itself."""
+    import numpy as np
+
+    from minidiff.pipelines import StableDiffusionPipeline
+
+    file = convert(tiny_sd15_folder, tmp_path / "tiny_sd15.safetensors")
+    parts = load_single_file(file, config=tiny_sd15_folder)
+    from_file = StableDiffusionPipeline(parts.vae, parts.text_encoder, parts.tokenizer, parts.unet, parts.scheduler)
+    from_folder = StableDiffusionPipeline.from_pretrained(tiny_sd15_folder)
+    images = []
+    for pipe in (from_file, from_folder):
+        pipe.set_progress_bar_config(disable=True)
+        run = dict(num_inference_steps=2, height=64, width=64, output_type="np", generator=torch.Generator().manual_seed(0))
+        images.append(pipe("a photograph of an astronaut riding a horse", **run).images)
+    assert np.array_equal(images[0], images[1])
+
+
 # ----- diffusers as the oracle -------------------------------------------------------------------------
 
 
@@ -550,10 +575,10 @@ def test_cast_gives_back_the_pages_it_read(tmp_path):
 def test_full_size_sd15_round_trip_and_load(tmp_path):
     """Random full-size SD 1.5 (4.3 GB of fp32): folder -> file -> folder bit-identical; the file loads with the
     bundled configs (no config=) into the same weights."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from bench_single_file import write_random_sd15_folder
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "weights_scripts"))
+    from make_random_sd15 import make_random_sd15
 
-    folder = write_random_sd15_folder(tmp_path / "sd15")
+    folder = make_random_sd15(tmp_path / "sd15", seed=0)
     convert(folder, tmp_path / "sd15.safetensors")
     convert(tmp_path / "sd15.safetensors", tmp_path / "back")
     for name in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):

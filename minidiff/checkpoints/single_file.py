@@ -313,7 +313,8 @@ def _stored_keys(checkpoint: CheckpointFile, part: str, key_map: KeyMap, use_ema
     stored = {key_map.to_diffusers(key): key for key in originals}
     if use_ema and part == "unet":
         stored = {name: ema_key(key) for name, key in stored.items()}
-        absent = [key for key in stored.values() if key not in set(checkpoint.keys())]
+        present = set(checkpoint.keys())
+        absent = [key for key in stored.values() if key not in present]
         if len(absent) == len(stored):
             raise CheckpointError(
                 f"{checkpoint.path} has no EMA weights (no {EMA_PREFIX}* keys). An '-emaonly' file already holds the "
@@ -328,7 +329,7 @@ def _check_fits(model: torch.nn.Module, checkpoint: CheckpointFile, stored_key: 
     """One error listing every weight the file lacks, has in excess or has in the wrong shape, under the
     file's names (diffusers' names in parentheses). Reads shapes only, no tensor data."""
     expected = model.state_dict(keep_vars=True)
-    missing = [f"{key_map.to_original(name)} ({name})" for name in expected if name not in stored_key]
+    missing = [f"{key_map.to_original(name) or '(no original name)'} ({name})" for name in expected if name not in stored_key]
     unexpected = [f"{stored_key[name]} ({name})" for name in stored_key if name not in expected]
     misshaped = []
     for name, key in stored_key.items():
@@ -610,7 +611,8 @@ def single_file_to_folder(
     check_is_sd1(checkpoint)
     configs_folder, folder = _config_folder(config), Path(folder)
     scheduler = scheduler_from_config_folder(configs_folder)
-    _account_for_other_keys(checkpoint, scheduler, use_ema)
+    for line in _account_for_other_keys(checkpoint, scheduler, use_ema):
+        logger.info("%s: %s", checkpoint.path.name, line)
     for part, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
         part_config = component_config(part, configs_folder)
         key_map = key_map_for(part, part_config)
