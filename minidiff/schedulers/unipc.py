@@ -1,0 +1,370 @@
+"""UniPC: a unified predictor-corrector framework for fast sampling (Zhao et al. 2023, arXiv 2302.04867).
+
+UniPC builds on DPM-Solver's exponential integrator in the half log-SNR lambda (see
+`dpm_solver_multistep.py` for the VP form alpha_t, sigma_t, lambda_t of a noise level sigma). A step
+goes from the current level s (s0) to the next level t, h = lambda_t - lambda_s0; s1, s2, ... are the
+previous levels, with r_k = (lambda_sk - lambda_s0) / h and the model outputs m (x0_pred when
+`predict_x0`, as in DPM-Solver++; eps otherwise) kept in `model_outputs`.
+
+UniP-p, the predictor of order p (written for predict_x0; for eps swap alpha <-> sigma and -h <-> h):
+
+    D_k   = (m_sk - m_s0) / r_k,   k = 1 .. p-1
+    x_t   = (sigma_t / sigma_s0) x_s0 - alpha_t (e^-h - 1) m_s0 - alpha_t B(h) sum_k a_k D_k        (§3.1, UniP)
+
+UniC-p, the corrector. Once the model has been called at the predicted x_t (the next step's call),
+its output m_t refines that same x_t, so the corrector needs no extra model evaluation:
+
+    x_t^c = (sigma_t / sigma_s0) x_s0 - alpha_t (e^-h - 1) m_s0
+            - alpha_t B(h) ( sum_k c_k D_k + c_p (m_t - m_s0) )                                        (§3.1, UniC)
+
+The coefficients solve the order conditions R a = phi / B(h) (§3.2): R[i, k] = r_k^i (with r_p = 1),
+phi[i] = i! h phi_{i+1}(h) built from e^h - 1 by the phi-function recurrence. Two cases are fixed
+instead of solved: a_1 = 0.5 for the order-2 predictor and c_1 = 0.5 for the order-1 corrector.
+B(h) is the free function of the "B(h)" variant: h for "bh1", e^h - 1 for "bh2".
+
+`step` therefore does, in order: convert the model output; correct the sample it was computed at
+(UniC, skipped on the first step and for indices in `disable_corrector`); then predict the next sample
+(UniP). Its order is min(solver_order, steps left when lower_order_final, number of outputs seen + 1).
+
+Config fields (diffusers' names and defaults):
+- num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr:
+  the training schedule (`base.make_betas`; alpha_bar[-1] = 2^-24 when rescaled to zero SNR).
+- solver_order: p of the predictor (2 for guided sampling, 3 for unconditional).
+- prediction_type: "epsilon" | "v_prediction" | "sample".
+- predict_x0: integrate the data prediction (True, "UniPC with DPM-Solver++") or the noise prediction.
+- solver_type: "bh1" | "bh2", the B(h) above ("midpoint", "heun", "logrho" from a DPM-Solver or DEIS
+  config are read as "bh2").
+- lower_order_final: lower the order near the end (the last step is first order).
+- disable_corrector: step indices whose sample is not corrected (the corrector can hurt with large
+  guidance at the first steps).
+- solver_p: another scheduler to use as the predictor instead of UniP (UniC then corrects its output).
+- thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen's dynamic thresholding of x0_pred.
+- timestep_spacing, steps_offset: as DPM-Solver (`multistep_timesteps`: N + 1 points, the last dropped).
+- use_karras_sigmas / use_exponential_sigmas, sigma_min, sigma_max: a Karras or exponential sigma ramp
+  (between sigma_min and sigma_max when set, else the training range).
+- final_sigmas_type: "zero" or "sigma_min", the noise level after the last step.
+- use_beta_sigmas, use_flow_sigmas, flow_shift, use_dynamic_shifting, time_shift_type, shift_terminal:
+  accepted so configs read, but minidiff implements only the VP (SD 1.x) form: turning them on raises.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from minidiff.configuration import register_to_config
+from minidiff.schedulers.base import (
+    PREDICTION_TYPES,
+    TIMESTEP_SPACINGS,
+    SchedulerMixin,
+    SchedulerOutput,
+    check_choice,
+    check_num_inference_steps,
+    dynamic_threshold,
+    make_betas,
+)
+from minidiff.schedulers.dpm_solver_multistep import (
+    FINAL_SIGMAS_TYPES,
+    check_steps_left,
+    check_vp_only,
+    multistep_timesteps,
+    noise_step_indices,
+    schedule_sigmas,
+    vp_alpha_sigma_lambda,
+)
+
+UNIPC_SOLVER_TYPES = ("bh1", "bh2")
+
+
+class UniPCMultistepScheduler(SchedulerMixin):
+    """UniPC: UniC corrects the last sample with the new model output, then UniP predicts the next one."""
+
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        predict_x0: bool = True,
+        solver_type: str = "bh2",
+        lower_order_final: bool = True,
+        disable_corrector: list[int] = [],  # noqa: B006  (diffusers' default, never mutated)
+        solver_p: SchedulerMixin = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        final_sigmas_type: str = "zero",
+        rescale_betas_zero_snr: bool = False,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        shift_terminal: float | None = None,
+    ):
+        self._check_config(solver_type)
+        self.betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas, rescale_betas_zero_snr)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        if rescale_betas_zero_snr:
+            self.alphas_cumprod[-1] = 2**-24  # not 0, so the first sigma is finite
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # replaced by set_timesteps
+        self.init_noise_sigma = 1.0  # the VP form: x_T ~ N(0, I)
+
+        self.predict_x0 = predict_x0
+        self.disable_corrector = disable_corrector
+        self.solver_p = solver_p
+        self.num_inference_steps = None
+        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy())
+        self.model_outputs = [None] * solver_order
+        self.timestep_list = [None] * solver_order
+        self.lower_order_nums = 0
+        self.this_order = None
+        self.last_sample = None
+        self._step_index = None
+        self._begin_index = None
+
+    def _check_config(self, solver_type: str) -> None:
+        config = self.config
+        check_vp_only(
+            config.prediction_type,
+            use_beta_sigmas=config.use_beta_sigmas,
+            use_flow_sigmas=config.use_flow_sigmas,
+            use_dynamic_shifting=config.use_dynamic_shifting,
+        )
+        if config.shift_terminal is not None:
+            raise ValueError("shift_terminal is only used with use_flow_sigmas (flow-matching models); leave it None")
+        if config.use_exponential_sigmas and config.use_karras_sigmas:
+            raise ValueError("use_karras_sigmas and use_exponential_sigmas cannot both be True; choose one sigma ramp")
+        check_choice("prediction_type", config.prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", config.timestep_spacing, TIMESTEP_SPACINGS)
+        check_choice("final_sigmas_type", config.final_sigmas_type, FINAL_SIGMAS_TYPES)
+        if not isinstance(config.solver_order, int) or config.solver_order < 1:
+            raise ValueError(f"solver_order must be a positive integer (2 for guided sampling), got {config.solver_order!r}")
+        if solver_type in ("midpoint", "heun", "logrho"):  # a DPM-Solver or DEIS config
+            self.register_to_config(solver_type="bh2")
+        check_choice("solver_type", self.config.solver_type, UNIPC_SOLVER_TYPES)
+
+    # ----- the schedule -----
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: list[float] | None = None,
+        mu: float | None = None,
+    ) -> None:
+        """Choose the N timesteps and their sigmas (N + 1 of them: the final one is 0 or sigma_min)."""
+        if sigmas is not None or mu is not None:
+            raise ValueError(
+                "custom sigmas and mu are only for flow-matching models (use_flow_sigmas), which minidiff does not "
+                "implement; pass num_inference_steps only"
+            )
+        config = self.config
+        check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
+        timesteps = multistep_timesteps(config.timestep_spacing, num_inference_steps, config.num_train_timesteps, config.steps_offset)
+        ramp = "karras" if config.use_karras_sigmas else "exponential" if config.use_exponential_sigmas else None
+        sigmas, timesteps = schedule_sigmas(self, timesteps, num_inference_steps, ramp)
+        if ramp == "karras":
+            timesteps = timesteps.round()  # exponential keeps fractional t, cast (truncated) to int below
+
+        if config.final_sigmas_type == "zero":
+            sigma_last = 0.0
+        elif ramp is not None:
+            sigma_last = sigmas[-1]  # the ramp's own smallest sigma
+        else:
+            sigma_last = (((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5).item()
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))  # (N + 1,)
+        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)  # (N,)
+        self.num_inference_steps = len(timesteps)
+        self.model_outputs = [None] * config.solver_order
+        self.lower_order_nums = 0
+        self.last_sample = None
+        if self.solver_p:
+            self.solver_p.set_timesteps(self.num_inference_steps, device=device)
+        self._step_index = None
+        self._begin_index = None
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """Identity: the VP-form model takes x_t as it is."""
+        return sample
+
+    # ----- the step index: as the base class, but a timestep not in the schedule means the last step -----
+
+    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
+        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        if not (schedule == timestep).any():
+            return len(self.timesteps) - 1
+        return super().index_for_timestep(timestep, schedule)
+
+    # ----- one step -----
+
+    def _alpha_sigma_lambda(self, index: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return vp_alpha_sigma_lambda(self.sigmas[index].to(device))
+
+    def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """What UniPC integrates at the current step: x0_pred when predict_x0, else eps."""
+        alpha_t, sigma_t, _ = self._alpha_sigma_lambda(self.step_index, sample.device)
+        prediction_type = self.config.prediction_type
+        if self.predict_x0:
+            if prediction_type == "epsilon":
+                x0_pred = (sample - sigma_t * model_output) / alpha_t
+            elif prediction_type == "sample":
+                x0_pred = model_output
+            else:  # v = alpha_t eps - sigma_t x_0
+                x0_pred = alpha_t * sample - sigma_t * model_output
+            if self.config.thresholding:
+                x0_pred = dynamic_threshold(x0_pred, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+            return x0_pred
+        if prediction_type == "epsilon":
+            return model_output
+        if prediction_type == "sample":
+            return (sample - alpha_t * model_output) / sigma_t
+        return alpha_t * model_output + sigma_t * sample
+
+    def _bh_coefficients(self, h: torch.Tensor, rks: torch.Tensor, order: int):
+        """h phi_1, B(h), and the order-condition system R (order x order), b (order,) of §3.2."""
+        hh = -h if self.predict_x0 else h
+        h_phi_1 = torch.expm1(hh)  # h phi_1(h) = e^h - 1
+        B_h = hh if self.config.solver_type == "bh1" else torch.expm1(hh)
+        h_phi_k = h_phi_1 / hh - 1  # h phi_2(h) / h ... built up by the phi recurrence
+        factorial_i = 1
+        R, b = [], []
+        for i in range(1, order + 1):
+            R.append(torch.pow(rks, i - 1))  # row i: r_k^(i-1)
+            b.append(h_phi_k * factorial_i / B_h)  # (i-1)! h phi_{i+1}(h) / B(h)
+            factorial_i *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial_i
+        return h_phi_1, B_h, torch.stack(R), torch.stack(b)
+
+    def _differences(self, m0: torch.Tensor, lambda_s0: torch.Tensor, h: torch.Tensor, order: int, first: int, device):
+        """r_k and D_k = (m_sk - m_s0) / r_k for the order - 1 previous outputs; sigma of s_k is sigmas[first - k]."""
+        rks, D1s = [], []
+        for k in range(1, order):
+            _, _, lambda_sk = self._alpha_sigma_lambda(first - k, device)
+            rk = (lambda_sk - lambda_s0) / h
+            rks.append(rk)
+            D1s.append((self.model_outputs[-(k + 1)] - m0) / rk)
+        rks.append(torch.ones((), device=device))
+        D1s = torch.stack(D1s, dim=1) if D1s else None  # (B, order - 1, C, H, W)
+        return torch.stack(rks), D1s
+
+    def multistep_uni_p_bh_update(self, model_output: torch.Tensor, sample: torch.Tensor, order: int) -> torch.Tensor:
+        """UniP-p: predict x_t at the next noise level from the current sample and the last `order` outputs."""
+        if self.solver_p:  # another scheduler predicts; it takes the raw model output
+            return self.solver_p.step(model_output, self.timestep_list[-1], sample).prev_sample
+        device, m0, x = sample.device, self.model_outputs[-1], sample
+        if self.sigmas[self.step_index + 1] == 0:  # final_sigmas_type "zero": lambda_t = inf, see `_step_to_sigma_zero`
+            return self._step_to_sigma_zero(m0, sample)
+        alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(self.step_index + 1, device)
+        alpha_s0, sigma_s0, lambda_s0 = self._alpha_sigma_lambda(self.step_index, device)
+        h = lambda_t - lambda_s0
+        rks, D1s = self._differences(m0, lambda_s0, h, order, self.step_index, device)
+        h_phi_1, B_h, R, b = self._bh_coefficients(h, rks, order)
+        if D1s is None:
+            pred_res = 0
+        else:
+            if order == 2:
+                rhos_p = torch.ones(1, dtype=x.dtype, device=device) * 0.5  # fixed, not solved
+            else:
+                rhos_p = torch.linalg.solve(R[:-1, :-1], b[:-1]).to(device).to(x.dtype)
+            pred_res = torch.einsum("k,bkc...->bc...", rhos_p, D1s)  # sum_k a_k D_k
+        if self.predict_x0:
+            x_t = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0 - alpha_t * B_h * pred_res  # UniP
+        else:
+            x_t = alpha_t / alpha_s0 * x - sigma_t * h_phi_1 * m0 - sigma_t * B_h * pred_res
+        return x_t.to(x.dtype)
+
+    def _step_to_sigma_zero(self, m0: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """The step to sigma = 0 (h = inf) lands on the current x0_pred: the limit of UniP's first-order term.
+
+        With predict_x0 and bh2 at order 1 (the defaults) diffusers' formula gives exactly this. Elsewhere
+        it computes inf * 0 (B(h) = -inf for bh1, e^h - 1 = inf for eps, r_k = 0 at order >= 2) and returns
+        NaN; minidiff returns the limit instead.
+        """
+        x0_pred = m0 if self.predict_x0 else self._x0_from_eps(m0, sample)
+        return x0_pred.to(sample.dtype)
+
+    def multistep_uni_c_bh_update(
+        self, this_model_output: torch.Tensor, last_sample: torch.Tensor, this_sample: torch.Tensor, order: int
+    ) -> torch.Tensor:
+        """UniC-p: correct `this_sample` (predicted from `last_sample`) with the model output at it, m_t."""
+        device, m0, x, m_t = this_sample.device, self.model_outputs[-1], last_sample, this_model_output
+        alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(self.step_index, device)
+        alpha_s0, sigma_s0, lambda_s0 = self._alpha_sigma_lambda(self.step_index - 1, device)
+        h = lambda_t - lambda_s0
+        rks, D1s = self._differences(m0, lambda_s0, h, order, self.step_index - 1, device)
+        h_phi_1, B_h, R, b = self._bh_coefficients(h, rks, order)
+        if order == 1:
+            rhos_c = torch.ones(1, dtype=x.dtype, device=device) * 0.5  # fixed, not solved
+        else:
+            rhos_c = torch.linalg.solve(R, b).to(device).to(x.dtype)
+        corr_res = 0 if D1s is None else torch.einsum("k,bkc...->bc...", rhos_c[:-1], D1s)  # sum_k c_k D_k
+        D1_t = m_t - m0
+        if self.predict_x0:
+            x_t = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0 - alpha_t * B_h * (corr_res + rhos_c[-1] * D1_t)  # UniC
+        else:
+            x_t = alpha_t / alpha_s0 * x - sigma_t * h_phi_1 * m0 - sigma_t * B_h * (corr_res + rhos_c[-1] * D1_t)
+        return x_t.to(x.dtype)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        """Correct the current sample with the new model output (UniC), then predict the next one (UniP).
+
+        UniPC is deterministic: `generator` is accepted for a uniform scheduler API and not used.
+        """
+        self._check_timesteps_set()
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        check_steps_left(self)
+
+        m_t = self.convert_model_output(model_output, sample)  # x0_pred (predict_x0) or eps at this step
+        x0_pred = m_t if self.predict_x0 else self._x0_from_eps(m_t, sample)
+        use_corrector = self.step_index > 0 and self.step_index - 1 not in self.disable_corrector and self.last_sample is not None
+        if use_corrector:
+            sample = self.multistep_uni_c_bh_update(m_t, self.last_sample, sample, order=self.this_order)
+
+        self.model_outputs = self.model_outputs[1:] + [m_t]  # ring buffers: [..., s2, s1, s0]
+        self.timestep_list = self.timestep_list[1:] + [timestep]
+        steps_left = len(self.timesteps) - self.step_index
+        this_order = min(self.config.solver_order, steps_left) if self.config.lower_order_final else self.config.solver_order
+        self.this_order = min(this_order, self.lower_order_nums + 1)  # warm-up: at most one more than seen
+        self.last_sample = sample
+        prev_sample = self.multistep_uni_p_bh_update(model_output, sample, order=self.this_order)
+
+        self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
+        self._step_index += 1
+        output = SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+        return output if return_dict else output.to_tuple()
+
+    def _x0_from_eps(self, eps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        alpha_t, sigma_t, _ = self._alpha_sigma_lambda(self.step_index, sample.device)
+        return (sample - sigma_t * eps) / alpha_t
+
+    # ----- the forward process -----
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = alpha_t x_0 + sigma_t eps at the schedule's sigma for each timestep (img2img's first latent)."""
+        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
+        sigma = sigmas[noise_step_indices(self, timesteps.to(original_samples.device))].flatten()  # (B,)
+        sigma = sigma.reshape(-1, *[1] * (original_samples.ndim - 1))  # (B, 1, 1, 1)
+        alpha_t, sigma_t, _ = vp_alpha_sigma_lambda(sigma)
+        return alpha_t * original_samples + sigma_t * noise
