@@ -88,6 +88,36 @@ def test_round_trip_is_exact_built_on_meta_and_memory_mapped(model, tmp_path):
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
+class WithEmbedding(ModelMixin):
+    @register_to_config
+    def __init__(self, vocab: int = 10, width: int = 4):
+        super().__init__()
+        if width <= 0:
+            raise ValueError("width must be positive")
+        self.embedding = nn.Embedding(vocab, width)
+        self.norm = nn.LayerNorm(width)
+
+
+def test_built_without_random_init_and_torch_init_restored(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    WithEmbedding().save_pretrained(tmp_path)
+    called = []
+    original_normal = torch.nn.init.normal_
+    monkeypatch.setattr(torch.nn.init, "normal_", lambda tensor, *a, **k: called.append(1) or original_normal(tensor))
+    patched = torch.nn.init.normal_
+    loaded = WithEmbedding.from_pretrained(tmp_path)
+    assert called == []  # nn.Embedding's init was skipped on the meta device
+    assert torch.nn.init.normal_ is patched  # and torch.nn.init is as it was
+    assert not loaded.embedding.weight.is_meta
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "width": 0}))
+    with pytest.raises(ValueError, match="width must be positive"):
+        WithEmbedding.from_pretrained(tmp_path)
+    assert torch.nn.init.normal_ is patched  # restored after an error too
+    WithEmbedding()
+    assert called  # outside loading, layers initialise as usual
+
+
 def test_subfolder_and_torch_dtype(model, tmp_path):
     model.save_pretrained(tmp_path / "unet")
     loaded = TinyNet.from_pretrained(tmp_path, subfolder="unet", torch_dtype=torch.bfloat16)

@@ -13,6 +13,7 @@ position ids, are computed in `forward`), so nothing is left on the meta device 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -84,8 +85,7 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         """
         _check_dtype(cls, torch_dtype)
         torch_dtype = torch_dtype or torch.get_default_dtype()
-        with torch.device("meta"):
-            model = cls.from_config(config)
+        model = build_on_meta(cls, config)
         state_dict = cls.checkpoint_to_module_keys(state_dict)
         check_state_dict(model, state_dict, source)
         state_dict = {
@@ -122,6 +122,26 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         tensors = {key: value.detach().contiguous() for key, value in self.state_dict().items()}
         save_file(tensors, str(folder / name), metadata={"format": "pt"})
         return folder
+
+
+# The torch.nn.init functions that layers' `reset_parameters` call.
+_INIT_FUNCTIONS = ["uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_"]
+
+
+def build_on_meta(cls, config: dict):
+    """`cls.from_config(config)` on the meta device: shapes only, no memory, and no random initialisation.
+
+    The initialisation would be thrown away (every tensor comes from the checkpoint), and on the meta
+    device it is not free: `normal_` (nn.Embedding's init) imports torch._dynamo, seconds the first time.
+    So torch.nn.init's functions are no-ops while the module is built (not thread-safe: build one at a time).
+    """
+    with torch.device("meta"), contextlib.ExitStack() as restore:
+        for name in _INIT_FUNCTIONS:
+            original = getattr(torch.nn.init, name)
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+            restore.callback(setattr, torch.nn.init, name, original)
+        return cls.from_config(config)
 
 
 def _check_dtype(cls, torch_dtype) -> None:
