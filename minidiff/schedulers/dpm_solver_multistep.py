@@ -133,8 +133,9 @@ def schedule_sigmas(scheduler, timesteps: np.ndarray, num_inference_steps: int, 
     log_sigmas = np.log(train_sigmas)
     sigma_min, sigma_max = train_sigmas[0].item(), train_sigmas[-1].item()
     if ramp != "lu":  # a config carrying sigma_min / sigma_max (UniPC's, or hidden keys of Euler's) bounds the ramp
-        sigma_min = scheduler.config.get("sigma_min") if scheduler.config.get("sigma_min") is not None else sigma_min
-        sigma_max = scheduler.config.get("sigma_max") if scheduler.config.get("sigma_max") is not None else sigma_max
+        config_min, config_max = scheduler.config.get("sigma_min"), scheduler.config.get("sigma_max")
+        sigma_min = config_min if config_min is not None else sigma_min
+        sigma_max = config_max if config_max is not None else sigma_max
     if ramp == "karras":
         sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps)
     elif ramp == "exponential":
@@ -294,8 +295,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         """
         timesteps = self._spaced_timesteps(num_inference_steps, mu, timesteps)
         config = self.config
-        ramp = "karras" if config.use_karras_sigmas else "lu" if config.use_lu_lambdas else None
-        ramp = "exponential" if config.use_exponential_sigmas and ramp is None else ramp
+        ramp = self._sigma_ramp()
         sigmas, timesteps = schedule_sigmas(self, timesteps, len(timesteps), ramp)
         if ramp in ("karras", "lu") and config.beta_schedule != "squaredcos_cap_v2":
             timesteps = timesteps.round()  # exponential and cosine keep fractional t, cast (truncated) to int below
@@ -311,6 +311,14 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         self.lower_order_nums = 0
         self._step_index = None
         self._begin_index = None
+
+    def _sigma_ramp(self) -> str | None:
+        """The sigma ramp that replaces the spaced sigmas, in diffusers' precedence: Karras, Lu, exponential."""
+        if self.config.use_karras_sigmas:
+            return "karras"
+        if self.config.use_lu_lambdas:
+            return "lu"
+        return "exponential" if self.config.use_exponential_sigmas else None
 
     def _spaced_timesteps(self, num_inference_steps, mu, timesteps) -> np.ndarray:
         config = self.config
