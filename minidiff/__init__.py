@@ -10,5 +10,6 @@ from minidiff.models.clip_text import CLIPTextModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
 from minidiff.models.unet_2d import UNet2DModel
+from minidiff.pipelines import DDPMPipeline, DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
-__all__ = ["ConfigMixin", "FrozenConfig", "register_to_config", *_scheduler_names, "CLIPTokenizer", "CLIPTextModel", "UNet2DConditionModel", "AutoencoderKL", "UNet2DModel"]
+__all__ = ["ConfigMixin", "FrozenConfig", "register_to_config", *_scheduler_names, "CLIPTokenizer", "CLIPTextModel", "UNet2DConditionModel", "AutoencoderKL", "UNet2DModel", "DDPMPipeline", "DiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionPipeline"]
