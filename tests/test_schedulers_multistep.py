@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import minidiff
 from minidiff import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from scheduler_parity import assert_close, dummy_sample, fake_model, run_parity
 
@@ -178,6 +180,19 @@ def test_dpm_sd15_20_step_timesteps():
     assert ours.timesteps.dtype == torch.int64
     assert ours.sigmas.shape == (21,) and ours.sigmas[-1] == 0  # final_sigmas_type "zero"
     dpm_parity(config, 20)
+
+
+@pytest.mark.parametrize("cls, theirs_cls", [(DPMSolverMultistepScheduler, TheirDPM), (UniPCMultistepScheduler, TheirUniPC)])
+def test_from_the_real_sd15_scheduler_config(cls, theirs_cls):
+    """SD 1.5 ships a PNDM config without timestep_spacing: both classes read it with their own default (linspace)."""
+    config = json.loads((Path(minidiff.__file__).parent / "data/sd15/scheduler/scheduler_config.json").read_text())
+    assert config["_class_name"] == "PNDMScheduler" and "timestep_spacing" not in config
+    ours, theirs = cls.from_config(config), theirs_cls.from_config(config)
+    assert ours.config.timestep_spacing == "linspace" and ours.config.steps_offset == 1
+    outputs_ours, outputs_theirs = loop(ours, 20), loop(theirs, 20)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist() == list(range(999, 500, -50)) + list(range(500, 0, -50))
+    for i, (a, b) in enumerate(zip(outputs_ours, outputs_theirs)):
+        assert_close(a, b, f"prev_sample at step {i}")
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])
@@ -517,7 +532,8 @@ def test_outputs_dtype_and_shapes(cls):
     assert as_dict.prev_sample.shape == sample.shape == as_dict.pred_original_sample.shape
     again = cls()
     again.set_timesteps(10)
-    as_tuple = again.step(fake_model(sample, t0), t0, sample, return_dict=False)
+    generator = torch.Generator().manual_seed(0)  # accepted by both, unused by these deterministic solvers
+    as_tuple = again.step(fake_model(sample, t0), t0, sample, generator=generator, return_dict=False)
     assert isinstance(as_tuple, tuple)
     assert torch.equal(as_tuple[0], as_dict.prev_sample) and torch.equal(as_tuple[1], as_dict.pred_original_sample)
     half = loop(cls(), 5, dummy_sample().half())  # a whole fp16 loop stays fp16 (computed in fp32 inside DPM)
