@@ -230,7 +230,11 @@ class GaussianMixtureDenoiser(ModelMixin):
             raise ValueError(f"timestep must be one number or one per sample ({batch_size}), got {t.numel()} values")
         T = self.config.num_train_timesteps
         if not bool(((t >= 0) & (t <= T - 1)).all()):
-            raise ValueError(f"timestep must lie in [0, {T - 1}] (the training timesteps), got {t.tolist()}")
+            outside = t[(t < 0) | (t > T - 1)]
+            raise ValueError(
+                f"timestep must lie in [0, {T - 1}] (the training timesteps), got {outside[0].item()} "
+                f"({len(outside)} of {len(t)} values outside); check the scheduler's num_train_timesteps and steps_offset"
+            )
         low = t.floor().long().clamp(max=T - 2)
         w = t - low  # in [0, 1]
         return (1 - w) * self.train_sigmas[low] + w * self.train_sigmas[low + 1]

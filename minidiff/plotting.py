@@ -1,0 +1,180 @@
+"""Two small plots drawn with Pillow alone (no plotting library): a log-log line chart and a labelled image grid.
+
+    loglog_plot({"Euler": (steps, errors), ...}, "accuracy.png", title=..., x_label=..., y_label=...)
+    image_grid([[tile, tile, ...], ...], row_labels, column_labels, "samples.png")
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+# Distinct, color-blind-friendly-ish line colors (Tableau 10, then darker variants).
+PALETTE = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+    (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 128), (128, 0, 0),
+    (0, 100, 0), (255, 0, 255), (0, 0, 0), (160, 82, 45),
+)
+GRID, AXIS, TEXT, GUIDE = (225, 225, 225), (60, 60, 60), (20, 20, 20), (150, 150, 150)
+
+
+def font(size: int = 14) -> ImageFont.ImageFont:
+    """Pillow's built-in font at `size` (a fixed bitmap font on Pillow builds without FreeType)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1 or no FreeType
+        return ImageFont.load_default()
+
+
+def _dashed_line(draw: ImageDraw.ImageDraw, start, end, fill, width: int = 2, dash: float = 8.0) -> None:
+    (x0, y0), (x1, y1) = start, end
+    length = math.hypot(x1 - x0, y1 - y0)
+    pieces = max(1, int(length // dash))
+    for i in range(0, pieces, 2):
+        a, b = i / pieces, min(1.0, (i + 1) / pieces)
+        draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))], fill=fill, width=width)
+
+
+def loglog_plot(
+    series: dict[str, tuple[list[float], list[float]]],
+    path: str | Path,
+    title: str = "",
+    x_label: str = "",
+    y_label: str = "",
+    dashed: tuple[str, ...] = (),
+    guide_orders: tuple[int, ...] = (1, 2),
+    size: tuple[int, int] = (1000, 640),
+) -> Path:
+    """A log-log line chart of `series` (label -> (x values, y values)), written as PNG to `path`.
+
+    Non-finite or non-positive y values are left out (a diverged run shows as a missing line).
+    Gray dashed guides show the slopes of order 1, 2, ... (error ~ steps^-p) for comparison.
+    """
+    points = {
+        label: [(x, y) for x, y in zip(xs, ys) if x > 0 and y is not None and math.isfinite(y) and y > 0]
+        for label, (xs, ys) in series.items()
+    }
+    all_x = [x for pts in points.values() for x, _ in pts]
+    all_y = [y for pts in points.values() for _, y in pts]
+    if not all_x:
+        raise ValueError("loglog_plot needs at least one positive, finite point to draw")
+    small, large = font(13), font(17)
+    legend_width = max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(label + " (no data)", font=small) for label in series)
+    width, height = size[0] + max(0, int(legend_width) - 180), size[1]  # widen the canvas for long labels
+    left, right, top, bottom = 90, int(legend_width) + 60, 50, 70
+    plot_w, plot_h = width - left - right, height - top - bottom
+    lx0, lx1 = math.log10(min(all_x)), math.log10(max(all_x))
+    lx0, lx1 = (lx0 - 0.05, lx1 + 0.05) if lx1 > lx0 else (lx0 - 0.5, lx1 + 0.5)
+    ly0, ly1 = math.floor(math.log10(min(all_y))), math.ceil(math.log10(max(all_y)))
+    ly1 = ly1 if ly1 > ly0 else ly0 + 1
+
+    def to_pixel(x: float, y: float) -> tuple[float, float]:
+        return (
+            left + (math.log10(x) - lx0) / (lx1 - lx0) * plot_w,
+            top + (ly1 - math.log10(y)) / (ly1 - ly0) * plot_h,
+        )
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    for decade in range(ly0, ly1 + 1):  # horizontal grid line and label per decade
+        _, y = to_pixel(10 ** lx0, 10.0**decade)
+        draw.line([(left, y), (left + plot_w, y)], fill=GRID)
+        draw.text((left - 8, y), f"1e{decade}", fill=TEXT, font=small, anchor="rm")
+    for x_value in sorted(set(all_x)):  # vertical grid line per measured x
+        x, _ = to_pixel(x_value, 10.0**ly0)
+        draw.line([(x, top), (x, top + plot_h)], fill=GRID)
+        draw.text((x, top + plot_h + 8), f"{x_value:g}", fill=TEXT, font=small, anchor="mt")
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline=AXIS)
+
+    x_first, x_last = min(all_x), max(all_x)
+    y_anchor = 10 ** (ly1 - 0.15)
+    for order in guide_orders:  # y = y_anchor (x / x_first)^-order, clipped to the plot
+        y_end = y_anchor * (x_last / x_first) ** -order
+        x_end = x_last if y_end >= 10.0**ly0 else x_first * (y_anchor / 10.0**ly0) ** (1 / order)
+        start, end = to_pixel(x_first, y_anchor), to_pixel(x_end, y_anchor * (x_end / x_first) ** -order)
+        _dashed_line(draw, start, end, GUIDE, width=1)
+        draw.text((end[0] - 4, end[1] - 4), f"order {order}", fill=GUIDE, font=small, anchor="rb")
+
+    for index, (label, pts) in enumerate(points.items()):
+        color = PALETTE[index % len(PALETTE)]
+        pixels = [to_pixel(x, y) for x, y in pts]
+        for a, b in zip(pixels, pixels[1:]):
+            if label in dashed:
+                _dashed_line(draw, a, b, color, width=2)
+            else:
+                draw.line([a, b], fill=color, width=2)
+        for x, y in pixels:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        legend_y = top + 6 + 20 * index  # legend on the right
+        if label in dashed:
+            _dashed_line(draw, (left + plot_w + 14, legend_y), (left + plot_w + 40, legend_y), color, width=3, dash=5)
+        else:
+            draw.line([(left + plot_w + 14, legend_y), (left + plot_w + 40, legend_y)], fill=color, width=3)
+        suffix = "" if pts else " (no data)"
+        draw.text((left + plot_w + 46, legend_y), label + suffix, fill=TEXT, font=small, anchor="lm")
+
+    draw.text((left + plot_w / 2, 18), title, fill=TEXT, font=large, anchor="mt")
+    draw.text((left + plot_w / 2, height - 24), x_label, fill=TEXT, font=font(14), anchor="mm")
+    y_text = Image.new("RGB", (plot_h, 24), "white")  # the y label, drawn sideways
+    ImageDraw.Draw(y_text).text((plot_h / 2, 12), y_label, fill=TEXT, font=font(14), anchor="mm")
+    image.paste(y_text.rotate(90, expand=True), (8, top))
+    return _save_png(image, path)
+
+
+def tile(images: list[Image.Image], columns: int) -> Image.Image:
+    """Paste equally sized images into a grid with `columns` columns, left to right, top to bottom."""
+    if not images:
+        raise ValueError("tile needs at least one image")
+    w, h = images[0].size
+    rows = math.ceil(len(images) / columns)
+    sheet = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % columns) * w, (i // columns) * h))
+    return sheet
+
+
+def image_grid(
+    cells: list[list[Image.Image | None]],
+    row_labels: list[str],
+    column_labels: list[str],
+    path: str | Path,
+    title: str = "",
+    scale: int = 2,
+) -> Path:
+    """A table of images: one row per `row_labels`, one column per `column_labels`; None leaves a cell empty.
+    Every image is enlarged `scale` times with nearest-neighbour (pixels stay visible)."""
+    if len(cells) != len(row_labels) or any(len(row) != len(column_labels) for row in cells):
+        raise ValueError(
+            f"image_grid needs {len(row_labels)} rows of {len(column_labels)} cells (one per label), "
+            f"got {[len(row) for row in cells]}"
+        )
+    cell_images = [image for row in cells for image in row if image is not None]
+    if not cell_images:
+        raise ValueError("image_grid needs at least one image")
+    cell_w, cell_h = (scale * d for d in cell_images[0].size)
+    label_w, header_h, title_h, pad = 190, 28, 34 if title else 0, 6
+    width = label_w + len(column_labels) * (cell_w + pad) + pad
+    height = title_h + header_h + len(row_labels) * (cell_h + pad) + pad
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((width / 2, 10), title, fill=TEXT, font=font(17), anchor="mt")
+    for c, label in enumerate(column_labels):
+        draw.text((label_w + pad + c * (cell_w + pad) + cell_w / 2, title_h + header_h / 2), label, fill=TEXT, font=font(14), anchor="mm")
+    for r, (label, row) in enumerate(zip(row_labels, cells)):
+        y = title_h + header_h + r * (cell_h + pad)
+        draw.text((label_w - 8, y + cell_h / 2), label, fill=TEXT, font=font(14), anchor="rm")
+        for c, image in enumerate(row):
+            if image is not None:
+                enlarged = image.resize((cell_w, cell_h), Image.Resampling.NEAREST)
+                sheet.paste(enlarged, (label_w + pad + c * (cell_w + pad), y))
+    return _save_png(sheet, path)
+
+
+def _save_png(image: Image.Image, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return path
