@@ -12,8 +12,9 @@ The weights come from weights_scripts/make_random_sd15.py (written to `--weights
                      subprocess per loader (the peak resident memory during the call, VmHWM reset just
                      before it, minus the resident memory before it: what loading added to the imports)
 
-Each compute figure is the median of `--repeats` timed calls after one warm-up call; each output is
-also compared between the libraries (max abs difference), so the timing is of the same computation.
+Each compute figure is the best (minimum) of `--repeats` timed calls after one warm-up call: on a
+shared machine the minimum is the least disturbed estimate of the cost (as `timeit` advises). Each
+output is also compared between the libraries (max abs difference): the timings are of the same computation.
 The ratio is minidiff / other: below 1 means minidiff is faster or smaller.
 
 Note: minidiff's load memory-maps the safetensors file and assigns its tensors to the module; pages
@@ -28,7 +29,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -107,7 +107,7 @@ def measure_load(library: str, component: str, folder: Path) -> dict:
 # ----- compute, in this process, one model at a time -----
 
 
-def median_seconds(call, repeats: int) -> tuple[float, torch.Tensor]:
+def best_seconds(call, repeats: int) -> tuple[float, torch.Tensor]:
     with torch.no_grad():
         output = call()  # warm-up
         timings = []
@@ -115,7 +115,7 @@ def median_seconds(call, repeats: int) -> tuple[float, torch.Tensor]:
             start = time.perf_counter()
             call()
             timings.append(time.perf_counter() - start)
-    return statistics.median(timings), output
+    return min(timings), output
 
 
 def compute_benchmarks(folder: Path, repeats: int, tiny: bool) -> list[tuple[str, float, float, float]]:
@@ -152,7 +152,7 @@ def compute_benchmarks(folder: Path, repeats: int, tiny: bool) -> list[tuple[str
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = model_class.from_pretrained(folder, subfolder=subfolder).eval()
-            results.append(median_seconds(lambda: call(model), repeats))
+            results.append(best_seconds(lambda: call(model), repeats))
             del model
             gc.collect()
         (ours_seconds, ours_output), (their_seconds, their_output) = results
