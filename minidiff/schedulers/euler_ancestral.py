@@ -140,7 +140,7 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
         x0_pred = self._predict_x0(model_output, sample, sigma_from)
 
         sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        sigma_down = (sigma_to**2 - sigma_up**2).clamp(min=0) ** 0.5  # clamp: fp32 round-off when sigma_to << sigma_from
         derivative = (sample - x0_pred) / sigma_from  # Karras eq. 3: d = (x - D(x; sigma)) / sigma
         prev_sample = sample + derivative * (sigma_down - sigma_from)  # Euler step down to sigma_down
         z = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)

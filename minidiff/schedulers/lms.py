@@ -137,6 +137,15 @@ class LMSDiscreteScheduler(SchedulerMixin):
         sigmas = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
         sigmas, timesteps = self._replace_noise_levels(sigmas, timesteps)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # (N+1,)
+        repeated = np.flatnonzero(sigmas[:-1] == sigmas[1:])
+        if len(repeated):
+            i = repeated[0]
+            raise ValueError(
+                f"LMS needs distinct noise levels, but timesteps {float(timesteps[i])} and {float(timesteps[i + 1])} both "
+                f"have sigma {float(sigmas[i])} (timesteps above num_train_timesteps - 1 are clamped: 'leading' spacing "
+                "with steps_offset=1 and num_inference_steps=num_train_timesteps does this). The multistep polynomial "
+                "through repeated points is undefined (diffusers returns inf/NaN); use fewer steps or steps_offset=0"
+            )
 
         self.sigmas = torch.from_numpy(sigmas)  # kept on the CPU: read one value per step
         self.timesteps = torch.from_numpy(np.asarray(timesteps, dtype=np.float32)).to(device)
