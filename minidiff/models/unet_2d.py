@@ -189,9 +189,10 @@ class UNetMidBlock2D(nn.Module):
 
 
 class UpBlock2D(nn.Module):
-    """One level of the expanding path: `num_layers` resnets, each on [hidden_states, one skip] concatenated
-    along channels (each followed by self-attention when `with_attention`: diffusers' AttnUpBlock2D),
-    then an upsampler unless it is the last level. (B, C_prev, H, W) -> (B, C_out, 2H, 2W).
+    """One level of the expanding path: one resnet per skip tensor it takes (layers_per_block + 1), each on
+    [hidden_states, skip] concatenated along channels (each followed by self-attention when
+    `with_attention`: diffusers' AttnUpBlock2D), then an upsampler unless it is the last level.
+    (B, C_prev, H, W) -> (B, C_out, 2H, 2W).
 
     `skip_channels` is the channel count of each skip tensor it takes, in the order it takes them.
     """
