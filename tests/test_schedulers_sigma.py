@@ -21,6 +21,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import diffusers
 from minidiff import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LMSDiscreteScheduler
@@ -351,6 +353,26 @@ def test_lagrange_basis_integrals_are_exact():
         integral = sum(c * node**power for c, node in zip(coefficients, nodes))
         assert integral == pytest.approx((end ** (power + 1) - start ** (power + 1)) / (power + 1), rel=1e-12)
     assert lagrange_basis_integral([2.0], 0, 2.0, 0.5) == -1.5  # order 1: plain Euler
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(0.01, 200.0), min_size=1, max_size=4, unique=True),
+    st.floats(0.0, 200.0),
+    st.lists(st.floats(-2.0, 2.0), min_size=4, max_size=4),
+)
+def test_lms_quadrature_is_exact_for_cubics(nodes, end, cubic):
+    """Property: the weights c_j = int L_j integrate every polynomial of degree < len(nodes) exactly
+    (here: a random one), since L_j is the Lagrange basis on the nodes."""
+    nodes = sorted(nodes, reverse=True)
+    assume(all(a - b > 0.05 for a, b in zip(nodes, nodes[1:])))  # near-coincident nodes: round-off dominates
+    cubic = cubic[: len(nodes)]  # degree len(nodes) - 1
+    start = nodes[0]
+    weights = [lagrange_basis_integral(nodes, j, start, end) for j in range(len(nodes))]
+    by_weights = sum(w * sum(c * node**p for p, c in enumerate(cubic)) for w, node in zip(weights, nodes))
+    exact = sum(c * (end ** (p + 1) - start ** (p + 1)) / (p + 1) for p, c in enumerate(cubic))
+    scale = sum(abs(w) for w in weights) * max(1.0, max(nodes)) ** len(nodes)
+    assert abs(by_weights - exact) <= 1e-9 * scale
 
 
 def test_lms_order_argument_matches_diffusers():

@@ -154,8 +154,9 @@ class EulerDiscreteScheduler(SchedulerMixin):
             timesteps = sigma_to_t(sigmas[:-1], self.log_train_sigmas)
         else:
             if timesteps is None:
+                config = self.config
                 timesteps = spaced_timesteps(
-                    self.config.timestep_spacing, num_inference_steps, self.config.num_train_timesteps, self.config.steps_offset
+                    config.timestep_spacing, num_inference_steps, config.num_train_timesteps, config.steps_offset
                 )
             timesteps = np.asarray(timesteps, dtype=np.float32)  # (N,)
             sigmas = self._sigmas_at(timesteps)
@@ -168,7 +169,8 @@ class EulerDiscreteScheduler(SchedulerMixin):
         self._begin_index = None
 
     def _check_set_timesteps_arguments(self, num_inference_steps, timesteps, sigmas) -> None:
-        given = [name for name, value in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps), ("sigmas", sigmas)) if value is not None]
+        arguments = {"num_inference_steps": num_inference_steps, "timesteps": timesteps, "sigmas": sigmas}
+        given = [name for name, value in arguments.items() if value is not None]
         if len(given) != 1:
             raise ValueError(
                 f"set_timesteps takes exactly one of num_inference_steps, timesteps or sigmas; got {given or 'none'}"
@@ -178,7 +180,9 @@ class EulerDiscreteScheduler(SchedulerMixin):
         if timesteps is not None:
             replacing = [name for name in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if self.config[name]]
             if replacing:
-                raise ValueError(f"custom `timesteps` cannot be used with {replacing[0]}=True, which picks its own noise levels")
+                raise ValueError(
+                    f"custom `timesteps` cannot be used with {replacing[0]}=True, which picks its own noise levels"
+                )
             if self.config.timestep_type == "continuous" and self.config.prediction_type == "v_prediction":
                 raise ValueError(
                     "custom `timesteps` cannot be used with timestep_type='continuous' and v_prediction, whose "
@@ -246,7 +250,8 @@ class EulerDiscreteScheduler(SchedulerMixin):
         sample = sample.to(torch.float32)  # the update in fp32; cast back at the end
         sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
 
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0  # Alg. 2: gamma_i
+        # Alg. 2: gamma_i (N = len(sigmas) - 1 steps)
+        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1)  # Alg. 2: t_hat = t_i + gamma_i t_i
         if gamma > 0:
             z = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
@@ -265,7 +270,7 @@ class EulerDiscreteScheduler(SchedulerMixin):
         prediction_type = self.config.prediction_type
         if prediction_type == "epsilon":
             return sample - sigma_hat * model_output  # x0 = x - sigma eps
-        if prediction_type == "v_prediction":  # x0 = c_skip x + c_out v, c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(sigma^2+1)
+        if prediction_type == "v_prediction":  # x0 = c_skip x + c_out v, c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(.)
             return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
         return model_output  # "sample": the model predicts x0
 
@@ -274,7 +279,8 @@ class EulerDiscreteScheduler(SchedulerMixin):
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = x_0 + sigma_t eps, with sigma_t the schedule's noise level at each timestep in `timesteps`."""
         sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        step_indices = self._add_noise_step_indices(timesteps.to(original_samples.device), self.timesteps.to(original_samples.device))
+        device = original_samples.device
+        step_indices = self._add_noise_step_indices(timesteps.to(device), self.timesteps.to(device))
         sigma = _broadcast(sigmas[step_indices], original_samples)  # (B, 1, 1, 1)
         return original_samples + noise * sigma
 

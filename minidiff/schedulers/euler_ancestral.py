@@ -140,7 +140,8 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
         x0_pred = self._predict_x0(model_output, sample, sigma_from)
 
         sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-        sigma_down = (sigma_to**2 - sigma_up**2).clamp(min=0) ** 0.5  # clamp: fp32 round-off when sigma_to << sigma_from
+        # clamp: when sigma_to << sigma_from, fp32 round-off can make this sqrt(< 0) (diffusers then gives NaN)
+        sigma_down = (sigma_to**2 - sigma_up**2).clamp(min=0) ** 0.5
         derivative = (sample - x0_pred) / sigma_from  # Karras eq. 3: d = (x - D(x; sigma)) / sigma
         prev_sample = sample + derivative * (sigma_down - sigma_from)  # Euler step down to sigma_down
         z = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
@@ -156,13 +157,14 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
         prediction_type = self.config.prediction_type
         if prediction_type == "epsilon":
             return sample - sigma * model_output  # x0 = x - sigma eps
-        if prediction_type == "v_prediction":  # x0 = c_skip x + c_out v, c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(sigma^2+1)
+        if prediction_type == "v_prediction":  # x0 = c_skip x + c_out v, c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(.)
             return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
         return model_output  # "sample": the model predicts x0
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = x_0 + sigma_t eps, with sigma_t the schedule's noise level at each timestep in `timesteps`."""
         sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        step_indices = self._add_noise_step_indices(timesteps.to(original_samples.device), self.timesteps.to(original_samples.device))
+        device = original_samples.device
+        step_indices = self._add_noise_step_indices(timesteps.to(device), self.timesteps.to(device))
         sigma = _broadcast(sigmas[step_indices], original_samples)  # (B, 1, 1, 1)
         return original_samples + noise * sigma

@@ -128,7 +128,8 @@ class LMSDiscreteScheduler(SchedulerMixin):
         return sample / ((sigma**2 + 1) ** 0.5)
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        """The N timesteps to visit and their sigmas (linear in sigma, or Karras), then sigma = 0; clears the history."""
+        """The N timesteps to visit and their sigmas (interpolated, or Karras/exponential/beta), then sigma = 0.
+        Clears the stored derivatives."""
         check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
         self.num_inference_steps = num_inference_steps
         timesteps = spaced_timesteps(
@@ -141,8 +142,8 @@ class LMSDiscreteScheduler(SchedulerMixin):
         if len(repeated):
             i = repeated[0]
             raise ValueError(
-                f"LMS needs distinct noise levels, but timesteps {float(timesteps[i])} and {float(timesteps[i + 1])} both "
-                f"have sigma {float(sigmas[i])} (timesteps above num_train_timesteps - 1 are clamped: 'leading' spacing "
+                f"LMS needs distinct noise levels, but timesteps {float(timesteps[i])} and {float(timesteps[i + 1])} "
+                f"both have sigma {float(sigmas[i])} (timesteps above num_train_timesteps - 1 are clamped: 'leading' spacing "
                 "with steps_offset=1 and num_inference_steps=num_train_timesteps does this). The multistep polynomial "
                 "through repeated points is undefined (diffusers returns inf/NaN); use fewer steps or steps_offset=0"
             )
@@ -199,7 +200,8 @@ class LMSDiscreteScheduler(SchedulerMixin):
         # set_begin_index (img2img) fewer may be stored, and zip keeps as many terms as there are (as diffusers).
         q = min(self.step_index + 1, order)
         coefficients = [self.get_lms_coefficient(q, self.step_index, j) for j in range(q)]  # c_0 .. c_{q-1}
-        prev_sample = sample + sum(c_j * d for c_j, d in zip(coefficients, reversed(self.derivatives)))  # x_i + sum_j c_j d_{i-j}
+        # x_{i+1} = x_i + sum_j c_j d_{i-j}
+        prev_sample = sample + sum(c_j * d for c_j, d in zip(coefficients, reversed(self.derivatives)))
 
         self._step_index += 1
         if not return_dict:
@@ -210,13 +212,14 @@ class LMSDiscreteScheduler(SchedulerMixin):
         prediction_type = self.config.prediction_type
         if prediction_type == "epsilon":
             return sample - sigma * model_output  # x0 = x - sigma eps
-        if prediction_type == "v_prediction":  # x0 = c_skip x + c_out v, c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(sigma^2+1)
+        if prediction_type == "v_prediction":  # x0 = c_skip x + c_out v, c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(.)
             return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
         return model_output  # "sample": the model predicts x0
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = x_0 + sigma_t eps, with sigma_t the schedule's noise level at each timestep in `timesteps`."""
         sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        step_indices = self._add_noise_step_indices(timesteps.to(original_samples.device), self.timesteps.to(original_samples.device))
+        device = original_samples.device
+        step_indices = self._add_noise_step_indices(timesteps.to(device), self.timesteps.to(device))
         sigma = _broadcast(sigmas[step_indices], original_samples)  # (B, 1, 1, 1)
         return original_samples + noise * sigma
