@@ -235,7 +235,9 @@ DOPRI_B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
 DOPRI_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
 
 
-def solve_ode_dopri5(f, x: torch.Tensor, s_start: float, s_end: float, rtol: float = 1e-10, atol: float = 1e-10, max_steps: int = 100_000):
+def solve_ode_dopri5(
+    f, x: torch.Tensor, s_start: float, s_end: float, rtol: float = 1e-10, atol: float = 1e-10, max_steps: int = 100_000
+):
     """Integrate dx/ds = f(s, x) from s_start to s_end with adaptive Dormand-Prince 5(4). Returns (x(s_end), evaluations).
 
     The step is accepted when the embedded error, scaled by atol + rtol |x| and RMS-averaged per
@@ -329,7 +331,9 @@ class ConvergenceResult:
 
 
 def fit_order(steps, errors) -> float:
-    """p in error ~ C steps^(-p): minus the least-squares slope of log(error) against log(steps). NaN if any error is not finite."""
+    """p in error ~ C steps^(-p): minus the least-squares slope of log(error) against log(steps).
+
+    NaN if any error is not finite (a diverged run has no order)."""
     errors = np.asarray(errors, dtype=np.float64)
     if len(errors) < 2 or not np.all(np.isfinite(errors)) or np.any(errors <= 0):
         return float("nan")
@@ -472,9 +476,8 @@ def format_convergence_table(results: list[ConvergenceResult]) -> str:
     for result in results:
         cells = "".join(f"{_format_error(e):>10}" for e in result.errors)
         design = DESIGN_ORDERS.get(result.label, "")
-        lines.append(
-            f"{result.label:<{label_width}}{cells}{_format_order(result.order):>8}{_format_order(result.order_few_steps):>8}{design!s:>8}"
-        )
+        orders = f"{_format_order(result.order):>8}{_format_order(result.order_few_steps):>8}{design!s:>8}"
+        lines.append(f"{result.label:<{label_width}}{cells}{orders}")
     lines.append(
         f"RMS error per element vs the float64 PF-ODE endpoint; order(asym) fits the last three step counts "
         f"({', '.join(map(str, steps[-3:]))}), order(few) the first three."
@@ -487,7 +490,8 @@ def format_distribution_table(results: list[DistributionResult]) -> str:
     if not results:
         return "(no stochastic scheduler available)\n"
     label_width = max(len(r.label) for r in results) + 2
-    header = f"{'scheduler':<{label_width}}{'steps':>6}{'samples':>9}{'|z| freq':>10}{'|z| mean':>10}{'|z| var':>10}{'var/target':>12}"
+    header = f"{'scheduler':<{label_width}}{'steps':>6}{'samples':>9}"
+    header += f"{'|z| freq':>10}{'|z| mean':>10}{'|z| var':>10}{'var/target':>12}"
     lines = [header, "-" * len(header)]
     for result in results:
         worst = lambda attribute: max(abs(getattr(c, attribute)) for c in result.components)  # noqa: E731
@@ -517,18 +521,22 @@ def write_convergence_csv(results: list[ConvergenceResult], path: str | Path) ->
         writer.writerow(["scheduler", "steps", "rms_error", "order_asymptotic", "order_few_steps", "design_order"])
         for result in results:
             for steps, error in zip(result.steps, result.errors):
-                writer.writerow([result.label, steps, f"{error:.6e}", f"{result.order:.4f}", f"{result.order_few_steps:.4f}", DESIGN_ORDERS.get(result.label, "")])
+                orders = [f"{result.order:.4f}", f"{result.order_few_steps:.4f}", DESIGN_ORDERS.get(result.label, "")]
+                writer.writerow([result.label, steps, f"{error:.6e}", *orders])
     return path
 
 
 def write_distribution_csv(results: list[DistributionResult], path: str | Path) -> Path:
     """One row per (scheduler, steps, component) with every statistic, its target and z-score."""
     path = Path(path)
-    columns = ["frequency", "frequency_target", "frequency_z", "mean_error", "mean_z", "variance", "variance_target", "variance_z"]
+    columns = [
+        "frequency", "frequency_target", "frequency_z", "mean_error", "mean_z", "variance", "variance_target", "variance_z"
+    ]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["scheduler", "steps", "samples", "component", *columns])
         for result in results:
             for c in result.components:
-                writer.writerow([result.label, result.num_inference_steps, result.num_samples, c.component, *(f"{getattr(c, name):.6g}" for name in columns)])
+                values = [f"{getattr(c, name):.6g}" for name in columns]
+                writer.writerow([result.label, result.num_inference_steps, result.num_samples, c.component, *values])
     return path

@@ -29,6 +29,9 @@ from minidiff.plotting import image_grid, loglog_plot, tile
 from minidiff.prototypes import tensor_to_pil
 
 
+GRID_TITLE = "Samples of the picture mixture (exact denoiser), same noise in every cell"
+
+
 @dataclass
 class DemoResult:
     """What `run_demo` measured and wrote."""
@@ -72,7 +75,9 @@ def run_demo(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tensors are tiny: extra threads only add overhead
     try:
-        result = _run(out_dir, steps, stochastic_steps, grid_steps, num_trajectories, num_samples, image_size, seed, progress, library)
+        result = _run(
+            out_dir, steps, stochastic_steps, grid_steps, num_trajectories, num_samples, image_size, seed, progress, library
+        )
     finally:
         torch.set_num_threads(threads)
     result.seconds = time.perf_counter() - start
@@ -81,11 +86,14 @@ def run_demo(
     return result
 
 
-def _run(out_dir, steps, stochastic_steps, grid_steps, num_trajectories, num_samples, image_size, seed, progress, library) -> DemoResult:
-
+def _run(
+    out_dir, steps, stochastic_steps, grid_steps, num_trajectories, num_samples, image_size, seed, progress, library
+) -> DemoResult:
+    """Measure (schedulers missing from `library` are skipped and listed), then write the five files."""
     deterministic = [s for s in accuracy.DETERMINISTIC_SETUPS if accuracy.make_scheduler(s, library) is not None]
     stochastic = [s for s in accuracy.STOCHASTIC_SETUPS if accuracy.make_scheduler(s, library) is not None]
-    missing = sorted({s.class_name for s in accuracy.DETERMINISTIC_SETUPS + accuracy.STOCHASTIC_SETUPS} - {s.class_name for s in deterministic + stochastic})
+    every_class = {s.class_name for s in accuracy.DETERMINISTIC_SETUPS + accuracy.STOCHASTIC_SETUPS}
+    missing = sorted(every_class - {s.class_name for s in deterministic + stochastic})
     total = (
         len(deterministic) * sum(steps)
         + len(stochastic) * sum(stochastic_steps)
@@ -102,7 +110,7 @@ def _run(out_dir, steps, stochastic_steps, grid_steps, num_trajectories, num_sam
         "accuracy.csv": accuracy.write_convergence_csv(convergence, out_dir / "accuracy.csv"),
         "distribution.csv": accuracy.write_distribution_csv(distribution, out_dir / "distribution.csv"),
         "accuracy.png": _accuracy_plot(convergence, out_dir / "accuracy.png"),
-        "samples.png": image_grid(*grid, out_dir / "samples.png", title="Samples of the picture mixture (exact denoiser), same noise in every cell"),
+        "samples.png": image_grid(*grid, out_dir / "samples.png", title=GRID_TITLE),
     }
     files["accuracy.txt"].write_text(report, encoding="utf-8")
     return DemoResult(out_dir, files, convergence, distribution, report, missing)
@@ -111,7 +119,10 @@ def _run(out_dir, steps, stochastic_steps, grid_steps, num_trajectories, num_sam
 def _check_arguments(steps, stochastic_steps, grid_steps, num_trajectories, num_samples) -> None:
     for name, values in (("steps", steps), ("stochastic_steps", stochastic_steps), ("grid_steps", grid_steps)):
         if not values or any(not isinstance(n, int) or not 1 <= n <= 500 for n in values):
-            raise ValueError(f"{name} must be a non-empty list of integers from 1 to 500, got {values!r}")
+            raise ValueError(
+                f"{name} must be a non-empty list of integers from 1 to 500 (with SD 1.5's steps_offset=1, "
+                f"more steps would reach t=1000), got {values!r}"
+            )
     if len(steps) < 3 or list(steps) != sorted(set(steps)):
         raise ValueError(f"steps must hold at least 3 increasing step counts (orders are fitted over them), got {steps!r}")
     for name, value in (("num_trajectories", num_trajectories), ("num_samples", num_samples)):
@@ -162,7 +173,9 @@ def _sample_grid(setups, grid_steps, image_size, seed, library, bar):
         for index, num_inference_steps in enumerate(grid_steps):
             scheduler = accuracy.make_scheduler(setup, library)
             generator = torch.Generator().manual_seed(seed + index) if setup.stochastic else None
-            _, samples = accuracy.run_scheduler(scheduler, model, noise, num_inference_steps, setup.step_kwargs, generator, labels)
+            _, samples = accuracy.run_scheduler(
+                scheduler, model, noise, num_inference_steps, setup.step_kwargs, generator, class_labels=labels
+            )
             row.append(cell(samples))
             bar.update(num_inference_steps)
         rows.append(row)

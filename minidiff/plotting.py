@@ -61,7 +61,8 @@ def loglog_plot(
     if not all_x:
         raise ValueError("loglog_plot needs at least one positive, finite point to draw")
     small, large = font(13), font(17)
-    legend_width = max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(label + " (no data)", font=small) for label in series)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    legend_width = max(measure.textlength(label + " (no data)", font=small) for label in series)
     width, height = size[0] + max(0, int(legend_width) - 180), size[1]  # widen the canvas for long labels
     left, right, top, bottom = 90, int(legend_width) + 60, 50, 70
     plot_w, plot_h = width - left - right, height - top - bottom
@@ -162,7 +163,8 @@ def image_grid(
     if title:
         draw.text((width / 2, 10), title, fill=TEXT, font=font(17), anchor="mt")
     for c, label in enumerate(column_labels):
-        draw.text((label_w + pad + c * (cell_w + pad) + cell_w / 2, title_h + header_h / 2), label, fill=TEXT, font=font(14), anchor="mm")
+        center = (label_w + pad + c * (cell_w + pad) + cell_w / 2, title_h + header_h / 2)
+        draw.text(center, label, fill=TEXT, font=font(14), anchor="mm")
     for r, (label, row) in enumerate(zip(row_labels, cells)):
         y = title_h + header_h + r * (cell_h + pad)
         draw.text((label_w - 8, y + cell_h / 2), label, fill=TEXT, font=font(14), anchor="rm")

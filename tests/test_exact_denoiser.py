@@ -117,6 +117,16 @@ def test_fractional_timesteps_use_the_sigma_interpolation_of_euler_and_lms():
     torch.testing.assert_close(model.vp_coefficients(integer, len(integer))[0] ** 2, model.alphas_cumprod[integer].double(), rtol=1e-7, atol=0)
 
 
+def test_zero_terminal_snr_schedule_stays_finite():
+    """rescale_betas_zero_snr gives alpha_bar_999 = 0; the model uses 2^-24 there (as Euler/DPM-Solver), so x_999 ~ eps."""
+    means = torch.randn(3, 2, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = GaussianMixtureDenoiser.from_components(means, scheduler_config={**SD15_SCHEDULE, "rescale_betas_zero_snr": True})
+    x = torch.randn(4, 2, 1, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    eps = model(x, torch.tensor([999.0, 998.5, 999.0, 0.0])).sample
+    assert torch.isfinite(eps).all()
+    torch.testing.assert_close(eps[0], x[0], rtol=0, atol=1e-3)  # eps* = x when alpha_bar -> 0 (a = 2^-12 here)
+
+
 def test_class_labels_restrict_the_mixture_and_minus_one_is_unconditional():
     model = small_mixture()
     x = torch.randn(4, 2, 1, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)

@@ -92,7 +92,12 @@ def mixture_posterior(
 
 
 def mixture_log_prob(
-    x: torch.Tensor, means: torch.Tensor, log_weights: torch.Tensor, data_std: float, scale: torch.Tensor, noise_std: torch.Tensor
+    x: torch.Tensor,
+    means: torch.Tensor,
+    log_weights: torch.Tensor,
+    data_std: float,
+    scale: torch.Tensor,
+    noise_std: torch.Tensor,
 ) -> torch.Tensor:
     """log p(x) of the noised mixture sum_k pi_k N(x; a mu_k, v I), shape (B,). Differentiable (the score is its gradient)."""
     a, b = scale[:, None], noise_std[:, None]
@@ -148,6 +153,8 @@ class GaussianMixtureDenoiser(ModelMixin):
         with torch.device("cpu"):  # the schedule is a constant, also when the module is built on the meta device
             betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas, rescale_betas_zero_snr)
             alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # float32, exactly as the schedulers compute it
+            if rescale_betas_zero_snr:  # alpha_bar_T = 0 would make sigma_T infinite; as Euler and DPM-Solver do:
+                alphas_cumprod[-1] = 2**-24
             # sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) at integer t, float64 (not a buffer: derived).
             self.train_sigmas = ((1 - alphas_cumprod.double()) / alphas_cumprod.double()).sqrt()
         self.alphas_cumprod = alphas_cumprod
@@ -171,14 +178,16 @@ class GaussianMixtureDenoiser(ModelMixin):
         if means.ndim != 4 or means.shape[2] != means.shape[3]:
             raise ValueError(f"means must have shape (K, C, H, H) (square images), got {tuple(means.shape)}")
         K, C, H, _ = means.shape
-        weights = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        weights = torch.ones(K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         if weights.shape != (K,) or not bool((weights > 0).all()):
             raise ValueError(f"weights must be {K} positive numbers (one per component), got {weights.tolist()}")
         classes = torch.arange(K) if component_classes is None else torch.as_tensor(component_classes)
         if classes.shape != (K,) or classes.is_floating_point() or bool((classes < 0).any()):
             raise ValueError(f"component_classes must be {K} non-negative integers (one per component), got {classes}")
         schedule = {key: scheduler_config[key] for key in SCHEDULE_KEYS if key in (scheduler_config or {})}
-        model = cls(num_components=K, in_channels=C, sample_size=H, data_std=float(data_std), prediction_type=prediction_type, **schedule)
+        model = cls(
+            num_components=K, in_channels=C, sample_size=H, data_std=float(data_std), prediction_type=prediction_type, **schedule
+        )
         model.means = means.detach().clone()
         model.log_weights = (weights / weights.sum()).log().to(means.dtype)
         model.component_classes = classes.long().clone()
@@ -286,7 +295,8 @@ class GaussianMixtureDenoiser(ModelMixin):
         known = set(self.component_classes.tolist()) | {UNCONDITIONAL}
         unknown = sorted(set(labels.tolist()) - known)
         if unknown:
-            raise ValueError(f"unknown class label(s) {unknown}; this mixture has classes {sorted(known - {UNCONDITIONAL})} (-1: unconditional)")
+            classes = sorted(known - {UNCONDITIONAL})
+            raise ValueError(f"unknown class label(s) {unknown}; this mixture has classes {classes} (-1: unconditional)")
         in_class = (self.component_classes[None, :] == labels[:, None]) | (labels[:, None] == UNCONDITIONAL)  # (B, K)
         masked = log_weights.masked_fill(~in_class, float("-inf"))
         return masked - torch.logsumexp(masked, dim=1, keepdim=True)
