@@ -13,7 +13,7 @@ decorator on `__init__` records them, so that
 A real diffusers `scheduler_config.json` loads as it is. Its bookkeeping keys are understood:
 - `_class_name`: the class that wrote the file (keys only that class knew are left out when
   another class reads it);
-- `_diffusers_version`: kept, not used;
+- `_diffusers_version`: kept, not used (a new file gets the diffusers version we match, and `_minidiff_version`);
 - `_use_default_values`: the keys the writer did *not* set explicitly. They are dropped on
   loading, so a new class applies its own defaults. This is why SD 1.5's config, which has no
   `timestep_spacing`, gives PNDM "leading" and Euler "linspace".
@@ -31,6 +31,10 @@ import os
 import warnings
 from pathlib import Path
 from typing import Any
+
+
+# The diffusers release whose config files and behaviour minidiff matches.
+DIFFUSERS_CONFIG_VERSION = "0.42.1"
 
 
 class FrozenConfig(dict):
@@ -275,7 +279,10 @@ class ConfigMixin:
         config = dict(self.config)
         config.pop("_use_default_values", None)  # as diffusers: not written, so the file holds what was set
         config["_class_name"] = type(self).__name__
-        config["_diffusers_version"] = config.get("_diffusers_version", f"minidiff-{__version__}")
+        # diffusers parses this field as a version number: name the diffusers release whose config format
+        # we follow, and say in a key of our own (diffusers ignores keys starting with "_") who wrote it.
+        config["_diffusers_version"] = config.get("_diffusers_version", DIFFUSERS_CONFIG_VERSION)
+        config["_minidiff_version"] = __version__
         return json.dumps(_json_ready(config), indent=2, sort_keys=True) + "\n"
 
     def save_config(self, folder: str | os.PathLike) -> Path:

@@ -178,7 +178,10 @@ def spaced_timesteps(spacing: str, num_inference_steps: int, num_train_timesteps
         return np.linspace(0, T - 1, N)[::-1].copy()
     if spacing == "leading":
         return (np.arange(0, N) * (T // N)).round()[::-1].astype(np.float64) + steps_offset
-    return np.round(np.arange(T, 0, -T / N)) - 1
+    timesteps = np.round(np.arange(T, 0, -T / N)) - 1
+    # For some N (61, 103, 121, ... at T=1000) float round-off gives arange one point too many, just above 0,
+    # which becomes t = -1 (diffusers 0.42 keeps it: N+1 steps, the last at t = -1). We drop it.
+    return timesteps[timesteps >= 0]
 
 
 # ----- noise levels of the sigma schedulers (Euler, LMS, DPM-Solver, UniPC) -------------------

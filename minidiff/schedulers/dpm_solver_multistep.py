@@ -107,7 +107,8 @@ def multistep_timesteps(
     T, N = num_train_timesteps, num_inference_steps
     last_timestep = T if last_timestep is None else last_timestep
     if spacing == "trailing":
-        return np.arange(last_timestep, 0, -T / N).round().astype(np.int64) - 1
+        timesteps = np.arange(last_timestep, 0, -T / N).round().astype(np.int64) - 1
+        return timesteps[timesteps >= 0]  # no t = -1 from float round-off (see base.spaced_timesteps)
     points = spaced_timesteps(spacing, N + 1, last_timestep, steps_offset)  # (N + 1,), descending
     return points.round()[:-1].astype(np.int64)
 
