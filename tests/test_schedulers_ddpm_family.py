@@ -293,7 +293,7 @@ def test_tuple_output_equals_dict_output(cls):
         out = scheduler.step(fake_model(sample, t), t, sample, return_dict=return_dict, **kwargs)
         outputs.append(out.to_tuple() if return_dict else out)
     as_dict, as_tuple = outputs
-    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(as_dict) == (1 if cls is PNDMScheduler else 2)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(as_dict) == 2
     for a, b in zip(as_tuple, as_dict):
         assert a.shape == sample.shape and torch.equal(a, b)
 
@@ -633,3 +633,14 @@ def test_ddim_step_with_the_true_noise_lands_on_the_forward_process(num_inferenc
     torch.testing.assert_close(out.prev_sample, expected_prev, rtol=0, atol=2e-5)
     if prev_t < 0 and set_alpha_to_one:  # the final step returns x_0 itself
         torch.testing.assert_close(out.prev_sample, x0, rtol=0, atol=2e-5)
+
+
+def test_pndm_pred_original_sample_recovers_x0_from_the_true_noise():
+    """minidiff's PNDM also returns the x0 its step implies (diffusers' does not): x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)."""
+    scheduler = PNDMScheduler(skip_prk_steps=True)
+    scheduler.set_timesteps(10)
+    x0, eps = dummy_sample(), torch.randn(dummy_sample().shape, generator=torch.Generator().manual_seed(1))
+    t = scheduler.timesteps[0]
+    x_t = scheduler.add_noise(x0, eps, t.reshape(1))
+    output = scheduler.step(eps, t, x_t)
+    torch.testing.assert_close(output.pred_original_sample, x0, rtol=1e-4, atol=1e-4)  # fp32 division by sqrt(abar)

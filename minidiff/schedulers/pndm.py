@@ -162,11 +162,11 @@ class PNDMScheduler(SchedulerMixin):
             model_output = self.cur_model_output + 1 / 6 * model_output  # e' = (e_1 + 2 e_2 + 2 e_3 + e_4) / 6
             self.cur_model_output = 0
 
-        prev_sample = self._get_prev_sample(self.cur_sample, t, prev_t, model_output)
+        prev_sample, x0_pred = self._get_prev_sample(self.cur_sample, t, prev_t, model_output)
         self.counter += 1
         if not return_dict:
-            return (prev_sample,)
-        return SchedulerOutput(prev_sample=prev_sample)
+            return (prev_sample, x0_pred)
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
 
     def step_plms(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True) -> SchedulerOutput | tuple:
         """A pseudo linear multi-step (Adams-Bashforth) step; see the module docstring."""
@@ -199,14 +199,15 @@ class PNDMScheduler(SchedulerMixin):
         else:
             e = 1 / 24 * (55 * self.ets[-1] - 59 * self.ets[-2] + 37 * self.ets[-3] - 9 * self.ets[-4])
 
-        prev_sample = self._get_prev_sample(sample, t, prev_t, e)
+        prev_sample, x0_pred = self._get_prev_sample(sample, t, prev_t, e)
         self.counter += 1
         if not return_dict:
-            return (prev_sample,)
-        return SchedulerOutput(prev_sample=prev_sample)
+            return (prev_sample, x0_pred)
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
 
-    def _get_prev_sample(self, sample: torch.Tensor, t: int, prev_t: int, e: torch.Tensor) -> torch.Tensor:
-        """The transfer part phi(x_t, e, t, prev), formula (9)."""
+    def _get_prev_sample(self, sample: torch.Tensor, t: int, prev_t: int, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transfer part phi(x_t, e, t, prev), formula (9); also the x0 this e implies (DDPM eq. 15),
+        x0 = (x_t - sqrt(1 - alpha_bar_t) e) / sqrt(alpha_bar_t), which diffusers' PNDM does not return."""
         alpha_bar_t = self.alphas_cumprod[t]
         alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         beta_bar_t, beta_bar_prev = 1 - alpha_bar_t, 1 - alpha_bar_prev
@@ -216,7 +217,9 @@ class PNDMScheduler(SchedulerMixin):
 
         sample_coeff = (alpha_bar_prev / alpha_bar_t) ** 0.5
         e_denominator = alpha_bar_t * beta_bar_prev**0.5 + (alpha_bar_t * beta_bar_t * alpha_bar_prev) ** 0.5
-        return sample_coeff * sample - (alpha_bar_prev - alpha_bar_t) * e / e_denominator  # formula (9)
+        prev_sample = sample_coeff * sample - (alpha_bar_prev - alpha_bar_t) * e / e_denominator  # formula (9)
+        x0_pred = (sample - beta_bar_t**0.5 * e) / alpha_bar_t**0.5
+        return prev_sample, x0_pred
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4), for each sample's timestep."""
