@@ -12,15 +12,16 @@ The weights come from weights_scripts/make_random_sd15.py (written to `--weights
                      subprocess per loader (the peak resident memory during the call, VmHWM reset just
                      before it, minus the resident memory before it: what loading added to the imports)
 
-Each compute figure is the best (minimum) of `--repeats` timed calls after one warm-up call: on a
-shared machine the minimum is the least disturbed estimate of the cost (as `timeit` advises). Each
-output is also compared between the libraries (max abs difference): the timings are of the same computation.
+Each compute figure is the best (minimum) of `--repeats` timed calls after one warm-up call, the two
+libraries' calls alternating: on a shared machine the minimum is the least disturbed estimate of the
+cost (as `timeit` advises). Each output is also compared between the libraries (max abs difference):
+the timings are of the same computation.
 The ratio is minidiff / other: below 1 means minidiff is faster or smaller.
 
 Note: minidiff's load memory-maps the safetensors file and assigns its tensors to the module; pages
 are read when a weight is first used, so its load figures do not include reading the whole file.
-diffusers without `accelerate` installed builds the model with random weights first, then copies
-the file's tensors in (`low_cpu_mem_usage=False`); the table says which path it took.
+diffusers takes another path when `accelerate` is installed (`low_cpu_mem_usage=True`); the table
+says which one it took.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def _diffusers_load_path(component: str) -> str:
 
     if component == "text_encoder":
         return "transformers"
-    return "low_cpu_mem_usage=" + str(importlib.util.find_spec("accelerate") is not None)
+    installed = importlib.util.find_spec("accelerate") is not None
+    return "diffusers, accelerate " + ("installed" if installed else "not installed (low_cpu_mem_usage=False)")
 
 
 def measure_load(library: str, component: str, folder: Path) -> dict:
@@ -104,18 +106,21 @@ def measure_load(library: str, component: str, folder: Path) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-# ----- compute, in this process, one model at a time -----
+# ----- compute, in this process, one model (in both libraries) at a time -----
 
 
-def best_seconds(call, repeats: int) -> tuple[float, torch.Tensor]:
+def best_seconds_interleaved(ours, theirs, repeats: int) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """Best of `repeats` timed calls of each, alternating ours/theirs so that a busy spell on a shared
+    machine slows both alike; one warm-up call each first (it also faults the memory-mapped weights in)."""
+    timings = {ours: [], theirs: []}
     with torch.no_grad():
-        output = call()  # warm-up
-        timings = []
+        outputs = [ours(), theirs()]  # warm-up
         for _ in range(repeats):
-            start = time.perf_counter()
-            call()
-            timings.append(time.perf_counter() - start)
-    return min(timings), output
+            for call in (ours, theirs):
+                start = time.perf_counter()
+                call()
+                timings[call].append(time.perf_counter() - start)
+    return min(timings[ours]), min(timings[theirs]), *outputs
 
 
 def compute_benchmarks(folder: Path, repeats: int, tiny: bool) -> list[tuple[str, float, float, float]]:
@@ -147,17 +152,17 @@ def compute_benchmarks(folder: Path, repeats: int, tiny: bool) -> list[tuple[str
         cases[1] = (f"VAE decode {latent_size}->{latent_size * 8}", *cases[1][1:])
     rows = []
     for name, ours_class, their_class, subfolder, call in cases:
-        results = []
-        for model_class in (ours_class, their_class):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = model_class.from_pretrained(folder, subfolder=subfolder).eval()
-            results.append(best_seconds(lambda: call(model), repeats))
-            del model
-            gc.collect()
-        (ours_seconds, ours_output), (their_seconds, their_output) = results
-        difference = (ours_output - their_output).abs().max().item()
-        rows.append((name, ours_seconds, their_seconds, difference))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # both map the same safetensors file: its pages are shared, so two models cost little more than one
+            ours = ours_class.from_pretrained(folder, subfolder=subfolder).eval()
+            theirs = their_class.from_pretrained(folder, subfolder=subfolder).eval()
+        ours_seconds, their_seconds, ours_output, their_output = best_seconds_interleaved(
+            lambda: call(ours), lambda: call(theirs), repeats
+        )
+        rows.append((name, ours_seconds, their_seconds, (ours_output - their_output).abs().max().item()))
+        del ours, theirs
+        gc.collect()
         print(f"  measured {name}", file=sys.stderr)
     return rows
 
