@@ -50,7 +50,7 @@ def main():
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; one step at (1, 4, 64, 64), {args.steps}-step loops")
     print(f"{'scheduler':34s} {'minidiff':>12s} {'diffusers':>12s} {'ratio':>7s}")
-    for name, (class_name, _, _) in SCHEDULERS.items():
+    for name, (class_name, *_) in SCHEDULERS.items():
         ours = seconds_per_step(getattr(minidiff, class_name), args.steps, args.repeats)
         theirs = seconds_per_step(getattr(diffusers, class_name), args.steps, args.repeats)
         print(f"{class_name:34s} {ours * 1e6:9.1f} us {theirs * 1e6:9.1f} us {ours / theirs:7.2f}")

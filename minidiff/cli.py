@@ -12,16 +12,17 @@ import sys
 import time
 from pathlib import Path
 
-# CLI name -> (class name, stochastic?, one line on what it is)
+# CLI name -> (class name, stochastic?, order of accuracy, one line on what it is). The order is the
+# method's (how the error falls with the step size), not diffusers' `scheduler.order` (model calls per step).
 SCHEDULERS = {
-    "pndm": ("PNDMScheduler", False, "pseudo linear multistep (PLMS); SD 1.5's default"),
-    "ddim": ("DDIMScheduler", False, "denoising diffusion implicit models; eta=0 is deterministic"),
-    "ddpm": ("DDPMScheduler", True, "the original ancestral sampler; needs many steps"),
-    "lms": ("LMSDiscreteScheduler", False, "linear multistep in sigma, up to 4th order"),
-    "euler": ("EulerDiscreteScheduler", False, "Euler's method on the probability-flow ODE (Karras et al.)"),
-    "euler_a": ("EulerAncestralDiscreteScheduler", True, "Euler step plus fresh noise each step"),
-    "dpm": ("DPMSolverMultistepScheduler", False, "DPM-Solver++ 2M: second-order multistep, good at 20 steps"),
-    "unipc": ("UniPCMultistepScheduler", False, "unified predictor-corrector, good at 10-20 steps"),
+    "pndm": ("PNDMScheduler", False, 4, "pseudo linear multistep (PLMS); SD 1.5's default"),
+    "ddim": ("DDIMScheduler", False, 1, "denoising diffusion implicit models; eta=0 is deterministic"),
+    "ddpm": ("DDPMScheduler", True, 1, "the original ancestral sampler; needs many steps"),
+    "lms": ("LMSDiscreteScheduler", False, 4, "linear multistep in sigma, up to 4th order"),
+    "euler": ("EulerDiscreteScheduler", False, 1, "Euler's method on the probability-flow ODE (Karras et al.)"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", True, 1, "Euler step plus fresh noise each step"),
+    "dpm": ("DPMSolverMultistepScheduler", False, 2, "DPM-Solver++ 2M: second-order multistep, good at 20 steps"),
+    "unipc": ("UniPCMultistepScheduler", False, 2, "unified predictor-corrector, good at 10-20 steps"),
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -82,10 +83,10 @@ def load_pipeline(weights: str, dtype: str):
 
 
 def cmd_schedulers(args) -> None:
-    for name, (class_name, stochastic, description) in SCHEDULERS.items():
+    for name, (class_name, stochastic, order, description) in SCHEDULERS.items():
         scheduler = scheduler_class(name)()
         kind = "stochastic" if stochastic else "deterministic"
-        print(f"{name:8s} {class_name:32s} order {scheduler.order}, {kind:13s} {description}")
+        print(f"{name:8s} {class_name:32s} order {order}, {kind:13s} {description}")
         if args.verbose:
             defaults = {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
             print(f"{'':9s}default config: {defaults}")
@@ -167,7 +168,7 @@ def cmd_convert(args) -> None:
 
     if not Path(args.src).exists():
         raise CLIError(f"{args.src} does not exist")
-    convert(args.src, args.dst)
+    convert(args.src, args.dst, config=args.config, use_ema=args.use_ema)
     print(f"wrote {args.dst}")
 
 
@@ -221,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="single-file checkpoint <-> diffusers folder")
     convert.add_argument("src")
     convert.add_argument("dst")
+    convert.add_argument("--config", default=None, help="file -> folder: a folder of configs (default: SD 1.5's, bundled)")
+    convert.add_argument("--use-ema", action="store_true", help="file -> folder: take the UNet's EMA weights")
     convert.set_defaults(run=cmd_convert)
     return parser
 

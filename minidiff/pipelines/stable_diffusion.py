@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import minidiff.schedulers as schedulers
+from minidiff.checkpoints.single_file import load_single_file
 from minidiff.schedulers.base import randn_tensor
 from minidiff.models.clip_text import CLIPTextModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
@@ -91,11 +92,13 @@ class StableDiffusionPipeline:
         )
 
     @classmethod
-    def from_single_file(cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None, use_ema: bool = False):
-        """Load an original one-file checkpoint (e.g. v1-5-pruned-emaonly.safetensors), offline."""
-        from minidiff.checkpoints.single_file import load_single_file
+    def from_single_file(
+        cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None, use_ema: bool = False, config: str | os.PathLike | None = None
+    ):
+        """Load an original one-file checkpoint (e.g. v1-5-pruned-emaonly.safetensors), offline.
 
-        parts = load_single_file(path, torch_dtype=torch_dtype, use_ema=use_ema)
+        `config`: a diffusers-layout folder whose configs describe the file (default: SD 1.5's, bundled)."""
+        parts = load_single_file(path, torch_dtype=torch_dtype, use_ema=use_ema, config=config)
         return cls(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet, scheduler=parts.scheduler)
 
     def to(self, device=None, dtype: torch.dtype | None = None):

@@ -1,0 +1,94 @@
+"""The `minidiff` command, through subprocess: what it writes, and one clear line (never a traceback) on bad input."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+
+def minidiff(*args, cwd=None):
+    env_args = [sys.executable, "-m", "minidiff.cli", *map(str, args)]
+    return subprocess.run(env_args, capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def assert_clean_failure(result, fragment: str):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("minidiff: error: "), result.stderr
+    assert fragment in lines[0]
+
+
+def test_schedulers_lists_all_eight_with_order_and_kind():
+    result = minidiff("schedulers", "-v")
+    assert result.returncode == 0, result.stderr
+    for name in ("pndm", "ddim", "ddpm", "lms", "euler", "euler_a", "dpm", "unipc"):
+        assert f"\n{name} " in "\n" + result.stdout
+    assert "stochastic" in result.stdout and "deterministic" in result.stdout and "order 2" in result.stdout
+    assert "default config: {'num_train_timesteps': 1000" in result.stdout
+
+
+def test_generate_writes_the_image_and_a_trace(tiny_sd15_folder, tmp_path):
+    out = tmp_path / "astronaut.png"
+    result = minidiff(
+        "generate", "an astronaut", "--weights", tiny_sd15_folder, "--size", "64x48", "--steps", "3",
+        "--scheduler", "euler_a", "--seed", "1", "--out", out, "--trace", tmp_path / "trace",
+    )
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out).size == (64, 48)
+    assert Image.open(tmp_path / "trace" / "film_strip.png").size[0] == 3 * 64  # one column per step (3 <= 8 frames)
+    assert Image.open(tmp_path / "trace" / "denoising.gif").n_frames == 3
+
+
+def test_compare_writes_one_labeled_grid(tiny_sd15_folder, tmp_path):
+    out = tmp_path / "grid.png"
+    result = minidiff("compare", "a cat", "--schedulers", "ddim,dpm", "--weights", tiny_sd15_folder, "--size", "64x64",
+                      "--steps", "2", "--out", out)
+    assert result.returncode == 0, result.stderr
+    width, height = Image.open(out).size
+    assert width == 2 * 64 and height > 64  # two images side by side, captions below
+
+
+def test_convert_folder_to_single_file_and_back(tiny_sd15_folder, tmp_path):
+    single = tmp_path / "model.safetensors"
+    assert minidiff("convert", tiny_sd15_folder, single).returncode == 0
+    result = minidiff("convert", single, tmp_path / "folder", "--config", tiny_sd15_folder)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "folder" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        tiny_sd15_folder / "unet" / "diffusion_pytorch_model.safetensors"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["generate", "x", "--scheduler", "heunn"], "unknown scheduler 'heunn'"),
+        (["generate", "x", "--size", "500x512"], "multiples of 8"),
+        (["generate", "x", "--size", "large"], "--size must look like 512x512"),
+        (["generate", "x", "--steps", "-3"], "--steps must be at least 1"),
+        (["compare", "x", "--schedulers", "ddim,nope"], "unknown scheduler 'nope'"),
+        (["generate", "x", "--weights", "/no/such/folder"], "no such file or folder"),
+        (["generate", "x", "--out", "/proc/minidiff/out.png"], "cannot write to /proc/minidiff"),
+        (["convert", "/no/such/file.safetensors", "out"], "does not exist"),
+    ],
+)
+def test_bad_input_ends_with_one_clear_line(args, fragment):
+    assert_clean_failure(minidiff(*args), fragment)
+
+
+def test_missing_weights_offline_say_so(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "minidiff.cli", "generate", "x", "--weights", "someone/not-downloaded", "--out", tmp_path / "x.png"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert_clean_failure(result, "weights_scripts")
+
+
+def test_download_offline_says_so():
+    result = subprocess.run(
+        [sys.executable, "-m", "minidiff.cli", "download", "ddpm-cat"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert_clean_failure(result, "cannot reach the Hugging Face hub")
