@@ -99,3 +99,43 @@ def describe(name: str, x: torch.Tensor) -> str:
 def enlarge(image: Image.Image, size: int = 96) -> Image.Image:
     """A small picture scaled up to size x size with nearest-neighbour, so each pixel stays visible."""
     return image.resize((size, size), Image.Resampling.NEAREST)
+
+
+def draw_scatter_panels(
+    panels: dict[str, torch.Tensor],
+    path,
+    bounds: tuple[float, float, float, float] = (-6.0, 6.0, -6.0, 6.0),
+    marks: torch.Tensor | None = None,
+    panel_size: int = 240,
+) -> Image.Image:
+    """2-D point clouds side by side, one panel per entry of `panels` (title -> (N, 2) points).
+
+    bounds: (x_min, x_max, y_min, y_max) of every panel; marks: (K, 2) points drawn as black crosses
+    (e.g. the mixture's means). Points outside the bounds are left out.
+    """
+    from PIL import ImageDraw
+
+    from minidiff.plotting import font
+
+    x_min, x_max, y_min, y_max = bounds
+    title_height, gap = 26, 12
+    picture = Image.new("RGB", (len(panels) * (panel_size + gap) + gap, panel_size + title_height + gap), "white")
+    draw = ImageDraw.Draw(picture)
+    for index, (title, points) in enumerate(panels.items()):
+        left, top = gap + index * (panel_size + gap), title_height
+
+        def to_pixel(x: float, y: float) -> tuple[float, float]:
+            return left + (x - x_min) / (x_max - x_min) * panel_size, top + (y_max - y) / (y_max - y_min) * panel_size
+
+        draw.rectangle([left, top, left + panel_size, top + panel_size], outline=(120, 120, 120))
+        draw.text((left + panel_size / 2, 6), title, fill=(20, 20, 20), font=font(13), anchor="mt")
+        for x, y in points.reshape(-1, 2).tolist():
+            if x_min < x < x_max and y_min < y < y_max:
+                px, py = to_pixel(x, y)
+                draw.rectangle([px - 1, py - 1, px, py], fill=(31, 119, 180))
+        for x, y in ([] if marks is None else marks.reshape(-1, 2).tolist()):
+            px, py = to_pixel(x, y)
+            draw.line([(px - 5, py - 5), (px + 5, py + 5)], fill=(0, 0, 0), width=2)
+            draw.line([(px - 5, py + 5), (px + 5, py - 5)], fill=(0, 0, 0), width=2)
+    picture.save(path)
+    return picture
