@@ -51,7 +51,10 @@ def run_tutorial(path: Path, out: Path, cwd: Path, **environment) -> subprocess.
 
 
 def failure_report(result: subprocess.CompletedProcess) -> str:
-    return f"exit code {result.returncode}\n--- stdout (end) ---\n{result.stdout[-3000:]}\n--- stderr (end) ---\n{result.stderr[-3000:]}"
+    return (
+        f"exit code {result.returncode}\n--- stdout (end) ---\n{result.stdout[-3000:]}\n"
+        f"--- stderr (end) ---\n{result.stderr[-3000:]}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +93,8 @@ def test_tutorial_02_uses_weights_named_by_minidiff_sd15(out_root: Path, tmp_pat
     from conftest import load_weights_script
 
     folder = load_weights_script("make_random_sd15").make_random_sd15(tmp_path / "weights", seed=1, tiny=True)
-    result = run_tutorial(REPO / "tutorials" / "02_deconstructing_stable_diffusion.py", tmp_path / "out", cwd=tmp_path, MINIDIFF_SD15=str(folder))
+    tutorial = REPO / "tutorials" / "02_deconstructing_stable_diffusion.py"
+    result = run_tutorial(tutorial, tmp_path / "out", cwd=tmp_path, MINIDIFF_SD15=str(folder))
     assert result.returncode == 0, failure_report(result)
     assert f"weights: {folder}" in result.stdout
     with Image.open(tmp_path / "out" / "02_deconstructing_stable_diffusion" / "trace.gif") as gif:
@@ -101,7 +105,8 @@ def test_tutorial_01_runs_the_loop_on_the_unet_named_by_minidiff_ddpm(tmp_path: 
     from conftest import load_weights_script
 
     folder = load_weights_script("make_random_ddpm").make_random_ddpm(tmp_path / "ddpm", seed=0, tiny=True)
-    result = run_tutorial(REPO / "tutorials" / "01_the_denoising_loop.py", tmp_path / "out", cwd=tmp_path, MINIDIFF_DDPM=str(folder))
+    tutorial = REPO / "tutorials" / "01_the_denoising_loop.py"
+    result = run_tutorial(tutorial, tmp_path / "out", cwd=tmp_path, MINIDIFF_DDPM=str(folder))
     assert result.returncode == 0, failure_report(result)
     with Image.open(tmp_path / "out" / "01_the_denoising_loop" / "trained_unet.png") as picture:
         assert picture.size == (32, 32)  # the tiny ddpm-cat-256 shape works at 32x32
@@ -113,7 +118,8 @@ def test_a_missing_weights_path_is_a_clear_error(tmp_path: Path):
         MINIDIFF_SD15=str(tmp_path / "no-such-folder"),
     )
     assert result.returncode != 0
-    assert "ValueError: MINIDIFF_SD15=" in result.stderr and "does not exist" in result.stderr and "unset it" in result.stderr
+    assert "ValueError: MINIDIFF_SD15=" in result.stderr
+    assert "does not exist" in result.stderr and "unset it" in result.stderr
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=[path.stem for path in TUTORIALS])

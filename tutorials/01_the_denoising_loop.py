@@ -181,8 +181,9 @@ assert image.size == (32, 32) and image.mode == "RGB"
 # %% [markdown]
 # ## 6. The picture at several steps
 #
-# Top: x_{t-1}, what the loop carries out of the step at t. Bottom: the predicted x_0 at that step. The prediction is a blur
-# of all eight pictures at first, then sharpens into one, long before x_t looks clean.
+# Top: x_{t-1}, what the loop carries out of the step at t. Bottom: the predicted x_0 at that
+# step. The prediction is a blur of all eight pictures at first, then sharpens into one, long
+# before x_t looks clean.
 
 # %%
 columns = [f"t={int(scheduler.timesteps[i])}" for i in snapshots]
@@ -224,7 +225,8 @@ assert torch.equal(last_step.latents, input)  # the hand-written loop and the pi
 # %%
 grain = {}
 for num_inference_steps in (50, 1000):
-    steps = pipeline.denoise(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=num_inference_steps)
+    generator = torch.Generator().manual_seed(0)
+    steps = pipeline.denoise(batch_size=1, generator=generator, num_inference_steps=num_inference_steps)
     for last_step in steps:
         pass
     grain[num_inference_steps] = (last_step.latents - means).pow(2).mean(dim=(1, 2, 3)).sqrt().min().item()

@@ -39,7 +39,7 @@ import tutorial_helpers as helpers
 torch.set_num_threads(1)  # tiny models: more threads only add overhead on a shared CPU
 OUT = helpers.output_folder("02_deconstructing_stable_diffusion")
 model_path, real_weights = helpers.sd15_weights()
-print(f"weights: {model_path} ({'real' if real_weights else 'tiny random: the pictures will be noise'})")
+print(f"weights: {model_path} ({'from MINIDIFF_SD15' if real_weights else 'tiny random: the pictures will be noise'})")
 
 # %% [markdown]
 # ## 1. The parts
@@ -175,13 +175,14 @@ from minidiff import EulerDiscreteScheduler
 
 euler = EulerDiscreteScheduler.from_config(scheduler.config)
 euler.set_timesteps(num_inference_steps)
-print(f"UniPC init_noise_sigma = {float(scheduler.init_noise_sigma):.4f}; Euler init_noise_sigma = {float(euler.init_noise_sigma):.4f}")
+print(f"init_noise_sigma: UniPC {float(scheduler.init_noise_sigma):.4f}, Euler {float(euler.init_noise_sigma):.4f}")
 sigma_max = float(euler.sigmas[0])
 scaled = euler.scale_model_input(latents * euler.init_noise_sigma, euler.timesteps[0])
-print(f"Euler at t={float(euler.timesteps[0]):.0f}: scale_model_input divides by sqrt({sigma_max:.4f}^2 + 1) = {(sigma_max**2 + 1) ** 0.5:.4f}")
+divisor = (sigma_max**2 + 1) ** 0.5
+print(f"Euler at t=999: scale_model_input divides by sqrt({sigma_max:.4f}^2 + 1) = {divisor:.4f}")
 
 assert scheduler.init_noise_sigma == 1.0
-assert abs(float(euler.init_noise_sigma) - 14.6146) < 1e-3  # sigma_max of SD 1.5's schedule
+assert abs(float(euler.init_noise_sigma) - 14.6146) < 1e-3 and float(euler.timesteps[0]) == 999  # sigma_max, t=999
 assert torch.allclose(scaled, latents * sigma_max / (sigma_max**2 + 1) ** 0.5)  # float32 rounding only
 
 latents = latents * scheduler.init_noise_sigma
@@ -224,7 +225,10 @@ for step_index, t in enumerate(scheduler.timesteps):
     assert noise_pred.shape == latents.shape == (batch_size, 4, height // 8, width // 8)
     if step_index % 8 == 0 or step_index == num_inference_steps - 1:
         difference = (noise_pred_text - noise_pred_uncond).norm() / noise_pred_uncond.norm()
-        print(f"step {step_index:2d} t={int(t):3d}  |eps_text - eps_uncond| / |eps_uncond| = {difference:.3f}  std(latents) = {latents.std():.3f}")
+        print(
+            f"step {step_index:2d} t={int(t):3d}  |eps_text - eps_uncond| / |eps_uncond| = {difference:.3f}  "
+            f"std(latents) = {latents.std():.3f}"
+        )
 
 helpers.describe("final latents", latents)
 assert torch.isfinite(latents).all()
@@ -269,7 +273,8 @@ assert pil_images[0].size == (width, height)
 # %%
 from minidiff import StableDiffusionPipeline
 
-pipe = StableDiffusionPipeline(vae, text_encoder, tokenizer, unet, UniPCMultistepScheduler.from_config(scheduler.config))
+fresh_scheduler = UniPCMultistepScheduler.from_config(scheduler.config)  # a scheduler keeps state: start clean
+pipe = StableDiffusionPipeline(vae, text_encoder, tokenizer, unet, fresh_scheduler)
 pipe.set_progress_bar_config(disable=True)
 for step in pipe.denoise(prompt, height=height, width=width, num_inference_steps=num_inference_steps,
                          guidance_scale=guidance_scale, generator=torch.manual_seed(0)):
@@ -310,9 +315,11 @@ def draw_data_flow(stages: list[tuple[str, str]], path, box_width: int = 178, bo
     draw = ImageDraw.Draw(picture)
     for index, (name, shape) in enumerate(stages):
         left = 10 + index * (box_width + gap)
-        draw.rounded_rectangle([left, 10, left + box_width, 10 + box_height], radius=8, outline=(60, 60, 60), fill=(240, 245, 255), width=2)
-        draw.text((left + box_width / 2, 10 + box_height / 3), name, fill=(20, 20, 20), font=font(14), anchor="mm")
-        draw.text((left + box_width / 2, 10 + 2 * box_height / 3), shape, fill=(31, 119, 180), font=font(13), anchor="mm")
+        box = [left, 10, left + box_width, 10 + box_height]
+        draw.rounded_rectangle(box, radius=8, outline=(60, 60, 60), fill=(240, 245, 255), width=2)
+        center = left + box_width / 2
+        draw.text((center, 10 + box_height / 3), name, fill=(20, 20, 20), font=font(14), anchor="mm")
+        draw.text((center, 10 + 2 * box_height / 3), shape, fill=(31, 119, 180), font=font(13), anchor="mm")
         if index:
             y = 10 + box_height / 2
             draw.line([(left - gap + 4, y), (left - 6, y)], fill=(60, 60, 60), width=2)

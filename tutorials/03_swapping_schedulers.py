@@ -54,7 +54,8 @@ print(pipeline.scheduler)
 config = pipeline.scheduler.config
 
 assert type(pipeline.scheduler).__name__ == "PNDMScheduler"
-assert (config.beta_schedule, config.beta_start, config.beta_end, config.num_train_timesteps) == ("scaled_linear", 0.00085, 0.012, 1000)
+assert (config.beta_schedule, config.beta_start, config.beta_end) == ("scaled_linear", 0.00085, 0.012)
+assert config.num_train_timesteps == 1000
 
 # %% [markdown]
 # ## 2. `compatibles`: the schedulers that can read this config
@@ -163,7 +164,8 @@ def nearest_pictures(samples: torch.Tensor) -> tuple[list[str], float]:
 
 
 sigma_max = float(mixture.train_sigmas[-1])
-exact = accuracy.probability_flow_ode(mixture, noise.double() * (sigma_max**2 + 1) ** 0.5, sigma_max, 0.0, rtol=1e-6, atol=1e-6)
+x_start = noise.double() * (sigma_max**2 + 1) ** 0.5  # the same noise, as x_0 + sigma_max eps
+exact = accuracy.probability_flow_ode(mixture, x_start, sigma_max, 0.0, rtol=1e-6, atol=1e-6)
 exact_pictures, exact_grain = nearest_pictures(exact.float())
 rows, row_labels = [[tile([tensor_to_pil(x) for x in exact], 4), None, None]], ["exact PF-ODE"]
 chosen, grain = {}, {}  # (scheduler, steps) -> pictures chosen, grain
@@ -177,7 +179,8 @@ for name, scheduler in schedulers.items():
         chosen[name, num_inference_steps], grain[name, num_inference_steps] = nearest_pictures(samples)
     rows.append(row)
     row_labels.append(name.removesuffix("Scheduler"))
-image_grid(rows, row_labels, [f"{n} steps" for n in grid_steps], OUT / "exact_model_grid.png", title="Same noise, every scheduler (exact denoiser)")
+image_grid(rows, row_labels, [f"{n} steps" for n in grid_steps], OUT / "exact_model_grid.png",
+           title="Same noise, every scheduler (exact denoiser)")
 print("wrote", OUT / "exact_model_grid.png")
 print(f"exact PF-ODE: {exact_pictures}, grain {exact_grain:.3f}")
 for name in schedulers:
@@ -199,7 +202,10 @@ print("(= the same pictures as the exact ODE, x not; then the grain, 0.100 in th
 
 # %%
 assert 0.095 < exact_grain < 0.105
-for name in ("LMSDiscreteScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
+STARTING_AT_999 = (
+    "LMSDiscreteScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+)
+for name in STARTING_AT_999:
     assert all(chosen[name, n] == exact_pictures for n in grid_steps), name
 for name in ("PNDMScheduler", "DDIMScheduler"):
     assert chosen[name, 5] != exact_pictures and chosen[name, 10] == chosen[name, 25] == exact_pictures, name
@@ -235,8 +241,9 @@ assert spacings["trailing", 0] == [999, 899, 799, 699, 599, 499, 399, 299, 199, 
 # **`use_karras_sigmas`** (Euler, LMS, DPM-Solver, UniPC) replaces the spacing by Karras et al.'s
 # ramp (arXiv 2206.00364, eq. 5, rho = 7) between the same sigma_max and sigma_min: smaller steps
 # at both ends of the log-sigma scale. With 10 linspace steps Euler jumps from sigma 0.37 straight
-# to 0.03; the Karras ramp stops at 0.20 and 0.08 on the way, where the fine detail is decided. **`final_sigmas_type`** says where the last
-# step lands: "zero" (the clean picture) or "sigma_min" (the last training noise level).
+# to 0.03; the Karras ramp stops at 0.20 and 0.08 on the way, where the fine detail is decided.
+# **`final_sigmas_type`** says where the last step lands: "zero" (the clean picture) or
+# "sigma_min" (the last training noise level).
 # **`beta_schedule`** sets the noise schedule itself: with "linear" instead of SD's "scaled_linear",
 # the same beta_start and beta_end reach a noisier end (sigma_max 25 instead of 14.6), and a model
 # trained on one schedule would be told the wrong noise level at every step.
@@ -313,7 +320,7 @@ from PIL import Image, ImageDraw
 from minidiff.plotting import PALETTE, font
 
 
-def draw_ruler(values_by_name: dict, path, position, axis_ticks: dict, title: str, width: int = 860, row_height: int = 28):
+def draw_ruler(values_by_name: dict, path, position, axis_ticks: dict, title: str, width=860, row_height=28):
     """One row per name: a tick at each value, placed at `position(value)` in [0, 1] along the row."""
     label_width, top = 230, 34
     height = top + row_height * len(values_by_name) + 34
@@ -336,24 +343,29 @@ def draw_ruler(values_by_name: dict, path, position, axis_ticks: dict, title: st
 
 train_sigmas = ((1 - pipeline.scheduler.alphas_cumprod) / pipeline.scheduler.alphas_cumprod).sqrt().double().numpy()
 timesteps_by_name, sigmas_by_name = {}, {}
-for name, cls in [(name, type(s)) for name, s in schedulers.items()] + [("Euler (Karras sigmas)", EulerDiscreteScheduler)]:
+classes = {name: type(scheduler) for name, scheduler in schedulers.items()}
+classes["Euler (Karras sigmas)"] = EulerDiscreteScheduler
+for name, cls in classes.items():
     scheduler = cls.from_config(config, use_karras_sigmas=True) if "Karras" in name else cls.from_config(config)
     scheduler.set_timesteps(25)
     label = name.removesuffix("Scheduler")
     timesteps_by_name[label] = scheduler.timesteps.double().numpy()
-    sigmas_by_name[label] = np.interp(timesteps_by_name[label], np.arange(1000), train_sigmas)  # sigma_t, also at fractional t
+    sigmas_by_name[label] = np.interp(timesteps_by_name[label], np.arange(1000), train_sigmas)  # also at fractional t
 
 draw_ruler(timesteps_by_name, OUT / "timesteps.png", position=lambda t: (1000 - t) / 1000,
            axis_ticks={t: str(t) for t in range(1000, -1, -100)}, title="Timesteps visited in 25 steps")
 log_low, log_high = math.log(0.02), math.log(20.0)
-draw_ruler(sigmas_by_name, OUT / "sigmas.png", position=lambda sigma: (log_high - math.log(sigma)) / (log_high - log_low),
+draw_ruler(sigmas_by_name, OUT / "sigmas.png",
+           position=lambda sigma: (log_high - math.log(sigma)) / (log_high - log_low),
            axis_ticks={value: f"{value:g}" for value in (20, 10, 5, 2, 1, 0.5, 0.2, 0.1, 0.05, 0.02)},
            title="Noise level sigma_t at each model call, 25 steps (log scale)")
 print("wrote", OUT / "timesteps.png", "and", OUT / "sigmas.png")
 for name in ("DDIM", "EulerDiscrete", "Euler (Karras sigmas)"):
     sigmas = sigmas_by_name[name]
-    print(f"{name:22s} first sigma {sigmas[0]:6.3f}, last {sigmas[-1]:.3f}, model calls below sigma 0.5: {(sigmas < 0.5).sum()}")
+    below = (sigmas < 0.5).sum()
+    print(f"{name:22s} first sigma {sigmas[0]:6.3f}, last {sigmas[-1]:.3f}, model calls below sigma 0.5: {below}")
 
 assert timesteps_by_name["DPMSolverMultistep"][0] == 999 and timesteps_by_name["PNDM"][0] == 961
 assert sigmas_by_name["DDIM"][0] < sigmas_by_name["EulerDiscrete"][0]  # "leading" starts below sigma_max
-assert (sigmas_by_name["Euler (Karras sigmas)"] < 0.5).sum() >= (sigmas_by_name["EulerDiscrete"] < 0.5).sum() + 3  # 9 vs 5
+calls_below = {name: (sigmas < 0.5).sum() for name, sigmas in sigmas_by_name.items()}
+assert calls_below["Euler (Karras sigmas)"] >= calls_below["EulerDiscrete"] + 3  # 9 vs 5

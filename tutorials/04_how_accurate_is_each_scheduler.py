@@ -87,7 +87,9 @@ assert 0.01 < accuracy.rms(euler_end - exact_end) < 0.2
 # %%
 steps = accuracy.DEFAULT_STEPS  # (5, 10, 20, 50, 100, 200)
 cache = {}  # reference solves shared by schedulers with the same path (Euler and LMS)
-results = [accuracy.measure_convergence(setup, model, noise, steps, cache=cache) for setup in accuracy.DETERMINISTIC_SETUPS]
+results = [
+    accuracy.measure_convergence(setup, model, noise, steps, cache=cache) for setup in accuracy.DETERMINISTIC_SETUPS
+]
 print(accuracy.format_convergence_table(results))
 error = {result.label: dict(zip(result.steps, result.errors)) for result in results}
 order = {result.label: result.order for result in results}
@@ -196,7 +198,8 @@ runs = {}
 for setup in (deterministic_setup, stochastic_setup):
     for seed in (0, 1):
         generator = torch.Generator().manual_seed(seed) if setup.stochastic else None
-        runs[setup.label, seed] = accuracy.run_scheduler(accuracy.make_scheduler(setup), model, start, 20, generator=generator)[1]
+        scheduler = accuracy.make_scheduler(setup)
+        runs[setup.label, seed] = accuracy.run_scheduler(scheduler, model, start, 20, generator=generator)[1]
 print("Euler, same noise, two runs: identical?", torch.equal(runs["Euler", 0], runs["Euler", 1]))
 print("Euler a, same noise, two generators: identical?", torch.equal(runs["Euler a", 0], runs["Euler a", 1]))
 
@@ -213,7 +216,9 @@ distribution = [
 ]
 print(accuracy.format_distribution_table(distribution))
 worst_z = {(r.label, r.num_inference_steps): r.max_abs_z for r in distribution}
-variance_ratio = {(r.label, r.num_inference_steps): [c.variance / c.variance_target for c in r.components] for r in distribution}
+variance_ratio = {
+    (r.label, r.num_inference_steps): [c.variance / c.variance_target for c in r.components] for r in distribution
+}
 
 # %% [markdown]
 # What the table shows:
@@ -241,13 +246,17 @@ assert worst_z["SDE-DPM++ 2M", 10] < worst_z["Euler a", 10] / 2
 # with 100.
 
 # %%
-panels = {"the data": data}
-for setup in (deterministic_setup, accuracy.DETERMINISTIC_SETUPS[5], stochastic_setup):
+def samples_of(setup, num_inference_steps: int) -> torch.Tensor:
+    """4000 samples of `setup` from seed 0 (the generator also drives a stochastic scheduler's noise)."""
     generator = torch.Generator().manual_seed(0)
     start = torch.randn(4000, 2, 1, 1, generator=generator, dtype=torch.float64)
-    panels[f"{setup.label}, 10 steps"] = accuracy.run_scheduler(accuracy.make_scheduler(setup), model, start, 10, generator=generator if setup.stochastic else None)[1]
-generator = torch.Generator().manual_seed(0)
-start = torch.randn(4000, 2, 1, 1, generator=generator, dtype=torch.float64)
-panels["Euler a, 100 steps"] = accuracy.run_scheduler(accuracy.make_scheduler(stochastic_setup), model, start, 100, generator=generator)[1]
+    scheduler, step_generator = accuracy.make_scheduler(setup), generator if setup.stochastic else None
+    return accuracy.run_scheduler(scheduler, model, start, num_inference_steps, generator=step_generator)[1]
+
+
+panels = {"the data": data}
+for setup in (deterministic_setup, accuracy.DETERMINISTIC_SETUPS[5], stochastic_setup):
+    panels[f"{setup.label}, 10 steps"] = samples_of(setup, 10)
+panels["Euler a, 100 steps"] = samples_of(stochastic_setup, 100)
 helpers.draw_scatter_panels(panels, OUT / "samples.png", marks=means)
 print("wrote", OUT / "samples.png")

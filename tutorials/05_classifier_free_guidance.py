@@ -57,7 +57,8 @@ a, b = (value.item() for value in model.vp_coefficients(t, 1))  # x_t = a x_0 + 
 for scale in (0, 1, 3, 7.5):
     eps_guided = eps_uncond + scale * (eps_cond - eps_uncond)
     x0_guided = (x_t - b * eps_guided) / a  # the x_0 the guided prediction implies
-    print(f"s = {scale:3}: eps = {eps_guided.flatten().numpy().round(3)}, implied x_0 = {x0_guided.flatten().numpy().round(2)}")
+    print(f"s = {scale:3}: eps = {eps_guided.flatten().numpy().round(3)}, "
+          f"implied x_0 = {x0_guided.flatten().numpy().round(2)}")
 
 # %% [markdown]
 # The guided noise is the noise of a *tilted* density: since eps = -b * grad log p_t(x),
@@ -118,7 +119,8 @@ exact_conditional = exact_conditional.reshape(-1, 2)
 print(f"{'':22s}{'mean':>18s}{'std':>18s}{'of class c':>12s}")
 rows = {"exact p(x | c)": exact_conditional, **{f"s = {scale}": points for scale, points in samples.items()}}
 for name, points in rows.items():
-    print(f"{name:22s}{str(points.mean(0).numpy().round(3)):>18s}{str(points.std(0).numpy().round(3)):>18s}{fraction_of_class(points):>12.3f}")
+    mean, spread = str(points.mean(0).numpy().round(3)), str(points.std(0).numpy().round(3))
+    print(f"{name:22s}{mean:>18s}{spread:>18s}{fraction_of_class(points):>12.3f}")
 
 # %% [markdown]
 # - s = 1 samples the conditional distribution: std 1, the right share of points in the class's
@@ -138,7 +140,8 @@ assert (std[1] - 1).abs().max() < 0.05  # s = 1: the conditional spread
 assert abs(fraction[1] - fraction_of_class(exact_conditional)) < 0.03
 assert (samples[1].mean(0) - means[c]).norm() < 0.25
 for smaller, larger in zip(scales, scales[1:]):
-    assert (std[larger] < std[smaller]).all() and mean_y[larger] > mean_y[smaller] and fraction[larger] >= fraction[smaller]
+    assert (std[larger] < std[smaller]).all() and mean_y[larger] > mean_y[smaller]
+    assert fraction[larger] >= fraction[smaller]
 assert fraction[3] > 0.99 and std[7.5].max() < 0.5
 
 # %% [markdown]
@@ -164,7 +167,7 @@ for scale in scales:
           f"guided samples mean {samples[scale].mean(0).numpy().round(2)}, std {std[scale].numpy().round(2)}")
 
 assert (tilted[1][1] - 1).abs().max() < 1e-3  # s = 1: the tilted density is p(x | c) itself
-assert (std[7.5] < 0.6 * tilted[7.5][1]).all()  # guidance concentrates far more than the tilt (0.24, 0.43 vs 0.70, 0.81)
+assert (std[7.5] < 0.6 * tilted[7.5][1]).all()  # guidance concentrates far more (0.24, 0.43 vs 0.70, 0.81)
 assert mean_y[7.5] > tilted[7.5][0][1] + 1  # and pushes much further away from the other classes
 
 # %% [markdown]
@@ -193,10 +196,12 @@ from minidiff.plotting import image_grid
 from minidiff.prototypes import PROTOTYPE_NAMES, prototype_means, tensor_to_pil
 
 pictures = prototype_means(32)
+SHAPES, SCENES = 0, 1
 picture_model = GaussianMixtureDenoiser.from_components(
-    pictures, component_classes=torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), data_std=0.1, scheduler_config=accuracy.SD15_SCHEDULER_CONFIG
+    pictures, component_classes=torch.tensor([SHAPES] * 4 + [SCENES] * 4), data_std=0.1,
+    scheduler_config=accuracy.SD15_SCHEDULER_CONFIG,
 )
-SCENES = 1
+labels = torch.tensor([-1, SCENES])  # [uncond; cond]
 picture_noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 grid_rows, outside_range, relative_difference, final_picture = [], {}, {}, {}
 for scale in scales:
@@ -204,7 +209,8 @@ for scale in scales:
     scheduler.set_timesteps(25)
     latents, row, differences = picture_noise.clone(), [], []
     for step_index, t in enumerate(scheduler.timesteps):
-        noise_pred_uncond, noise_pred_cond = picture_model(torch.cat([latents] * 2), t, class_labels=torch.tensor([-1, SCENES])).sample.chunk(2)
+        noise_pred = picture_model(torch.cat([latents] * 2), t, class_labels=labels).sample
+        noise_pred_uncond, noise_pred_cond = noise_pred.chunk(2)
         differences.append(((noise_pred_cond - noise_pred_uncond).norm() / noise_pred_uncond.norm()).item())
         output = scheduler.step(noise_pred_uncond + scale * (noise_pred_cond - noise_pred_uncond), t, latents)
         if step_index == 0:
@@ -217,7 +223,8 @@ for scale in scales:
     relative_difference[scale] = differences
     distances = (latents - pictures).pow(2).mean(dim=(1, 2, 3)).sqrt()
     final_picture[scale] = PROTOTYPE_NAMES[distances.argmin()]
-    print(f"s = {scale:4}: x_0 at t=999 outside [-1, 1]: {outside_range[scale]:6.1%};  final picture: {final_picture[scale]}")
+    print(f"s = {scale:4}: x_0 at t=999 outside [-1, 1]: {outside_range[scale]:6.1%};  "
+          f"final picture: {final_picture[scale]}")
 print("|eps_cond - eps_uncond| / |eps_uncond| at the first 5 steps:", [f"{d:.2g}" for d in relative_difference[1][:5]])
 image_grid(grid_rows, [f"s = {scale}" for scale in scales], ["x0 at t=999", "x0 at t=759", "final sample"],
            OUT / "guidance_on_pictures.png", title='Asking for a "scene", same noise', scale=3)

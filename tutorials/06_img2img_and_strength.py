@@ -66,10 +66,13 @@ def roof_color(image: torch.Tensor) -> str:
     return "blue" if blue > red else "red"
 
 
-print(f"input: {tuple(x0.shape)}, roof {roof_color(x0)} ({int(roof.sum())} roof pixels); the house in the data set has a {roof_color(pictures[HOUSE:HOUSE + 1])} roof")
-tile([helpers.enlarge(sketch, 96), helpers.enlarge(tensor_to_pil(pictures[HOUSE]), 96)], columns=2).save(OUT / "input_and_house.png")
+house = pictures[HOUSE : HOUSE + 1]  # (1, 3, 32, 32)
+print(f"input: {tuple(x0.shape)}, roof {roof_color(x0)} ({int(roof.sum())} roof pixels); "
+      f"the house in the data set has a {roof_color(house)} roof")
+side_by_side = [helpers.enlarge(sketch, 96), helpers.enlarge(tensor_to_pil(house[0]), 96)]
+tile(side_by_side, columns=2).save(OUT / "input_and_house.png")
 
-assert roof_color(x0) == "blue" and roof_color(pictures[HOUSE : HOUSE + 1]) == "red" and roof.sum() > 20
+assert roof_color(x0) == "blue" and roof_color(house) == "red" and roof.sum() > 20
 
 # %% [markdown]
 # ## 2. `add_noise`: jump straight to timestep t
@@ -102,7 +105,8 @@ euler.set_timesteps(50)
 t = euler.timesteps[10:11]
 assert torch.allclose(euler.add_noise(x0, eps, t), x0 + euler.sigmas[10] * eps)
 
-tile([helpers.enlarge(tensor_to_pil(x[0]), 96) for x in noised.values()], columns=len(noised)).save(OUT / "add_noise.png")
+noised_pictures = [helpers.enlarge(tensor_to_pil(x[0]), 96) for x in noised.values()]
+tile(noised_pictures, columns=len(noised_pictures)).save(OUT / "add_noise.png")
 print("wrote", OUT / "add_noise.png", "(t = 1, 200, 400, 600, 800, 999)")
 
 # %% [markdown]
@@ -168,7 +172,8 @@ for strength in strengths:
     distance_to_input[strength] = (result - x0).pow(2).mean().sqrt().item()
     nearest[strength] = PROTOTYPE_NAMES[(result - pictures).pow(2).mean(dim=(1, 2, 3)).argmin()]
     roofs[strength] = roof_color(result)
-    print(f"strength {strength:4}: RMS distance to the input {distance_to_input[strength]:.3f}, nearest picture {nearest[strength]:8s}, roof {roofs[strength]}")
+    print(f"strength {strength:4}: RMS distance to the input {distance_to_input[strength]:.3f}, "
+          f"nearest picture {nearest[strength]:8s}, roof {roofs[strength]}")
 image_grid(rows, ["noised input", "result"], [f"strength {s}" for s in strengths], OUT / "strength.png",
            title="img2img of a blue-roofed house, exact model of 8 pictures (DDIM, 50 steps)", scale=3)
 print("wrote", OUT / "strength.png")
@@ -265,6 +270,6 @@ frame_size = 192 if real_weights else 96
 frames = record(steps, to_image=lambda z: pipe.latents_to_image(z).resize((frame_size, frame_size)), count=5)
 save_film_strip(frames, OUT / "trace.png")
 save_gif(frames, OUT / "trace.gif")
-print(f"img2img at strength 0.6 ran {frames[-1].step_index + 1} of 25 steps; wrote {OUT / 'trace.png'} and {OUT / 'trace.gif'}")
+print(f"img2img at strength 0.6 ran {frames[-1].step_index + 1} of 25 steps; wrote trace.png and trace.gif")
 
 assert frames[-1].step_index + 1 == int(25 * 0.6) and int(frames[0].timestep) == int(pipe.scheduler.timesteps[10])
