@@ -9,8 +9,9 @@ The weights come from weights_scripts/make_random_sd15.py (written to `--weights
     VAE decode       latents (1, 4, 64, 64) -> image (1, 3, 512, 512)
     CLIP encode      token ids (2, 77) -> (2, 77, 768)
     load             `from_pretrained` of unet / vae / text_encoder: wall time, and peak RSS in a fresh
-                     subprocess per loader (the peak resident memory during the call, VmHWM reset just
-                     before it, minus the resident memory before it: what loading added to the imports)
+                     subprocess per load (the peak resident memory during the call, VmHWM reset just
+                     before it, minus the resident memory before it: what loading added to the imports);
+                     `--repeats` subprocesses per library: the fastest time, the largest peak
 
 Each compute figure is the best (minimum) of `--repeats` timed calls after one warm-up call, the two
 libraries' calls alternating: on a shared machine the minimum is the least disturbed estimate of the
@@ -106,6 +107,18 @@ def measure_load(library: str, component: str, folder: Path) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def best_loads(component: str, folder: Path, repeats: int) -> tuple[dict, dict]:
+    """`repeats` fresh subprocess loads per library, alternating; the fastest time and the largest peak of each."""
+    runs = {"minidiff": [], "diffusers": []}
+    for _ in range(repeats):
+        for library in runs:
+            runs[library].append(measure_load(library, component, folder))
+    return tuple(
+        {**results[0], "seconds": min(r["seconds"] for r in results), "peak_mib": max(r["peak_mib"] for r in results)}
+        for results in runs.values()
+    )
+
+
 # ----- compute, in this process, one model (in both libraries) at a time -----
 
 
@@ -176,6 +189,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny configs (a smoke test of this script)")
     parser.add_argument("--skip-load", action="store_true")
+    parser.add_argument("--skip-compute", action="store_true")
     parser.add_argument("--load-child", nargs=3, metavar=("LIBRARY", "COMPONENT", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load_child:
@@ -193,12 +207,13 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, weights {folder}")
     print(f"{'':32s} {'minidiff':>12s} {'diffusers':>12s} {'ratio':>7s}  notes")
-    for name, ours, theirs, difference in compute_benchmarks(folder, args.repeats, args.tiny):
-        print(f"{name:32s} {ours:10.3f} s {theirs:10.3f} s {ours / theirs:7.2f}  outputs differ by {difference:.2g}")
+    if not args.skip_compute:
+        for name, ours, theirs, difference in compute_benchmarks(folder, args.repeats, args.tiny):
+            print(f"{name:32s} {ours:10.3f} s {theirs:10.3f} s {ours / theirs:7.2f}  outputs differ by {difference:.2g}")
     if args.skip_load:
         return
     for component in COMPONENTS:
-        ours, theirs = (measure_load(library, component, folder) for library in ("minidiff", "diffusers"))
+        ours, theirs = best_loads(component, folder, args.repeats)
         assert ours["parameters"] == theirs["parameters"], (component, ours, theirs)
         print(f"{'load ' + component + ' time':32s} {ours['seconds']:10.3f} s {theirs['seconds']:10.3f} s "
               f"{ours['seconds'] / theirs['seconds']:7.2f}  {ours['parameters'] / 1e6:.2f}M parameters")
