@@ -96,10 +96,14 @@ assert noise.shape == (1, 3, 32, 32)
 # %% [markdown]
 # ## 4. The loop
 #
-# At each timestep t the model predicts the noise in x_t (the "noisy residual"), and `scheduler.step`
-# uses it to compute x_{t-1}: DDPM eq. 11, x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t)
-# plus fresh noise sigma_t z. `step` also returns `pred_original_sample`, its estimate of the clean
-# picture x_0 (eq. 15): we keep both at a few steps to look at them.
+# At each timestep t the model predicts the noise eps in x_t (the "noisy residual"), and
+# `scheduler.step` uses it to go one timestep back. DDPM's step (`minidiff/schedulers/ddpm.py`):
+#
+#     x0_pred = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)                    (eq. 15)
+#     x_prev  = mean of q(x_prev | x_t, x0_pred) + sigma_t z,   z ~ N(0, I)             (eqs. 6-7)
+#
+# `step` returns both: `prev_sample` is x_prev, `pred_original_sample` is x0_pred, the scheduler's
+# estimate of the clean picture. We keep both at a few steps to look at them.
 #
 # Because the model is exact, we can also ask it *which* picture it thinks x_t is heading to: the
 # responsibilities r_k(x_t) = p(picture k | x_t). We print the most likely one.

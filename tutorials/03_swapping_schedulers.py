@@ -75,8 +75,8 @@ assert names == {
 #
 # `NewScheduler.from_config(old.config)` keeps every field the two share (the noise schedule) and
 # takes the new class's *own default* for the fields the config file never set. SD 1.5's file has
-# no `timestep_spacing`, so PNDM runs "leading" timesteps (981, 961, ...) and Euler its default
-# "linspace" (999, ...): diffusers records such defaulted keys in `_use_default_values` and drops
+# no `timestep_spacing`, so PNDM runs "leading" timesteps (981, 961, ... for 50 steps) and Euler
+# its default "linspace" (999, ...): diffusers records such defaulted keys in `_use_default_values` and drops
 # them when switching class. Keys the new class does not know are kept, so a round trip
 # PNDM -> Euler -> PNDM gives back the same config.
 
@@ -115,8 +115,9 @@ assert all(len(s.timesteps) == 25 for name, s in schedulers.items() if name != "
 # ## 4. The comparison grid: same prompt, same seed, every scheduler
 #
 # `pipeline.scheduler = X.from_config(pipeline.scheduler.config)` and run again. With the real
-# weights this is diffusers' astronaut grid; with the tiny random ones it shows the code runs and
-# that each scheduler takes its own path from the same noise.
+# weights this is diffusers' astronaut grid (eight full runs: expect a long wait on a CPU); with the
+# tiny random ones it shows the code runs and that each scheduler takes its own path from the same
+# noise.
 
 # %%
 from minidiff.grid import labeled_grid
@@ -124,18 +125,19 @@ from minidiff.grid import labeled_grid
 prompt = "A photograph of an astronaut riding a horse on Mars, high resolution, high definition."
 size = 8 * pipeline.unet.config.sample_size  # 512 with SD 1.5, 64 with the tiny weights
 original_config = pipeline.scheduler.config
+cell = 256 if real_weights else 128
 pictures, labels = [], []
 for name in schedulers:
     pipeline.scheduler = type(schedulers[name]).from_config(original_config)
     generator = torch.Generator().manual_seed(8)
     result = pipeline(prompt, height=size, width=size, num_inference_steps=25, generator=generator)
-    pictures.append(result.images[0].resize((128, 128)))
+    pictures.append(result.images[0].resize((cell, cell)))
     labels.append(name.removesuffix("Scheduler").removesuffix("Discrete").replace("Multistep", ""))
 labeled_grid(pictures, labels, columns=4).save(OUT / "pipeline_grid.png")
 print("wrote", OUT / "pipeline_grid.png")
 pipeline.scheduler = PNDMScheduler.from_config(original_config)
 
-assert len(pictures) == 8 and all(picture.size == (128, 128) for picture in pictures)
+assert len(pictures) == 8 and all(picture.size == (cell, cell) for picture in pictures)
 
 # %% [markdown]
 # ## 5. The same comparison on an exact model

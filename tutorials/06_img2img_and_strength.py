@@ -52,8 +52,15 @@ model = accuracy.prototype_mixture(size=32, data_std=0.1)  # exact denoiser, SD 
 pictures = prototype_means(32)  # (8, 3, 32, 32)
 HOUSE = PROTOTYPE_NAMES.index("house")
 
-sketch = draw_prototype("house", 32)
-ImageDraw.Draw(sketch).polygon([(7, 15), (16, 7), (25, 15)], fill=(40, 60, 200))  # paint the roof blue
+
+def blue_roofed_house(size: int = 32) -> Image.Image:
+    """The data set's house, drawn at size x size, with its roof painted blue."""
+    house, k = draw_prototype("house", size), size / 32
+    ImageDraw.Draw(house).polygon([(7 * k, 15 * k), (16 * k, 7 * k), (25 * k, 15 * k)], fill=(40, 60, 200))
+    return house
+
+
+sketch = blue_roofed_house(32)
 roof_mask = Image.new("L", (32, 32), 0)
 ImageDraw.Draw(roof_mask).polygon([(9, 14), (16, 9), (23, 14)], fill=255)  # well inside both roofs
 roof = torch.from_numpy(np.asarray(roof_mask) > 127)  # (32, 32) bool
@@ -264,7 +271,7 @@ for strength in strengths:
     assert torch.equal(timesteps, plans[strength][1]) and num_steps == len(plans[strength][1])
 
 size = 8 * pipe.unet.config.sample_size  # 512 with SD 1.5, 64 with the tiny weights
-steps = pipe.denoise("a small house with a red roof, blue sky", image=sketch.resize((size, size)), strength=0.6,
+steps = pipe.denoise("a small house with a red roof, blue sky", image=blue_roofed_house(size), strength=0.6,
                      num_inference_steps=25, generator=torch.Generator().manual_seed(0))
 frame_size = 192 if real_weights else 96
 frames = record(steps, to_image=lambda z: pipe.latents_to_image(z).resize((frame_size, frame_size)), count=5)
