@@ -127,9 +127,10 @@ for name, points in rows.items():
 #   region. (The mean sits 0.1-0.2 below (0, 2): SD's schedule keeps a little signal at t = 999,
 #   alpha = 0.068, so the true x_T of class c is centred at 0.068 * (0, 2), not at 0; the sampler
 #   starts from N(0, I) and carries that offset to the end.)
-# - As s grows, every sample lands in the class's region, the spread shrinks (std 0.5, then 0.2),
-#   and the whole cloud is pushed *away from the other classes*: its mean climbs from y = 1.8 to
-#   3.1, 4.4 and 5.6. Guidance does not just pick the class; it exaggerates what separates it from the rest.
+# - As s grows, every sample lands in the class's region, the spread shrinks (std about 0.5 at
+#   s = 3, 0.2-0.4 at 7.5), and the whole cloud is pushed *away from the other classes*: its mean
+#   climbs from y = 1.8 to 3.1, 4.4 and 5.6. Guidance does not just pick the class; it exaggerates
+#   what separates the class from the rest.
 
 # %%
 std = {scale: points.std(0) for scale, points in samples.items()}
