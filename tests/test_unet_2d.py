@@ -244,7 +244,7 @@ def test_random_ddpm_folder_runs_the_same_in_both_pipelines(tmp_path):
     make = _make_random_ddpm()
     folder = make.make_random_ddpm(tmp_path / "a", seed=0, tiny=True)
     again = make.make_random_ddpm(tmp_path / "b", seed=0, tiny=True)
-    weights = "unet/diffusion_pytorch_model.safetensors"
+    weights = "diffusion_pytorch_model.safetensors"  # at the root, as in google/ddpm-cat-256
     assert (folder / weights).read_bytes() == (again / weights).read_bytes()  # seeded: same files
     assert make.ddpm_cat_config()["block_out_channels"] == DDPM_CAT_256["block_out_channels"]
 

@@ -2,12 +2,13 @@
 
     python weights_scripts/make_random_ddpm.py --out ~/.cache/minidiff/random-ddpm-cat [--seed 0] [--tiny]
 
-The layout is diffusers' pipeline folder, with google/ddpm-cat-256's two configs:
+The layout is google/ddpm-cat-256's own: everything at the root of the folder, so the tutorial's
+`UNet2DModel.from_pretrained(folder)` and `DDPMScheduler.from_pretrained(folder)` (no subfolder) work:
 
-    model_index.json                             DDPMPipeline: unet + scheduler
-    unet/config.json                             UNet2DModel, ddpm-cat-256's config (256x256 pixels)
-    unet/diffusion_pytorch_model.safetensors     default PyTorch init drawn from torch.manual_seed(seed)
-    scheduler/scheduler_config.json              DDPMScheduler, ddpm-cat-256's (linear betas 1e-4 .. 0.02, 1000 steps)
+    model_index.json                       DDPMPipeline: unet + scheduler
+    config.json                            UNet2DModel, ddpm-cat-256's config (256x256 pixels)
+    diffusion_pytorch_model.safetensors    default PyTorch init drawn from torch.manual_seed(seed)
+    scheduler_config.json                  DDPMScheduler, ddpm-cat-256's (linear betas 1e-4 .. 0.02, 1000 steps)
 
 so `DDPMPipeline.from_pretrained(folder)` reads it, in minidiff and in diffusers. `--tiny` keeps every config
 field and block type but narrows the channels and works at 32x32 pixels, for fast tests. The weights
@@ -66,11 +67,10 @@ def make_random_ddpm(out: str | Path, seed: int = 0, tiny: bool = False) -> Path
     with torch.random.fork_rng(devices=[]):  # seeded, and the caller's random state is left untouched
         torch.manual_seed(seed)
         unet = UNet2DModel.from_config(ddpm_cat_config(tiny))
-    unet.save_pretrained(out / "unet")
-    (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(DDPM_CAT_256_SCHEDULER, indent=2) + "\n")
+    unet.save_pretrained(out)
+    (out / "scheduler_config.json").write_text(json.dumps(DDPM_CAT_256_SCHEDULER, indent=2) + "\n")
     (out / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
-    DDPMScheduler.from_pretrained(out, subfolder="scheduler")  # it reads as ddpm-cat-256's scheduler
+    DDPMScheduler.from_pretrained(out)  # it reads as ddpm-cat-256's scheduler
     return out
 
 
