@@ -429,3 +429,27 @@ class SchedulerMixin(ConfigMixin):
                 f"{type(self).__name__}.step was called before set_timesteps; "
                 "call `scheduler.set_timesteps(num_inference_steps)` first"
             )
+
+
+class SigmaSchedulerMixin(SchedulerMixin):
+    """What Euler, Euler Ancestral and LMS share: they move x = x_0 + sigma eps (Karras et al. 2022), but the
+    model was trained on x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps = x / sqrt(sigma^2 + 1).
+    Subclasses set `self.sigmas` (N+1 values, the last 0) in `set_timesteps`."""
+
+    is_scale_input_called = False
+
+    @property
+    def init_noise_sigma(self) -> torch.Tensor:
+        """Std of the starting noise x_T: sigma_max, or sqrt(sigma_max^2 + 1) for "leading" (as diffusers)."""
+        sigma_max = self.sigmas.max()
+        if self.config.timestep_spacing in ("linspace", "trailing"):
+            return sigma_max
+        return (sigma_max**2 + 1) ** 0.5
+
+    def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """The model input x / sqrt(sigma^2 + 1): the noisy sample at the scale the model was trained on."""
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma = self.sigmas[self.step_index]
+        self.is_scale_input_called = True
+        return sample / ((sigma**2 + 1) ** 0.5)

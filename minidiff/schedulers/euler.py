@@ -46,6 +46,7 @@ import torch
 
 from minidiff.configuration import register_to_config
 from minidiff.schedulers.base import (
+    SigmaSchedulerMixin,
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
     SchedulerMixin,
@@ -69,7 +70,7 @@ TIMESTEP_TYPES = ("discrete", "continuous")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 
 
-class EulerDiscreteScheduler(SchedulerMixin):
+class EulerDiscreteScheduler(SigmaSchedulerMixin):
     """Euler steps in sigma (Karras et al. 2022, Algorithm 2), with optional churn noise."""
 
     order = 1
@@ -122,22 +123,6 @@ class EulerDiscreteScheduler(SchedulerMixin):
         self.is_scale_input_called = False
         self._step_index = None
         self._begin_index = None
-
-    @property
-    def init_noise_sigma(self) -> torch.Tensor:
-        """Std of the starting noise x_T: sigma_max, or sqrt(sigma_max^2 + 1) for "leading" (as diffusers)."""
-        sigma_max = self.sigmas.max()
-        if self.config.timestep_spacing in ("linspace", "trailing"):
-            return sigma_max
-        return (sigma_max**2 + 1) ** 0.5
-
-    def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
-        """The model input x / sqrt(sigma^2 + 1): the noisy sample at the scale the model was trained on."""
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        sigma = self.sigmas[self.step_index]
-        self.is_scale_input_called = True
-        return sample / ((sigma**2 + 1) ** 0.5)
 
     # ----- the schedule -------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ import torch
 
 from minidiff.configuration import register_to_config
 from minidiff.schedulers.base import (
+    SigmaSchedulerMixin,
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
     SchedulerMixin,
@@ -51,7 +52,7 @@ from minidiff.schedulers.base import (
 )
 
 
-class EulerAncestralDiscreteScheduler(SchedulerMixin):
+class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
     """Euler ancestral ("Euler a"): an Euler step to sigma_down, then noise of std sigma_up."""
 
     order = 1
@@ -87,22 +88,6 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
         self.is_scale_input_called = False
         self._step_index = None
         self._begin_index = None
-
-    @property
-    def init_noise_sigma(self) -> torch.Tensor:
-        """Std of the starting noise x_T: sigma_max, or sqrt(sigma_max^2 + 1) for "leading" (as diffusers)."""
-        sigma_max = self.sigmas.max()
-        if self.config.timestep_spacing in ("linspace", "trailing"):
-            return sigma_max
-        return (sigma_max**2 + 1) ** 0.5
-
-    def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
-        """The model input x / sqrt(sigma^2 + 1): the noisy sample at the scale the model was trained on."""
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        sigma = self.sigmas[self.step_index]
-        self.is_scale_input_called = True
-        return sample / ((sigma**2 + 1) ** 0.5)
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """The N timesteps to visit (per timestep_spacing) and their sigmas, linearly interpolated, then sigma = 0."""
