@@ -25,12 +25,6 @@ HIGHER_ORDER_SD_DEFAULT = ("PNDM (PLMS)", "DPM++ 2M", "DPM++ 3M", "UniPC bh1", "
 SD_DEFAULT_ROWS = FIRST_ORDER + ("LMS",) + HIGHER_ORDER_SD_DEFAULT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

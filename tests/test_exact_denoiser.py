@@ -10,12 +10,6 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 from minidiff.models.gaussian_mixture import GaussianMixtureDenoiser
 from minidiff.prototypes import PROTOTYPE_NAMES, draw_prototype, prototype_means, tensor_to_pil
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: threads only add overhead on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
 
 
 SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")

@@ -19,8 +19,6 @@ from minidiff import UNet2DConditionModel  # noqa: E402
 from minidiff.checkpoints import CheckpointError  # noqa: E402
 
 TOLERANCE = 1e-5  # max abs difference allowed vs diffusers, float32
-# The machine's few cores are shared: one thread is many times faster than two fighting over them.
-torch.set_num_threads(1)
 SD15_CONFIG = Path(__file__).parents[1] / "minidiff" / "data" / "sd15" / "unet" / "config.json"
 
 # SD 1.x style: conv proj_in/proj_out, attention_head_dim an int (= number of heads), last block without attention.

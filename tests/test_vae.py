@@ -21,8 +21,6 @@ from minidiff.checkpoints import CheckpointError  # noqa: E402
 from minidiff.models.vae import DiagonalGaussianDistribution  # noqa: E402
 
 TOLERANCE = 1e-5  # max abs difference allowed vs diffusers, float32
-# The machine's few cores are shared: one thread is many times faster than two fighting over them.
-torch.set_num_threads(1)
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 SD15_CONFIG = Path(__file__).parents[1] / "minidiff" / "data" / "sd15" / "vae" / "config.json"
