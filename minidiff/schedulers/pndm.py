@@ -218,7 +218,7 @@ class PNDMScheduler(SchedulerMixin):
         sample_coeff = (alpha_bar_prev / alpha_bar_t) ** 0.5
         e_denominator = alpha_bar_t * beta_bar_prev**0.5 + (alpha_bar_t * beta_bar_t * alpha_bar_prev) ** 0.5
         prev_sample = sample_coeff * sample - (alpha_bar_prev - alpha_bar_t) * e / e_denominator  # formula (9)
-        x0_pred = (sample - beta_bar_t**0.5 * e) / alpha_bar_t**0.5
+        x0_pred = torch.add(sample, e, alpha=-float(beta_bar_t**0.5)) / float(alpha_bar_t**0.5)
         return prev_sample, x0_pred
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
