@@ -3,13 +3,30 @@
 __version__ = "0.1.0"
 
 from minidiff.configuration import ConfigMixin, FrozenConfig, register_to_config
-from minidiff.schedulers import *  # noqa: F401,F403  (every scheduler class, e.g. minidiff.DDIMScheduler)
-from minidiff.schedulers import __all__ as _scheduler_names
-from minidiff.tokenizer import CLIPTokenizer
 from minidiff.models.clip_text import CLIPTextModel
+from minidiff.models.gaussian_mixture import GaussianMixtureDenoiser
+from minidiff.models.unet_2d import UNet2DModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
-from minidiff.models.unet_2d import UNet2DModel
 from minidiff.pipelines import DDPMPipeline, DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from minidiff.schedulers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    SchedulerMixin,
+    SchedulerOutput,
+    UniPCMultistepScheduler,
+)
+from minidiff.tokenizer import CLIPTokenizer
 
-__all__ = ["ConfigMixin", "FrozenConfig", "register_to_config", *_scheduler_names, "CLIPTokenizer", "CLIPTextModel", "UNet2DConditionModel", "AutoencoderKL", "UNet2DModel", "DDPMPipeline", "DiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionPipeline"]
+__all__ = [
+    "ConfigMixin", "FrozenConfig", "register_to_config",
+    "CLIPTokenizer", "CLIPTextModel", "UNet2DConditionModel", "AutoencoderKL", "UNet2DModel", "GaussianMixtureDenoiser",
+    "SchedulerMixin", "SchedulerOutput", "PNDMScheduler", "DDIMScheduler", "DDPMScheduler", "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "DDPMPipeline", "DiffusionPipeline",
+]

@@ -252,3 +252,19 @@ def test_trailing_spacing_never_gives_a_negative_timestep(scheduler_class):
     scheduler.set_timesteps(61)
     expected = 62 if scheduler_class is minidiff.PNDMScheduler else 61  # PLMS adds its repeated second step
     assert len(scheduler.timesteps) == expected and scheduler.timesteps.min() >= 0 and scheduler.timesteps[0] == 999
+
+
+@pytest.mark.parametrize("scheduler_class", SCHEDULERS)
+def test_get_velocity_is_the_v_target_at_the_timesteps_own_noise_level(scheduler_class):
+    """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0 (Salimans & Ho 2022), for every scheduler."""
+    scheduler = quietly(scheduler_class.from_config, SD15_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(10)
+    x0 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    timesteps = scheduler.timesteps[[2, 7]]
+    alpha_bar = scheduler.alphas_cumprod[timesteps.round().long()].reshape(2, 1, 1, 1)  # integer or integer-valued t
+    if scheduler_class in (minidiff.LMSDiscreteScheduler, minidiff.EulerDiscreteScheduler, minidiff.EulerAncestralDiscreteScheduler):
+        sigma = scheduler.sigmas[[2, 7]].reshape(2, 1, 1, 1)  # float timesteps: the interpolated noise level
+        alpha_bar = 1 / (sigma**2 + 1)
+    expected = alpha_bar**0.5 * eps - (1 - alpha_bar) ** 0.5 * x0
+    torch.testing.assert_close(scheduler.get_velocity(x0, eps, timesteps), expected, rtol=1e-5, atol=1e-6)

@@ -11,7 +11,6 @@ results have the documented shapes, values and types.
 """
 
 import pytest
-import torch
 from PIL import Image
 
 

@@ -423,6 +423,10 @@ class SchedulerMixin(ConfigMixin):
             return [self.step_index] * len(timesteps)
         return [self.begin_index] * len(timesteps)
 
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The v-prediction target v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (`sample` is x_0)."""
+        return velocity_vp(self.alphas_cumprod, sample, noise, timesteps)
+
     def _check_timesteps_set(self) -> None:
         if getattr(self, "num_inference_steps", None) is None:
             raise ValueError(
@@ -453,3 +457,16 @@ class SigmaSchedulerMixin(SchedulerMixin):
         sigma = self.sigmas[self.step_index]
         self.is_scale_input_called = True
         return sample / ((sigma**2 + 1) ** 0.5)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The v-prediction target v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022, §4),
+        with alpha_bar = 1 / (sigma^2 + 1) at each timestep's noise level: v = (eps - sigma x_0) / sqrt(sigma^2 + 1).
+
+        diffusers 0.42.1 indexes alphas_cumprod by the *position* in `timesteps` here instead of the
+        timestep; minidiff uses the timestep's own noise level.
+        """
+        check_float_timestep(timesteps, f"{type(self).__name__}.get_velocity")
+        schedule_timesteps = self.timesteps.to(sample.device)
+        step_indices = [self.index_for_timestep(t, schedule_timesteps) for t in timesteps.to(sample.device).reshape(-1)]
+        sigma = _broadcast(self.sigmas.to(device=sample.device, dtype=sample.dtype)[step_indices], sample)
+        return (noise - sigma * sample) / (sigma**2 + 1) ** 0.5

@@ -47,7 +47,6 @@ from minidiff.schedulers.base import (
     make_betas,
     randn_tensor,
     spaced_timesteps,
-    velocity_vp,
 )
 
 
@@ -173,6 +172,3 @@ class DDIMScheduler(SchedulerMixin):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4), for each sample's timestep."""
         return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
 
-    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The v-prediction target v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (`sample` is x_0)."""
-        return velocity_vp(self.alphas_cumprod, sample, noise, timesteps)

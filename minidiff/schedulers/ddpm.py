@@ -49,7 +49,6 @@ from minidiff.schedulers.base import (
     make_betas,
     randn_tensor,
     spaced_timesteps,
-    velocity_vp,
 )
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
@@ -242,6 +241,3 @@ class DDPMScheduler(SchedulerMixin):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (eq. 4), for each sample's timestep."""
         return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
 
-    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The v-prediction target v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (`sample` is x_0)."""
-        return velocity_vp(self.alphas_cumprod, sample, noise, timesteps)

@@ -49,7 +49,6 @@ from minidiff.schedulers.base import (
     SigmaSchedulerMixin,
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
-    SchedulerMixin,
     SchedulerOutput,
     _broadcast,
     beta_sigmas,
@@ -268,16 +267,3 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         step_indices = self._add_noise_step_indices(timesteps.to(device), self.timesteps.to(device))
         sigma = _broadcast(sigmas[step_indices], original_samples)  # (B, 1, 1, 1)
         return original_samples + noise * sigma
-
-    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The v-prediction target v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022, §4),
-        with alpha_bar = 1 / (sigma^2 + 1) at each timestep's noise level: v = (eps - sigma x_0) / sqrt(sigma^2 + 1).
-
-        diffusers 0.42.1 indexes alphas_cumprod by the *position* in `timesteps` here instead of the
-        timestep; minidiff uses the timestep's own noise level.
-        """
-        check_float_timestep(timesteps, f"{type(self).__name__}.get_velocity")
-        schedule_timesteps = self.timesteps.to(sample.device)
-        step_indices = [self.index_for_timestep(t, schedule_timesteps) for t in timesteps.to(sample.device).reshape(-1)]
-        sigma = _broadcast(self.sigmas.to(device=sample.device, dtype=sample.dtype)[step_indices], sample)
-        return (noise - sigma * sample) / (sigma**2 + 1) ** 0.5

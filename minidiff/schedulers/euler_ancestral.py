@@ -39,7 +39,6 @@ from minidiff.schedulers.base import (
     SigmaSchedulerMixin,
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
-    SchedulerMixin,
     SchedulerOutput,
     _broadcast,
     check_choice,

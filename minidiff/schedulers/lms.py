@@ -40,7 +40,6 @@ from minidiff.schedulers.base import (
     SigmaSchedulerMixin,
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
-    SchedulerMixin,
     SchedulerOutput,
     _broadcast,
     beta_sigmas,
