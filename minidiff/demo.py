@@ -10,6 +10,8 @@ writes into the output folder
     accuracy.png      error vs steps on log-log axes, one line per scheduler
     samples.png       32x32 samples of the picture mixture, one row per scheduler, one column per step count;
                       each cell holds one sample per class (class_labels 0..7: circle, square, ..., boat)
+    trace.png         the denoising loop step by step (minidiff.trace): x_t on top, the predicted x0 below,
+    trace.gif         for one unconditional sample through DDPMPipeline with DPM-Solver++ 2M, 20 steps
 
 The model is `GaussianMixtureDenoiser`, whose predictions are exact, so every error on show is
 the scheduler's own (see `minidiff.accuracy` for the method).
@@ -24,9 +26,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from minidiff import accuracy
+from minidiff import accuracy, trace
+from minidiff.pipelines.ddpm import DDPMPipeline
 from minidiff.plotting import image_grid, loglog_plot, tile
 from minidiff.prototypes import tensor_to_pil
+from minidiff.schedulers import DPMSolverMultistepScheduler
 
 
 GRID_TITLE = "Samples of the picture mixture (exact denoiser), same noise in every cell"
@@ -113,7 +117,22 @@ def _run(
         "samples.png": image_grid(*grid, out_dir / "samples.png", title=GRID_TITLE),
     }
     files["accuracy.txt"].write_text(report, encoding="utf-8")
+    files["trace.png"], files["trace.gif"] = _trace(out_dir, image_size, seed, progress)
     return DemoResult(out_dir, files, convergence, distribution, report, missing)
+
+
+def _trace(out_dir: Path, image_size: int, seed: int, progress: bool, steps: int = 20) -> tuple[Path, Path]:
+    """One sample of the picture mixture through DDPMPipeline's loop, recorded at 8 steps with minidiff.trace."""
+    model = accuracy.prototype_mixture(image_size, data_std=0.1)
+    scheduler = DPMSolverMultistepScheduler.from_config(accuracy.SD15_SCHEDULER_CONFIG)
+    pipeline = DDPMPipeline(model, scheduler)
+    pipeline.set_progress_bar_config(disable=not progress, desc="trace")
+
+    def to_image(x: torch.Tensor):
+        return tensor_to_pil(x[0]).resize((4 * image_size, 4 * image_size), resample=0)  # nearest: keep the pixels
+
+    frames = trace.record(pipeline.denoise(generator=torch.Generator().manual_seed(seed), num_inference_steps=steps), to_image, count=8)
+    return trace.save_film_strip(frames, out_dir / "trace.png"), trace.save_gif(frames, out_dir / "trace.gif")
 
 
 def _check_arguments(steps, stochastic_steps, grid_steps, num_trajectories, num_samples) -> None:

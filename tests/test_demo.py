@@ -26,7 +26,9 @@ def demo(tmp_path_factory):
 
 def test_demo_writes_every_file_and_valid_pngs(demo):
     result, _ = demo
-    assert sorted(result.files) == ["accuracy.csv", "accuracy.png", "accuracy.txt", "distribution.csv", "samples.png"]
+    assert sorted(result.files) == [
+        "accuracy.csv", "accuracy.png", "accuracy.txt", "distribution.csv", "samples.png", "trace.gif", "trace.png"
+    ]
     assert all(path.is_file() and path.parent == result.out_dir for path in result.files.values())
     for name in ("accuracy.png", "samples.png"):
         with Image.open(result.files[name]) as image:
@@ -67,3 +69,12 @@ def test_demo_rejects_bad_arguments(tmp_path):
         run_demo(tmp_path / "b", grid_steps=(0,), progress=False, echo=None)
     with pytest.raises(ValueError, match="num_samples must be a positive integer"):
         run_demo(tmp_path / "c", num_samples=0, progress=False, echo=None)
+
+
+def test_demo_trace_has_eight_frames_of_x_t_and_predicted_x0(demo):
+    result = demo
+    with Image.open(result.files["trace.gif"]) as gif:
+        assert gif.n_frames == 8
+    with Image.open(result.files["trace.png"]) as strip:
+        side = 4 * 16  # the fixture's 16x16 pictures, shown 4x
+        assert strip.size[0] == 8 * side and strip.size[1] > 2 * side  # two rows (x_t, x0) and the captions
