@@ -72,7 +72,7 @@ def test_demo_rejects_bad_arguments(tmp_path):
 
 
 def test_demo_trace_has_eight_frames_of_x_t_and_predicted_x0(demo):
-    result = demo
+    result, _ = demo
     with Image.open(result.files["trace.gif"]) as gif:
         assert gif.n_frames == 8
     with Image.open(result.files["trace.png"]) as strip:
