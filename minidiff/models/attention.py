@@ -280,7 +280,9 @@ class Transformer2DModel(nn.Module):
 
         if self.use_linear_projection:
             hidden_states = self.proj_out(hidden_states)  # (B, H*W, inner) -> (B, H*W, C_out)
-        hidden_states = hidden_states.reshape(batch, height, width, -1).permute(0, 3, 1, 2).contiguous()
+        # (B, H*W, C) -> (B, C, H, W) as a view: that is the channels-last layout, which the 1x1 conv and the
+        # residual add read as it is (a .contiguous() here would copy the whole feature map for nothing)
+        hidden_states = hidden_states.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
         if not self.use_linear_projection:
             hidden_states = self.proj_out(hidden_states)  # (B, inner, H, W) -> (B, C_out, H, W)
         return hidden_states + residual
