@@ -283,6 +283,10 @@ class AutoencoderKL(ModelMixin):
         )
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
+        # Tiled decoding (off by default; see `enable_tiling`): tile size and overlap in latent pixels.
+        self.use_tiling = False
+        self.tile_size = 64
+        self.tile_overlap = 16
 
     # Names of the mid-block attention in checkpoints written by diffusers before 0.14 (its old AttentionBlock).
     _OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -311,9 +315,57 @@ class AutoencoderKL(ModelMixin):
     def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
         """z (B, latent_channels, h, w) (already divided by scaling_factor) -> DecoderOutput(sample=image)."""
         self._check_channels("latents z", z, self.config.latent_channels)
+        if self.use_tiling and max(z.shape[-2:]) > self.tile_size:
+            return self.tiled_decode(z, return_dict)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         image = self.decoder(z)  # (B, 3, 8h, 8w) for SD 1.5
+        return DecoderOutput(sample=image) if return_dict else (image,)
+
+    # ----- tiled decoding: memory bounded by one tile, for large images -----
+
+    def enable_tiling(self, tile_size: int = 64, tile_overlap: int = 16) -> None:
+        """Make `decode` work tile by tile on latents wider or taller than `tile_size` (see `tiled_decode`).
+
+        SD 1.5: a 64x64-latent tile is a 512x512 image; the decoder's activations at full resolution
+        (B, 128..512, H, W) are what fill the memory, so a 1024x1024 decode needs about a quarter of it.
+        """
+        if not 0 <= tile_overlap < tile_size:
+            raise ValueError(
+                f"tile_overlap must be in [0, tile_size): got tile_size={tile_size}, tile_overlap={tile_overlap}; "
+                "e.g. enable_tiling(tile_size=64, tile_overlap=16)"
+            )
+        self.use_tiling, self.tile_size, self.tile_overlap = True, tile_size, tile_overlap
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def tiled_decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
+        """Decode overlapping latent tiles one at a time and blend them into one image.
+
+        Tiles of `tile_size`^2 latents start every `tile_size - tile_overlap` latents (the last row and column
+        of tiles end at the border). Each image pixel is the weighted mean of the tiles covering it, each
+        tile weighted by a ramp rising linearly across its overlap margins, so tiles fade into each other
+        with no seam. It is not bit-identical to `decode`: each tile computes its own GroupNorm statistics
+        and its mid-block attention sees only its own latents (tests/test_precision.py measures the gap).
+        """
+        self._check_channels("latents z", z, self.config.latent_channels)
+        scale = 2 ** (len(self.config.block_out_channels) - 1)  # image pixels per latent pixel: 8 for SD 1.5
+        batch, _, height, width = z.shape
+        image = torch.zeros(batch, self.config.out_channels, height * scale, width * scale, device=z.device)
+        total_weight = torch.zeros(1, 1, height * scale, width * scale, device=z.device)  # sums in float32
+        for top in _tile_starts(height, self.tile_size, self.tile_overlap):
+            for left in _tile_starts(width, self.tile_size, self.tile_overlap):
+                tile = z[:, :, top : top + self.tile_size, left : left + self.tile_size]
+                if self.post_quant_conv is not None:
+                    tile = self.post_quant_conv(tile)
+                decoded = self.decoder(tile).float()  # (B, 3, 8*tile, 8*tile)
+                weight = _blend_ramp(*decoded.shape[-2:], self.tile_overlap * scale, device=z.device)
+                rows = slice(top * scale, top * scale + decoded.shape[-2])
+                columns = slice(left * scale, left * scale + decoded.shape[-1])
+                image[:, :, rows, columns] += decoded * weight
+                total_weight[:, :, rows, columns] += weight
+        image = (image / total_weight).to(z.dtype)
         return DecoderOutput(sample=image) if return_dict else (image,)
 
     def forward(
@@ -333,6 +385,25 @@ class AutoencoderKL(ModelMixin):
     def _check_channels(what: str, tensor: torch.Tensor, channels: int) -> None:
         if tensor.ndim != 4 or tensor.shape[1] != channels:
             raise ValueError(f"{what} must have shape (B, {channels}, H, W), got {tuple(tensor.shape)}")
+
+
+def _tile_starts(size: int, tile_size: int, overlap: int) -> list[int]:
+    """Where tiles start along one side: every tile_size - overlap, the last one ending at `size`."""
+    if size <= tile_size:
+        return [0]
+    return [*range(0, size - tile_size, tile_size - overlap), size - tile_size]
+
+
+def _blend_ramp(height: int, width: int, margin: int, device=None) -> torch.Tensor:
+    """A tile's blending weight, (1, 1, height, width): rises linearly from 1/(2*margin) to 1 across a band
+    of `margin` pixels on every side, 1 inside. Positive everywhere, so the weighted mean is always defined."""
+
+    def ramp(length: int) -> torch.Tensor:
+        position = torch.arange(length, device=device, dtype=torch.float32)
+        distance_to_edge = torch.minimum(position, length - 1 - position)  # 0 at both ends
+        return ((distance_to_edge + 0.5) / max(margin, 1)).clamp(max=1.0)
+
+    return (ramp(height)[:, None] * ramp(width)[None, :])[None, None]
 
 
 def _check_block_types(down_block_types, up_block_types, block_out_channels) -> None:
