@@ -424,8 +424,8 @@ def section_compute(report: Report, folder: Path, repeats: int, compile_too: boo
                              f"{malloc['median']:.2f} s", rate])
                 if kind == "unet" and dtype_name == "bf16":
                     medians["profile"] = {name: workers[name].ask(command="profile") for name in ("minidiff", "diffusers")}
-                for name in ("diffusers", "diffusers+malloc"):
-                    workers[name].ask(command="free")  # room for the compiled copy
+                for other in ("diffusers", "diffusers+malloc"):
+                    workers[other].ask(command="free")  # room for the compiled copy
                 if compile_too:
                     compiled = workers["minidiff"].ask(command="compile")["seconds"]
                     result = interleaved({"minidiff": workers["minidiff"]}, repeats)["minidiff"]
