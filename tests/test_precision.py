@@ -96,13 +96,17 @@ def test_channels_last_vae_matches_contiguous(tiny_vae):
     assert (result - expected).abs().max().item() <= CHANNELS_LAST_TOLERANCE
 
 
-def test_from_pretrained_loads_conv_weights_channels_last(tiny_sd15_folder):
-    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd15_folder)
-    for model in (pipeline.unet, pipeline.vae):
-        convolutions = [module for module in model.modules() if isinstance(module, torch.nn.Conv2d)]
-        assert convolutions and all(
-            conv.weight.is_contiguous(memory_format=torch.channels_last) for conv in convolutions
-        )
+def channels_last(model) -> bool:
+    convolutions = [module for module in model.modules() if isinstance(module, torch.nn.Conv2d)]
+    return bool(convolutions) and all(conv.weight.is_contiguous(memory_format=torch.channels_last) for conv in convolutions)
+
+
+def test_pipeline_stores_conv_weights_channels_last(tiny_sd15_folder):
+    """The VAE always; the UNet when it is not float32 (whose memory-mapped weights are left as loaded)."""
+    float32 = StableDiffusionPipeline.from_pretrained(tiny_sd15_folder)
+    assert channels_last(float32.vae) and not channels_last(float32.unet)
+    bfloat16 = StableDiffusionPipeline.from_pretrained(tiny_sd15_folder, torch_dtype=torch.bfloat16)
+    assert channels_last(bfloat16.vae) and channels_last(bfloat16.unet)
 
 
 # ----- bfloat16 / float16 vs float32 ---------------------------------------------------------------------
