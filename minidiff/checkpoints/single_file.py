@@ -289,8 +289,9 @@ def load_component(
     config = component_config(part, config)
     key_map = key_map_for(part, config)
     stored_key = _stored_keys(checkpoint, part, key_map, use_ema)  # diffusers name -> key in the file
-    with torch.device("meta"):
-        model = cls.from_config(config)
+    from minidiff.models.modeling import build_on_meta  # (a module-level import would be circular)
+
+    model = build_on_meta(cls, config)  # shapes only, and no random init (nn.Embedding's imports torch._dynamo: 1.5 s)
     _check_fits(model, checkpoint, stored_key, key_map, part)
     dtype = torch_dtype or torch.get_default_dtype()
     state_dict = {name: key_map.tensor_to_diffusers(name, checkpoint.tensor(key, dtype)) for name, key in stored_key.items()}
