@@ -196,8 +196,10 @@ def load_model(library: str, kind: str, folder: str, dtype: torch.dtype):
             from minidiff.models.vae import AutoencoderKL
 
             model_class = UNet2DConditionModel if kind == "unet" else AutoencoderKL
-            # as StableDiffusionPipeline.from_pretrained loads it: channels-last conv weights
-            return model_class.from_pretrained(folder, subfolder=kind, torch_dtype=dtype).to(memory_format=torch.channels_last)
+            model = model_class.from_pretrained(folder, subfolder=kind, torch_dtype=dtype)
+            if kind == "vae" or dtype != torch.float32:  # as StableDiffusionPipeline lays out its conv weights
+                model.to(memory_format=torch.channels_last)
+            return model
         import diffusers
 
         model_class = diffusers.UNet2DConditionModel if kind == "unet" else diffusers.AutoencoderKL
@@ -308,12 +310,24 @@ def load_pipeline(library: str, source: str, dtype: torch.dtype, single_file: bo
         return diffusers.StableDiffusionPipeline.from_pretrained(source, **options)
 
 
+def import_library(library: str) -> None:
+    """Import everything the load will use, before the clock starts (diffusers imports its pipelines lazily)."""
+    if library == "minidiff":
+        import minidiff.cli  # noqa: F401
+        import minidiff.pipelines  # noqa: F401
+    else:
+        import diffusers
+
+        diffusers.StableDiffusionPipeline  # noqa: B018  (the lazy import happens here)
+
+
 def child_generate(library: str, dtype_name: str, folder: str, out: str, size: int, steps: int) -> dict:
     """Load the pipeline and generate one image; the process's peak RSS covers imports, load and generation."""
     from minidiff.cli import keep_freed_memory
 
     if library == "minidiff":
         keep_freed_memory()  # as `minidiff generate` does (load_pipeline calls it too)
+    import_library(library)
     baseline = status_kib("VmRSS")
     start = time.perf_counter()
     pipeline = load_pipeline(library, folder, DTYPES[dtype_name])
@@ -328,6 +342,7 @@ def child_generate(library: str, dtype_name: str, folder: str, out: str, size: i
 
 
 def child_load(library: str, kind: str, dtype_name: str, source: str, config: str) -> dict:
+    import_library(library)
     start = time.perf_counter()
     pipeline = load_pipeline(library, source, DTYPES[dtype_name], single_file=kind == "single_file", config=config)
     seconds = time.perf_counter() - start
@@ -480,26 +495,29 @@ def section_generation(report: Report, folder: Path, size: int, steps: int) -> d
 
 
 def section_loading(report: Report, folder: Path, single_file: Path) -> None:
-    """Whole-pipeline loading, fp32, cold (page cache evicted) then warm, libraries alternating."""
+    """Whole-pipeline loading (imports done before the clock starts), cold (the weight
+    files evicted from the page cache) then warm, libraries alternating; the load's peak RSS alongside."""
     weight_files = [*folder.glob("*/*.safetensors"), single_file]
     rows = []
     for kind, source in (("from_pretrained", folder), ("single_file", single_file)):
-        for temperature in ("cold", "warm"):
-            found = {}
-            for library in ("minidiff", "diffusers"):
-                if temperature == "cold":
-                    evict_from_page_cache(weight_files)
-                wait_for_quiet()
-                found[library] = run_child("load", library, kind, "fp32", str(source), str(folder))
-            if found["minidiff"]["parameters"] != found["diffusers"]["parameters"]:
-                raise RuntimeError(f"the libraries loaded different models: {found}")
-            name = "from_single_file" if kind == "single_file" else kind
-            rows.append([f"{name}, fp32, {temperature}", f"{found['minidiff']['seconds']:.2f} s",
-                         f"{found['diffusers']['seconds']:.2f} s",
-                         *ratio_cells(found["minidiff"]["seconds"], found["diffusers"]["seconds"], TARGETS["load"])])
+        for dtype_name in ("fp32", "bf16"):
+            for temperature in ("cold", "warm"):
+                found = {}
+                for library in ("minidiff", "diffusers"):
+                    if temperature == "cold":
+                        evict_from_page_cache(weight_files)
+                    wait_for_quiet()
+                    found[library] = run_child("load", library, kind, dtype_name, str(source), str(folder))
+                if found["minidiff"]["parameters"] != found["diffusers"]["parameters"]:
+                    raise RuntimeError(f"the libraries loaded different models: {found}")
+                ours, theirs = found["minidiff"], found["diffusers"]
+                name = "from_single_file" if kind == "single_file" else kind
+                rows.append([f"{name}, {dtype_name}, {temperature}", f"{ours['seconds']:.2f} s", f"{theirs['seconds']:.2f} s",
+                             *ratio_cells(ours["seconds"], theirs["seconds"], TARGETS["load"]),
+                             f"{ours['peak_mib']:.0f} / {theirs['peak_mib']:.0f} MiB"])
     report.say(f"  measured loading (load average {load_average()})")
     report.say()
-    report.table(["pipeline loading", "minidiff", "diffusers", "ratio", "target", "met"], rows)
+    report.table(["pipeline loading", "minidiff", "diffusers", "ratio", "target", "met", "peak RSS (minidiff / diffusers)"], rows)
 
 
 def section_tiled_decode(report: Report, folder: Path, latent_size: int) -> None:
