@@ -280,9 +280,15 @@ class Transformer2DModel(nn.Module):
 
         if self.use_linear_projection:
             hidden_states = self.proj_out(hidden_states)  # (B, H*W, inner) -> (B, H*W, C_out)
-        # (B, H*W, C) -> (B, C, H, W) as a view: that is the channels-last layout, which the 1x1 conv and the
-        # residual add read as it is (a .contiguous() here would copy the whole feature map for nothing)
+        # (B, H*W, C) -> (B, C, H, W), in the layout the block was given: for a channels-last map that is this
+        # very view (no copy); for a contiguous one, one copy (mixed layouts would slow every later op)
         hidden_states = hidden_states.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+        hidden_states = hidden_states.contiguous(memory_format=_memory_format(residual))
         if not self.use_linear_projection:
             hidden_states = self.proj_out(hidden_states)  # (B, inner, H, W) -> (B, C_out, H, W)
         return hidden_states + residual
+
+
+def _memory_format(feature_map: torch.Tensor) -> torch.memory_format:
+    """torch.channels_last if the (B, C, H, W) map is stored channels-last, else torch.contiguous_format."""
+    return torch.channels_last if feature_map.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
