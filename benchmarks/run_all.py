@@ -323,11 +323,7 @@ def import_library(library: str) -> None:
 
 def child_generate(library: str, dtype_name: str, folder: str, out: str, size: int, steps: int) -> dict:
     """Load the pipeline and generate one image; the process's peak RSS covers imports, load and generation."""
-    from minidiff.cli import keep_freed_memory
-
-    if library == "minidiff":
-        keep_freed_memory()  # as `minidiff generate` does (load_pipeline calls it too)
-    import_library(library)
+    import_library(library)  # minidiff's load_pipeline (the CLI's) calls keep_freed_memory() after loading
     baseline = status_kib("VmRSS")
     start = time.perf_counter()
     pipeline = load_pipeline(library, folder, DTYPES[dtype_name])

@@ -86,7 +86,6 @@ def load_pipeline(weights: str, dtype: str, vae_tiling: bool = False, compile: b
     from minidiff.pipelines import StableDiffusionPipeline
     from minidiff.pipelines.stable_diffusion import fastest_cpu_dtype
 
-    keep_freed_memory()
     torch_dtype = fastest_cpu_dtype() if DTYPES[dtype] is None else getattr(torch, DTYPES[dtype])
     path = Path(weights).expanduser()
     if path.is_file():
@@ -98,6 +97,7 @@ def load_pipeline(weights: str, dtype: str, vae_tiling: bool = False, compile: b
             pipeline = StableDiffusionPipeline.from_pretrained(weights, torch_dtype=torch_dtype)
         except OSError as error:
             raise CLIError(str(error).splitlines()[0]) from None
+    keep_freed_memory()  # after loading: the weights live as long as the process, their blocks need no reuse
     if vae_tiling:
         pipeline.enable_vae_tiling()
     if compile:
