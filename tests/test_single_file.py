@@ -359,7 +359,10 @@ def test_save_single_file_from_modules_writes_the_same_file(tiny, tmp_path):
 
 
 def test_pipeline_from_single_file_matches_folder(tiny_sd15_folder, tmp_path):
-    """The SD 1.5-layout tiny folder, through a single file, gives the same images as the folder itself."""
+    """The SD 1.5-layout tiny folder, through a single file, gives the same weights, bit for bit, and the same
+    images as the folder itself. The images are compared to 1e-5, not bit for bit: the weights are equal, with
+    equal strides, but the two loaders leave them at different address alignments, and with one thread the CPU
+    kernels then sum in a different order (measured: at most 2.1e-6 over 2 steps; 0.0 with two threads)."""
     import numpy as np
 
     from minidiff.pipelines import StableDiffusionPipeline
@@ -368,12 +371,16 @@ def test_pipeline_from_single_file_matches_folder(tiny_sd15_folder, tmp_path):
     parts = load_single_file(file, config=tiny_sd15_folder)
     from_file = StableDiffusionPipeline(parts.vae, parts.text_encoder, parts.tokenizer, parts.unet, parts.scheduler)
     from_folder = StableDiffusionPipeline.from_pretrained(tiny_sd15_folder)
+    for name in ("vae", "text_encoder", "unet"):
+        file_state, folder_state = getattr(from_file, name).state_dict(), getattr(from_folder, name).state_dict()
+        assert file_state.keys() == folder_state.keys()
+        assert all(torch.equal(file_state[key], folder_state[key]) for key in file_state), name
     images = []
     for pipe in (from_file, from_folder):
         pipe.set_progress_bar_config(disable=True)
         run = dict(num_inference_steps=2, height=64, width=64, output_type="np", generator=torch.Generator().manual_seed(0))
         images.append(pipe("a photograph of an astronaut riding a horse", **run).images)
-    assert np.array_equal(images[0], images[1])
+    assert np.abs(images[0] - images[1]).max() <= 1e-5
 
 
 # ----- diffusers as the oracle -------------------------------------------------------------------------
