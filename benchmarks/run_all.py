@@ -1,8 +1,10 @@
 """Every figure of docs/performance.md in one run: minidiff vs diffusers on the same full-size random SD 1.5 weights.
 
     python benchmarks/run_all.py [--weights ~/.cache/minidiff/random-sd15] [--repeats 5] [--skip-compile] [--out FILE]
+                                 [--dtypes fp32,bf16]
 
-What is measured (fp32 and bf16 unless said), each as a ratio minidiff / diffusers next to its target:
+What is measured (in each of --dtypes: fp32, and bf16 where the CPU has bfloat16 units, see below), each as a
+ratio minidiff / diffusers next to its target:
 
     UNet step      one guided step: batch 2 (uncond + text), latents (2, 4, 64, 64), context (2, 77, 768);
                    achieved TFLOP/s next to the CPU's nominal peak; minidiff eager and (opt-in) torch.compile'd
@@ -12,7 +14,7 @@ What is measured (fp32 and bf16 unless said), each as a ratio minidiff / diffuse
                    peak RSS of a fresh process (load + generate), each library as it runs by default
     loading        `from_pretrained` (folder) and `from_single_file` of the whole pipeline, cold (the weight
                    files evicted from the page cache) and warm
-    scheduler      one `step` as a share of a bf16 UNet step
+    scheduler      one `step` as a share of a UNet step (bf16 if measured, else fp32)
     quality        bf16 (and fp16) vs fp32 images from the same seed: PSNR (exact denoiser, random SD weights)
     profile        where one UNet step's time goes (benchmarks/profile_unet.py)
 
@@ -24,6 +26,11 @@ How it is measured, on a machine shared with others:
   waits (up to a minute) until no other process is running; the table gives medians, and how many of the
   calls found the machine quiet. The load average is printed with every section.
 - Memory figures come from fresh subprocesses (VmHWM, the peak resident set of /proc/self/status).
+
+`--dtypes`: by default fp32, plus bf16 on a CPU with AMX-BF16 or AVX512-BF16 (`fastest_cpu_dtype()`). Without
+them (an AVX2-only CPU, e.g. AMD EPYC before Zen 4) torch runs bfloat16 and float16 through slow generic
+kernels: measured on such a CPU, a 8192x1280x1280 matmul takes 0.22 s in fp32 and 31 s in bf16, so a bf16 UNet
+step would take many minutes. Every "bf16" row below is then left out (the report says so).
 
 `--tiny` runs everything on tiny random weights in a minute: a smoke test of this script, not a benchmark.
 """
@@ -415,26 +422,27 @@ def seconds_cell(result: dict) -> str:
 # ----- the sections ---------------------------------------------------------------------------------------------
 
 
-def section_compute(report: Report, folder: Path, repeats: int, compile_too: bool, flops: float, peaks: dict, tiny: bool) -> dict:
-    """UNet step and VAE decode, fp32 and bf16, interleaved between the three workers."""
+def section_compute(report: Report, folder: Path, dtypes: list[str], repeats: int, compile_too: bool, flops: float, peaks: dict,
+                    tiny: bool) -> dict:
+    """UNet step and VAE decode in each dtype, interleaved between the three workers; the profile in the fastest."""
     workers = {name: Worker(name) for name in LIBRARIES}
     rows, medians = [], {}
     vae_size = 16 if tiny else 64
     try:
         for kind in ("unet", "vae"):
-            for dtype_name in ("fp32", "bf16"):
+            for dtype_name in dtypes:
                 for worker in workers.values():
                     worker.ask(command="load", kind=kind, dtype=dtype_name, folder=str(folder), size=vae_size)
                 found = interleaved(workers, repeats)
                 ours, theirs, malloc = found["minidiff"], found["diffusers"], found["diffusers+malloc"]
                 medians[(kind, dtype_name)] = ours["median"]
                 name = "UNet step (2x4x64x64)" if kind == "unet" else "VAE decode 64->512"
-                rate = f"{flops / ours['median'] / 1e12:.2f} of {peaks[dtype_name] / 1e12:.2f}" if kind == "unet" else ""
+                rate = f"{flops / ours['median'] / 1e12:.2f} of {peaks.get(dtype_name, math.nan) / 1e12:.2f}" if kind == "unet" else ""
                 rows.append([f"{name}, {dtype_name}", seconds_cell(ours), seconds_cell(theirs),
                              *ratio_cells(ours["median"], theirs["median"], TARGETS[(kind, dtype_name)]),
                              f"{malloc['median']:.2f} s", rate])
-                if kind == "unet" and dtype_name == "bf16":
-                    medians["profile"] = {name: workers[name].ask(command="profile") for name in ("minidiff", "diffusers")}
+                if kind == "unet" and dtype_name == fastest_of(dtypes):
+                    medians["profile"] = {(name, dtype_name): workers[name].ask(command="profile") for name in ("minidiff", "diffusers")}
                 for other in ("diffusers", "diffusers+malloc"):
                     workers[other].ask(command="free")  # room for the compiled copy
                 if compile_too:
@@ -455,18 +463,18 @@ def section_compute(report: Report, folder: Path, repeats: int, compile_too: boo
 def section_profile(report: Report, profiles: dict) -> None:
     from profile_unet import format_profile
 
-    for library, found in profiles.items():
-        report.say(f"{library}, one bf16 UNet step under torch.profiler (self time per op group):")
+    for (library, dtype_name), found in profiles.items():
+        report.say(f"{library}, one {dtype_name} UNet step under torch.profiler (self time per op group):")
         report.say("```")
         report.say(format_profile([tuple(row) for row in found["rows"]], found["wall"]))
         report.say("```")
 
 
-def section_generation(report: Report, folder: Path, size: int, steps: int) -> dict:
+def section_generation(report: Report, folder: Path, dtypes: list[str], size: int, steps: int) -> dict:
     """The whole text-to-image run in fresh processes, libraries alternating; images kept for the quality section."""
     rows, images = [], {}
     scratch = Path(os.environ.get("TMPDIR", "/tmp"))
-    for dtype_name in ("fp32", "bf16"):
+    for dtype_name in dtypes:
         found = {}
         for library in ("minidiff", "diffusers"):
             out = scratch / f"minidiff-bench-{library}-{dtype_name}.pt"
@@ -481,22 +489,23 @@ def section_generation(report: Report, folder: Path, size: int, steps: int) -> d
         rows.append([f"... peak RSS of the process", f"{ours['peak_mib']:.0f} MiB", f"{theirs['peak_mib']:.0f} MiB",
                      *ratio_cells(ours["peak_mib"], theirs["peak_mib"], TARGETS["generation"])])
         report.say(f"  measured generation {dtype_name} (load average {load_average()})")
-    out = scratch / "minidiff-bench-minidiff-fp16.pt"
-    fp16 = run_child("generate", "minidiff", "fp16", str(folder), str(out), str(size), str(steps))
-    images[("minidiff", "fp16")] = torch.load(out, weights_only=True)
-    rows.append([f"{steps} steps {size}x{size}, fp16 (VAE upcast to fp32): generation", f"{fp16['generate']:.1f} s", "", "", "", ""])
+    if "fp16" in dtypes:
+        out = scratch / "minidiff-bench-minidiff-fp16.pt"
+        fp16 = run_child("generate", "minidiff", "fp16", str(folder), str(out), str(size), str(steps))
+        images[("minidiff", "fp16")] = torch.load(out, weights_only=True)
+        rows.append([f"{steps} steps {size}x{size}, fp16 (VAE upcast to fp32): generation", f"{fp16['generate']:.1f} s", "", "", "", ""])
     report.say()
     report.table(["", "minidiff", "diffusers", "ratio", "target", "met"], rows)
     return images
 
 
-def section_loading(report: Report, folder: Path, single_file: Path) -> None:
+def section_loading(report: Report, folder: Path, single_file: Path, dtypes: list[str]) -> None:
     """Whole-pipeline loading (imports done before the clock starts), cold (the weight
     files evicted from the page cache) then warm, libraries alternating; the load's peak RSS alongside."""
     weight_files = [*folder.glob("*/*.safetensors"), single_file]
     rows = []
     for kind, source in (("from_pretrained", folder), ("single_file", single_file)):
-        for dtype_name in ("fp32", "bf16"):
+        for dtype_name in dtypes:
             for temperature in ("cold", "warm"):
                 found = {}
                 for library in ("minidiff", "diffusers"):
@@ -516,25 +525,25 @@ def section_loading(report: Report, folder: Path, single_file: Path) -> None:
     report.table(["pipeline loading", "minidiff", "diffusers", "ratio", "target", "met", "peak RSS (minidiff / diffusers)"], rows)
 
 
-def section_tiled_decode(report: Report, folder: Path, latent_size: int) -> None:
+def section_tiled_decode(report: Report, folder: Path, dtype_name: str, latent_size: int) -> None:
     scratch = Path(os.environ.get("TMPDIR", "/tmp"))
     found, images = {}, {}
     for mode in ("untiled", "tiled"):
         out = scratch / f"minidiff-bench-decode-{mode}.pt"
         wait_for_quiet()
-        found[mode] = run_child("decode-memory", mode, "bf16", str(folder), str(out), str(latent_size))
+        found[mode] = run_child("decode-memory", mode, dtype_name, str(folder), str(out), str(latent_size))
         images[mode] = torch.load(out, weights_only=True)
     difference = (images["tiled"] - images["untiled"]).abs()
     pixels = latent_size * 8
     report.table(
-        [f"VAE decode {latent_size}->{pixels} (bf16)", "peak RSS growth", "time", "vs untiled"],
+        [f"VAE decode {latent_size}->{pixels} ({dtype_name})", "peak RSS growth", "time", "vs untiled"],
         [[mode, f"{found[mode]['growth_mib']:.0f} MiB", f"{found[mode]['seconds']:.1f} s",
           "" if mode == "untiled" else f"max abs diff {difference.max():.3f}, mean {difference.mean():.4f}, "
           f"PSNR {psnr(to_unit(images['tiled']), to_unit(images['untiled'])):.1f} dB"] for mode in found],
     )
 
 
-def section_scheduler(report: Report, folder: Path, unet_bf16_seconds: float) -> None:
+def section_scheduler(report: Report, folder: Path, dtype_name: str, unet_seconds: float) -> None:
     import minidiff.schedulers as schedulers
 
     config = schedulers.SchedulerMixin.load_config(folder, subfolder="scheduler")  # SD 1.5's (PNDM, skip_prk_steps)
@@ -550,8 +559,8 @@ def section_scheduler(report: Report, folder: Path, unet_bf16_seconds: float) ->
         for t in scheduler.timesteps:
             sample = scheduler.step(model_output, t, scheduler.scale_model_input(sample, t)).prev_sample
         per_step = (time.perf_counter() - start) / len(scheduler.timesteps)
-        rows.append([name, f"{per_step * 1e3:.2f} ms", f"{per_step / unet_bf16_seconds:.3%}"])
-    report.table(["scheduler step (1x4x64x64)", "time per step", "of a bf16 UNet step (target < 1%)"], rows)
+        rows.append([name, f"{per_step * 1e3:.2f} ms", f"{per_step / unet_seconds:.3%}"])
+    report.table(["scheduler step (1x4x64x64)", "time per step", f"of a {dtype_name} UNet step (target < 1%)"], rows)
 
 
 def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
@@ -592,6 +601,18 @@ def section_quality(report: Report, images: dict, size: int) -> None:
 # ----- main -----------------------------------------------------------------------------------------------------
 
 
+def default_dtypes() -> list[str]:
+    """fp32, and bf16 where the CPU runs it fast (the same test as the CLI's --dtype auto)."""
+    from minidiff.pipelines.stable_diffusion import fastest_cpu_dtype
+
+    return ["fp32", "bf16"] if fastest_cpu_dtype() == torch.bfloat16 else ["fp32"]
+
+
+def fastest_of(dtypes: list[str]) -> str:
+    """The dtype the profile, the tiled decode and the scheduler's share are measured in: bf16 if asked for."""
+    return "bf16" if "bf16" in dtypes else dtypes[0]
+
+
 def prepare_weights(folder: Path, tiny: bool) -> Path:
     """The random SD 1.5 folder (written once) and its single-file form next to it."""
     from make_random_sd15 import make_random_sd15
@@ -614,6 +635,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile rows (minutes of compiling)")
     parser.add_argument("--only", default="compute,generation,loading,tiling,scheduler,quality", help="comma-separated sections")
+    parser.add_argument("--dtypes", default=None, help="comma-separated, from fp32,bf16,fp16 (default: fp32, and bf16 on CPUs with bf16 units)")
     parser.add_argument("--tiny", action="store_true", help="tiny random weights: a smoke test of this script")
     parser.add_argument("--out", default=None, help="also write the report (Markdown) to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -633,6 +655,7 @@ def main() -> None:
         folder = folder.with_name("random-sd15-tiny")
     single_file = prepare_weights(folder, args.tiny)
     sections = set(args.only.split(","))
+    dtypes = args.dtypes.split(",") if args.dtypes else default_dtypes()
     info = cpu_info()
     peaks = nominal_peaks(info)
     flops = unet_step_flops(folder)
@@ -642,23 +665,27 @@ def main() -> None:
     report.say(f"{info['model']}, {info['threads']} threads at {info['mhz']:.0f} MHz; "
                f"AMX-BF16: {'amx_bf16' in info['flags']}, AVX512-BF16: {'avx512_bf16' in info['flags']}; "
                f"torch {torch.__version__} (oneDNN {torch.backends.mkldnn.is_available()}, {torch.backends.cpu.get_cpu_capability()}); "
-               f"nominal peak {peaks['fp32'] / 1e12:.2f} TFLOP/s fp32, {peaks['bf16'] / 1e12:.2f} bf16; "
+               f"nominal peak {peaks['fp32'] / 1e12:.2f} TFLOP/s fp32"
+               + (f", {peaks['bf16'] / 1e12:.2f} bf16; " if "bf16" in dtypes else "; ") +
                f"one guided UNet step = {flops / 1e12:.2f} TFLOP. Load average at start: {load_average()}.")
+    report.say()
+    report.say(f"dtypes measured: {', '.join(dtypes)}" + ("" if "bf16" in dtypes else
+               " (no bf16: this CPU has no AMX-BF16 or AVX512-BF16, and torch's generic bfloat16 kernels are far slower than fp32)"))
     report.say()
     medians = {}
     if "compute" in sections:
-        medians = section_compute(report, folder, args.repeats, not args.skip_compile, flops, peaks, args.tiny)
+        medians = section_compute(report, folder, dtypes, args.repeats, not args.skip_compile, flops, peaks, args.tiny)
         section_profile(report, medians.pop("profile"))
     images = {}
     size, steps = (64, 4) if args.tiny else (512, 20)
     if "generation" in sections:
-        images = section_generation(report, folder, size, steps)
+        images = section_generation(report, folder, dtypes, size, steps)
     if "loading" in sections:
-        section_loading(report, folder, single_file)
+        section_loading(report, folder, single_file, dtypes)
     if "tiling" in sections:
-        section_tiled_decode(report, folder, 96 if args.tiny else 128)
-    if "scheduler" in sections:
-        section_scheduler(report, folder, medians.get(("unet", "bf16"), 2.0))
+        section_tiled_decode(report, folder, fastest_of(dtypes), 96 if args.tiny else 128)
+    if "scheduler" in sections and ("unet", fastest_of(dtypes)) in medians:
+        section_scheduler(report, folder, fastest_of(dtypes), medians[("unet", fastest_of(dtypes))])
     if "quality" in sections and images:
         section_quality(report, images, size)
     report.say(f"Load average at the end: {load_average()}.")
