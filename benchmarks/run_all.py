@@ -300,15 +300,17 @@ def status_kib(field: str) -> int:
 
 
 def load_pipeline(library: str, source: str, dtype: torch.dtype, single_file: bool = False, config: str | None = None):
+    """`library`: "minidiff" (as its CLI loads it), "minidiff-low-memory" (the CLI's --low-memory) or "diffusers"."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if library == "minidiff":
+        if library.startswith("minidiff"):
             from minidiff.cli import load_pipeline as cli_load_pipeline
             from minidiff.pipelines import StableDiffusionPipeline
 
             if single_file:
                 return StableDiffusionPipeline.from_single_file(source, torch_dtype=dtype, config=config)
-            return cli_load_pipeline(source, {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype])
+            dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+            return cli_load_pipeline(source, dtype_name, low_memory=library == "minidiff-low-memory")
         import diffusers
 
         options = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
@@ -319,7 +321,7 @@ def load_pipeline(library: str, source: str, dtype: torch.dtype, single_file: bo
 
 def import_library(library: str) -> None:
     """Import everything the load will use, before the clock starts (diffusers imports its pipelines lazily)."""
-    if library == "minidiff":
+    if library.startswith("minidiff"):
         import minidiff.cli  # noqa: F401
         import minidiff.pipelines  # noqa: F401
     else:
@@ -476,18 +478,20 @@ def section_generation(report: Report, folder: Path, dtypes: list[str], size: in
     scratch = Path(os.environ.get("TMPDIR", "/tmp"))
     for dtype_name in dtypes:
         found = {}
-        for library in ("minidiff", "diffusers"):
+        for library in ("minidiff", "diffusers", "minidiff-low-memory"):
             out = scratch / f"minidiff-bench-{library}-{dtype_name}.pt"
             wait_for_quiet()
             found[library] = run_child("generate", library, dtype_name, str(folder), str(out), str(size), str(steps))
             images[(library, dtype_name)] = torch.load(out, weights_only=True)
-        ours, theirs = found["minidiff"], found["diffusers"]
+        ours, theirs, low = found["minidiff"], found["diffusers"], found["minidiff-low-memory"]
         rows.append([f"{steps} steps {size}x{size}, {dtype_name}: generation wall time", f"{ours['generate']:.1f} s",
                      f"{theirs['generate']:.1f} s", *ratio_cells(ours["generate"], theirs["generate"], TARGETS["generation"])])
         rows.append([f"... load + generation", f"{ours['load'] + ours['generate']:.1f} s", f"{theirs['load'] + theirs['generate']:.1f} s",
                      *ratio_cells(ours["load"] + ours["generate"], theirs["load"] + theirs["generate"], TARGETS["generation"])])
         rows.append([f"... peak RSS of the process", f"{ours['peak_mib']:.0f} MiB", f"{theirs['peak_mib']:.0f} MiB",
                      *ratio_cells(ours["peak_mib"], theirs["peak_mib"], TARGETS["generation"])])
+        rows.append([f"... minidiff --low-memory: generation, peak RSS", f"{low['generate']:.1f} s, {low['peak_mib']:.0f} MiB",
+                     "", *ratio_cells(low["peak_mib"], theirs["peak_mib"], TARGETS["generation"])])
         report.say(f"  measured generation {dtype_name} (load average {load_average()})")
     if "fp16" in dtypes:
         out = scratch / "minidiff-bench-minidiff-fp16.pt"

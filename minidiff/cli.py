@@ -80,7 +80,7 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def load_pipeline(weights: str, dtype: str, vae_tiling: bool = False, compile: bool = False):
+def load_pipeline(weights: str, dtype: str, vae_tiling: bool = False, compile: bool = False, low_memory: bool = False):
     import torch
 
     from minidiff.pipelines import StableDiffusionPipeline
@@ -97,7 +97,8 @@ def load_pipeline(weights: str, dtype: str, vae_tiling: bool = False, compile: b
             pipeline = StableDiffusionPipeline.from_pretrained(weights, torch_dtype=torch_dtype)
         except OSError as error:
             raise CLIError(str(error).splitlines()[0]) from None
-    keep_freed_memory()  # after loading: the weights live as long as the process, their blocks need no reuse
+    if not low_memory:  # after loading: the weights live as long as the process, their blocks need no reuse
+        keep_freed_memory()
     if vae_tiling:
         pipeline.enable_vae_tiling()
     if compile:
@@ -126,7 +127,7 @@ def cmd_generate(args) -> None:
         raise CLIError(f"--steps must be at least 1, got {args.steps}")
     chosen_scheduler = scheduler_class(args.scheduler) if args.scheduler else None
     out = check_writable(Path(args.out))
-    pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile)
+    pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory)
     if chosen_scheduler:
         pipeline.scheduler = chosen_scheduler.from_config(pipeline.scheduler.config)
     generator = torch.Generator().manual_seed(args.seed)
@@ -159,7 +160,7 @@ def cmd_compare(args) -> None:
     if args.steps < 1:
         raise CLIError(f"--steps must be at least 1, got {args.steps}")
     out = check_writable(Path(args.out))
-    pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile)
+    pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory)
     base_config = pipeline.scheduler.config
     images, labels = [], []
     for name, cls in zip(names, classes):
@@ -233,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--vae-tiling", action="store_true", help="decode tile by tile: bounded memory for large images")
         command.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder (compiles on first use)")
+        command.add_argument(
+            "--low-memory", action="store_true",
+            help="give freed memory back to the system (glibc's default): about 1 GB less peak memory for a 512x512 "
+                 "fp32 image, some 5-30%% slower (docs/performance.md)",
+        )
         command.set_defaults(run=run)
         if name == "generate":
             command.add_argument("--negative", default=None, help="negative prompt")

@@ -272,6 +272,18 @@ def test_cli_dtype_auto_and_switches(tiny_sd15_folder, monkeypatch):
     assert load_pipeline(str(tiny_sd15_folder), "fp16").vae.dtype == torch.float32  # upcast
 
 
+def test_cli_low_memory_keeps_the_allocator_default(tiny_sd15_folder, monkeypatch):
+    import minidiff.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("called") or True)
+    assert build_parser().parse_args(["generate", "a cat", "--low-memory"]).low_memory
+    load_pipeline(str(tiny_sd15_folder), "fp32", low_memory=True)
+    assert calls == []
+    load_pipeline(str(tiny_sd15_folder), "fp32")
+    assert calls == ["called"]
+
+
 def test_keep_freed_memory_leaves_results_unchanged():
     before = torch.randn(1000, generator=torch.Generator().manual_seed(0)).sum()
     assert keep_freed_memory() in (True, False)  # False only without glibc
