@@ -302,9 +302,13 @@ needs_full_size = pytest.mark.skipif(
 
 @pytest.mark.slow
 @needs_full_size
+@pytest.mark.skipif(
+    stable_diffusion.fastest_cpu_dtype() != torch.bfloat16,
+    reason="this CPU has no AMX-BF16 or AVX512-BF16: torch runs bfloat16 through generic kernels (an 8192x1280x1280 "
+    "matmul: 31 s against 0.22 s in fp32 on an AVX2 EPYC), so 20 full-size bf16 steps would take hours",
+)
 def test_full_size_bfloat16_image_close_to_float32():
     """512x512, 20 steps on the full-size random SD 1.5 weights: the bfloat16 image vs the float32 one."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     images = {}
     for dtype in (torch.float32, torch.bfloat16):
         images[dtype] = generate(StableDiffusionPipeline.from_pretrained(FULL_SIZE_WEIGHTS, torch_dtype=dtype), size=512)[1]
