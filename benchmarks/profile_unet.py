@@ -100,10 +100,15 @@ def load_unet(library: str, folder: Path, dtype: torch.dtype):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default="~/.cache/minidiff/random-sd15", help="random SD 1.5 folder")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default: bf16 on CPUs with AMX-BF16/AVX512-BF16, else fp32 (fastest_cpu_dtype)")
     parser.add_argument("--library", choices=["minidiff", "diffusers"], default="minidiff")
     parser.add_argument("--top", type=int, default=0, help="also print the N ops with the most self time")
     args = parser.parse_args()
+    if args.dtype is None:
+        from minidiff.pipelines.stable_diffusion import fastest_cpu_dtype
+
+        args.dtype = "bf16" if fastest_cpu_dtype() == torch.bfloat16 else "fp32"
     dtype = DTYPES[args.dtype]
     unet = load_unet(args.library, Path(args.weights).expanduser(), dtype)
     rows, wall = profile_step(unet, *example_inputs(dtype))
