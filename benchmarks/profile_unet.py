@@ -97,22 +97,26 @@ def load_unet(library: str, folder: Path, dtype: torch.dtype):
         return UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).eval()
 
 
+def fastest_dtype_name() -> str:
+    """"bf16" on a CPU with bfloat16 units (AMX-BF16, AVX512-BF16), else "fp32": the CLI's --dtype auto."""
+    from minidiff.pipelines.stable_diffusion import fastest_cpu_dtype
+
+    return "bf16" if fastest_cpu_dtype() == torch.bfloat16 else "fp32"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default="~/.cache/minidiff/random-sd15", help="random SD 1.5 folder")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="default: bf16 on CPUs with AMX-BF16/AVX512-BF16, else fp32 (fastest_cpu_dtype)")
+                        help="default: bf16 on CPUs with AMX-BF16/AVX512-BF16, else fp32 (fastest_dtype_name)")
     parser.add_argument("--library", choices=["minidiff", "diffusers"], default="minidiff")
     parser.add_argument("--top", type=int, default=0, help="also print the N ops with the most self time")
     args = parser.parse_args()
-    if args.dtype is None:
-        from minidiff.pipelines.stable_diffusion import fastest_cpu_dtype
-
-        args.dtype = "bf16" if fastest_cpu_dtype() == torch.bfloat16 else "fp32"
-    dtype = DTYPES[args.dtype]
+    dtype_name = args.dtype or fastest_dtype_name()
+    dtype = DTYPES[dtype_name]
     unet = load_unet(args.library, Path(args.weights).expanduser(), dtype)
     rows, wall = profile_step(unet, *example_inputs(dtype))
-    print(f"{args.library} UNet step, {args.dtype}, batch 2, 64x64 latents, {torch.get_num_threads()} threads, "
+    print(f"{args.library} UNet step, {dtype_name}, batch 2, 64x64 latents, {torch.get_num_threads()} threads, "
           f"load average {Path('/proc/loadavg').read_text().split()[0]}")
     print(format_profile(rows, wall))
     if args.top:

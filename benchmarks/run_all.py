@@ -607,9 +607,9 @@ def section_quality(report: Report, images: dict, size: int) -> None:
 
 def default_dtypes() -> list[str]:
     """fp32, and bf16 where the CPU runs it fast (the same test as the CLI's --dtype auto)."""
-    from minidiff.pipelines.stable_diffusion import fastest_cpu_dtype
+    from profile_unet import fastest_dtype_name
 
-    return ["fp32", "bf16"] if fastest_cpu_dtype() == torch.bfloat16 else ["fp32"]
+    return ["fp32"] if fastest_dtype_name() == "fp32" else ["fp32", "bf16"]
 
 
 def fastest_of(dtypes: list[str]) -> str:
@@ -660,6 +660,7 @@ def main() -> None:
     single_file = prepare_weights(folder, args.tiny)
     sections = set(args.only.split(","))
     dtypes = args.dtypes.split(",") if args.dtypes else default_dtypes()
+    fastest = fastest_of(dtypes)
     info = cpu_info()
     peaks = nominal_peaks(info)
     flops = unet_step_flops(folder)
@@ -673,7 +674,7 @@ def main() -> None:
                + (f", {peaks['bf16'] / 1e12:.2f} bf16; " if "bf16" in dtypes else "; ") +
                f"one guided UNet step = {flops / 1e12:.2f} TFLOP. Load average at start: {load_average()}.")
     report.say()
-    report.say(f"dtypes measured: {', '.join(dtypes)}" + ("" if "bf16" in dtypes else
+    report.say(f"dtypes measured: {', '.join(dtypes)}" + ("" if args.dtypes or "bf16" in dtypes else
                " (no bf16: this CPU has no AMX-BF16 or AVX512-BF16, and torch's generic bfloat16 kernels are far slower than fp32)"))
     report.say()
     medians = {}
@@ -687,9 +688,9 @@ def main() -> None:
     if "loading" in sections:
         section_loading(report, folder, single_file, dtypes)
     if "tiling" in sections:
-        section_tiled_decode(report, folder, fastest_of(dtypes), 96 if args.tiny else 128)
-    if "scheduler" in sections and ("unet", fastest_of(dtypes)) in medians:
-        section_scheduler(report, folder, fastest_of(dtypes), medians[("unet", fastest_of(dtypes))])
+        section_tiled_decode(report, folder, fastest, 96 if args.tiny else 128)
+    if "scheduler" in sections and ("unet", fastest) in medians:
+        section_scheduler(report, folder, fastest, medians[("unet", fastest)])
     if "quality" in sections and images:
         section_quality(report, images, size)
     report.say(f"Load average at the end: {load_average()}.")
