@@ -14,14 +14,16 @@ Tolerances, each measured first and then given some room:
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 from minidiff import accuracy
+from minidiff.checkpoints import convert
 from minidiff.cli import build_parser, keep_freed_memory, load_pipeline
-from minidiff.models.vae import _blend_ramp, _tile_starts
+from minidiff.models.vae import AutoencoderKL, _blend_ramp, _tile_starts
 from minidiff.pipelines import StableDiffusionPipeline
 from minidiff.pipelines import stable_diffusion
 from conftest import load_weights_script
@@ -101,12 +103,29 @@ def channels_last(model) -> bool:
     return bool(convolutions) and all(conv.weight.is_contiguous(memory_format=torch.channels_last) for conv in convolutions)
 
 
-def test_pipeline_stores_conv_weights_channels_last(tiny_sd15_folder):
-    """The VAE always; the UNet when it is not float32 (whose memory-mapped weights are left as loaded)."""
-    float32 = StableDiffusionPipeline.from_pretrained(tiny_sd15_folder)
+@pytest.mark.parametrize("loader", ["from_pretrained", "from_single_file"])
+def test_pipeline_stores_conv_weights_channels_last(tiny_sd15_folder, tmp_path, loader):
+    """The VAE always; the UNet when it is not float32 (whose memory-mapped weights are left as loaded).
+    Laid out while loading, with the same values as the file's."""
+    load, source = StableDiffusionPipeline.from_pretrained, tiny_sd15_folder
+    if loader == "from_single_file":
+        load = partial(StableDiffusionPipeline.from_single_file, config=tiny_sd15_folder)
+        source = convert(tiny_sd15_folder, tmp_path / "tiny.safetensors")
+    float32 = load(source)
     assert channels_last(float32.vae) and not channels_last(float32.unet)
-    bfloat16 = StableDiffusionPipeline.from_pretrained(tiny_sd15_folder, torch_dtype=torch.bfloat16)
+    bfloat16 = load(source, torch_dtype=torch.bfloat16)
     assert channels_last(bfloat16.vae) and channels_last(bfloat16.unet)
+    for name in ("vae", "unet"):
+        for (key, value), expected in zip(getattr(float32, name).state_dict().items(), getattr(bfloat16, name).state_dict().values()):
+            assert torch.equal(value.bfloat16(), expected), f"{name}.{key}"
+
+
+def test_model_from_pretrained_lays_out_conv_weights_as_asked(tiny_sd15_folder):
+    as_stored = AutoencoderKL.from_pretrained(tiny_sd15_folder, subfolder="vae")
+    laid_out = AutoencoderKL.from_pretrained(tiny_sd15_folder, subfolder="vae", memory_format=torch.channels_last)
+    assert channels_last(laid_out) and not channels_last(as_stored)
+    for (key, value), expected in zip(laid_out.state_dict().items(), as_stored.state_dict().values()):
+        assert torch.equal(value, expected), key
 
 
 # ----- bfloat16 / float16 vs float32 ---------------------------------------------------------------------

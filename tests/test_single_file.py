@@ -551,10 +551,16 @@ def test_other_model_classes_and_bad_dtype_are_refused(tiny):
 # ----- memory --------------------------------------------------------------------------------------
 
 
-def test_cast_gives_back_the_pages_it_read(tmp_path):
-    """Reading 96 MB of float32 as float16 must peak near the 48 MB it keeps, not the 144 MB of map + copies."""
+@pytest.mark.parametrize(
+    "shape, dtype, memory_format",
+    [((1024, 1024), "torch.float16", "None"), ((256, 64, 4, 4), "None", "torch.channels_last")],
+    ids=["cast to float16", "laid out channels-last"],
+)
+def test_converting_gives_back_the_pages_it_read(tmp_path, shape, dtype, memory_format):
+    """Reading 24 float32 tensors converted (cast, or re-laid out) must peak near what it keeps,
+    not at the map plus the copies (1.5x for the cast, 2x for the layout)."""
     file = tmp_path / "weights.safetensors"
-    save_file({f"w{i}": torch.randn(1024, 1024) for i in range(24)}, str(file))
+    save_file({f"w{i}": torch.randn(shape) for i in range(24)}, str(file))
     script = textwrap.dedent(
         f"""
         import sys, torch
@@ -566,13 +572,27 @@ def test_cast_gives_back_the_pages_it_read(tmp_path):
 
         before = status_kb("VmRSS:")
         checkpoint = CheckpointFile({str(file)!r})
-        kept = [checkpoint.tensor(key, torch.float16) for key in checkpoint.keys()]
-        print((status_kb("VmHWM:") - before) * 1024)
+        kept = [checkpoint.tensor(key, {dtype}, {memory_format}) for key in checkpoint.keys()]
+        assert all(tensor.is_contiguous(memory_format={memory_format} or torch.contiguous_format) for tensor in kept)
+        print(sum(tensor.nbytes for tensor in kept), (status_kb("VmHWM:") - before) * 1024)
         """
     )
-    grown = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout)
-    weights = 24 * 1024 * 1024 * 2
-    assert grown <= 1.2 * weights, f"peak grew by {grown / 2**20:.0f} MB for {weights / 2**20:.0f} MB of float16 weights"
+    output = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    kept, grown = map(int, output.split())
+    assert grown <= 1.2 * kept, f"peak grew by {grown / 2**20:.0f} MB for {kept / 2**20:.0f} MB of converted weights"
+
+
+def test_only_tensors_needing_a_conversion_are_copied(tmp_path):
+    """Asked for float32 channels-last from a float32 file: 2-D tensors stay views of the file's map, 4-D ones
+    become channels-last copies (1x1 convolutions too, with channels-last strides, as Module.to makes them)."""
+    file = tmp_path / "weights.safetensors"
+    stored = {"linear": torch.randn(8, 4), "conv1x1": torch.randn(8, 4, 1, 1), "conv3x3": torch.randn(8, 4, 3, 3)}
+    save_file(stored, str(file))
+    checkpoint = CheckpointFile(file)
+    for key, expected in stored.items():
+        tensor = checkpoint.tensor(key, torch.float32, torch.channels_last)
+        assert torch.equal(tensor, expected) and tensor.stride() == expected.to(memory_format=torch.channels_last if expected.ndim == 4 else torch.contiguous_format).stride()
+        assert (tensor.data_ptr() == checkpoint.tensor(key).data_ptr()) == (key == "linear"), key
 
 
 # ----- full size (slow) ---------------------------------------------------------------------------------

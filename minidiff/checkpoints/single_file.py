@@ -122,14 +122,15 @@ class CheckpointFile:
     def dtype(self, key: str) -> torch.dtype:
         return SAFETENSORS_DTYPES[self._header[key]["dtype"]] if self._map is not None else self._tensors[key].dtype
 
-    def tensor(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor `key`; a floating one cast to `dtype` (once). Uncast, it is a view of the file's map."""
+    def tensor(self, key: str, dtype: torch.dtype | None = None, memory_format: torch.memory_format | None = None) -> torch.Tensor:
+        """The tensor `key`: a floating one cast to `dtype`, a 4-D one laid out in `memory_format` (e.g.
+        torch.channels_last), both in one copy, after which the file's pages of `key` are given back (so the
+        weights are not resident twice). A tensor that needs neither is a view of the file's map."""
         stored = self._stored_tensor(key)
-        if dtype is None or not stored.is_floating_point() or stored.dtype == dtype:
-            return stored
-        cast = stored.to(dtype)
-        self._release(key)
-        return cast
+        tensor = converted(stored, dtype, memory_format)
+        if tensor.data_ptr() != stored.data_ptr():  # a copy was made
+            self._release(key)
+        return tensor
 
     def _stored_tensor(self, key: str) -> torch.Tensor:
         if self._map is None:
@@ -151,6 +152,15 @@ class CheckpointFile:
         last_page = end // mmap.PAGESIZE * mmap.PAGESIZE
         if last_page > first_page:
             self._map.madvise(mmap.MADV_DONTNEED, first_page, last_page - first_page)
+
+
+def converted(tensor: torch.Tensor, dtype: torch.dtype | None, memory_format: torch.memory_format | None) -> torch.Tensor:
+    """`tensor` cast to `dtype` if it is floating, and laid out in `memory_format` if it is 4-D (a conv weight);
+    `tensor` itself when neither changes anything (None means: as it is)."""
+    return tensor.to(
+        dtype=dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype,
+        memory_format=memory_format if memory_format is not None and tensor.ndim == 4 else torch.preserve_format,
+    )
 
 
 def _map_safetensors(path: Path) -> tuple[mmap.mmap, dict, int]:
@@ -273,11 +283,13 @@ def load_component(
     config: dict | str | os.PathLike | None = None,
     torch_dtype: torch.dtype | None = None,
     use_ema: bool = False,
+    memory_format: torch.memory_format | None = None,
 ):
     """`cls` (UNet2DConditionModel, AutoencoderKL or CLIPTextModel) with its weights from an original single file.
 
     The file's keys under the network's prefix are renamed by the key map and checked against the module
-    (built on the meta device) before any tensor is read; then each tensor is read and cast once.
+    (built on the meta device) before any tensor is read; then each tensor is read, and cast (to `torch_dtype`)
+    and laid out (4-D ones, in `memory_format`) in one copy where needed (CheckpointFile.tensor).
     """
     part = next((PART_OF_CLASS[klass.__name__] for klass in cls.__mro__ if klass.__name__ in PART_OF_CLASS), None)
     if part is None:
@@ -294,7 +306,7 @@ def load_component(
     model = build_on_meta(cls, config)  # shapes only, and no random init (nn.Embedding's imports torch._dynamo: 1.5 s)
     _check_fits(model, checkpoint, stored_key, key_map, part)
     dtype = torch_dtype or torch.get_default_dtype()
-    state_dict = {name: key_map.tensor_to_diffusers(name, checkpoint.tensor(key, dtype)) for name, key in stored_key.items()}
+    state_dict = {name: key_map.tensor_to_diffusers(name, checkpoint.tensor(key, dtype, memory_format)) for name, key in stored_key.items()}
     return cls.from_state_dict(config, state_dict, dtype, source=f"{checkpoint.path} ({part})")
 
 
@@ -372,12 +384,14 @@ def load_single_file(
     torch_dtype: torch.dtype | None = None,
     use_ema: bool = False,
     config: str | os.PathLike | None = None,
+    memory_formats: dict[str, torch.memory_format] | None = None,
 ) -> SingleFileComponents:
     """Every component of Stable Diffusion 1.x from one original checkpoint file, offline.
 
     `use_ema=True` loads the UNet's EMA copy (`model_ema.*`, in files such as v1-5-pruned.safetensors).
     `config` is a diffusers-layout folder with the configs (unet/, vae/, text_encoder/, scheduler/,
     optionally tokenizer/); by default SD 1.5's, bundled with minidiff.
+    `memory_formats` gives the conv weights' layout per part, e.g. {"vae": torch.channels_last}.
     """
     from minidiff.models.clip_text import CLIPTextModel
     from minidiff.models.unet_2d_condition import UNet2DConditionModel
@@ -388,9 +402,10 @@ def load_single_file(
     scheduler = scheduler_from_config_folder(_config_folder(config))
     accounted = _account_for_other_keys(checkpoint, scheduler, use_ema)
     load = dict(config=config, torch_dtype=torch_dtype)
+    memory_formats = memory_formats or {}
     components = SingleFileComponents(
-        unet=load_component(UNet2DConditionModel, checkpoint, use_ema=use_ema, **load),
-        vae=load_component(AutoencoderKL, checkpoint, **load),
+        unet=load_component(UNet2DConditionModel, checkpoint, use_ema=use_ema, memory_format=memory_formats.get("unet"), **load),
+        vae=load_component(AutoencoderKL, checkpoint, memory_format=memory_formats.get("vae"), **load),
         text_encoder=load_component(CLIPTextModel, checkpoint, **load),
         tokenizer=tokenizer_from_config_folder(_config_folder(config)),
         scheduler=scheduler,

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from minidiff.checkpoints.errors import CheckpointError, check_state_dict
 from minidiff.checkpoints.folder import read_state_dict, weight_files_in_folder, with_variant
+from minidiff.checkpoints.single_file import CheckpointFile, converted
 from minidiff.configuration import ConfigMixin
 
 
@@ -59,12 +60,14 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         subfolder: str | None = None,
         torch_dtype: torch.dtype | None = None,
         variant: str | None = None,
+        memory_format: torch.memory_format | None = None,
     ):
         """Load config and weights from a diffusers-layout folder (or a hub repo id, through huggingface_hub).
 
         `torch_dtype` is the dtype of the loaded floating-point weights; as in diffusers, it defaults to
         torch's default dtype (float32), whatever the file holds, so `variant="fp16"` alone gives an
         fp32 model and `variant="fp16", torch_dtype=torch.float16` an fp16 one.
+        `memory_format=torch.channels_last` lays the 4-D (conv) weights out channels-last while loading.
         """
         _check_dtype(cls, torch_dtype)
         folder = _component_folder(path_or_repo_id, subfolder, cls, variant)
@@ -72,27 +75,33 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         _check_class_name(cls, config, folder)
         files = weight_files_in_folder(folder, cls.weights_names, variant)
         source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
-        if torch_dtype is not None and all(file.suffix == ".safetensors" for file in files):
-            return cls.from_state_dict(config, _read_cast(files, torch_dtype), torch_dtype, source=source)
-        return cls.from_state_dict(config, read_state_dict(files), torch_dtype, source=source)
+        if (torch_dtype is not None or memory_format is not None) and all(file.suffix == ".safetensors" for file in files):
+            state_dict = _read_converted(files, torch_dtype or torch.get_default_dtype(), memory_format)
+        else:
+            state_dict = read_state_dict(files)
+        return cls.from_state_dict(config, state_dict, torch_dtype, source=source, memory_format=memory_format)
 
     @classmethod
     def from_state_dict(
-        cls, config: dict, state_dict: dict[str, torch.Tensor], torch_dtype: torch.dtype | None = None, source: str = "checkpoint"
+        cls,
+        config: dict,
+        state_dict: dict[str, torch.Tensor],
+        torch_dtype: torch.dtype | None = None,
+        source: str = "checkpoint",
+        memory_format: torch.memory_format | None = None,
     ):
         """Build the module from `config` on the meta device and assign `state_dict`'s tensors to it.
 
-        Each floating-point tensor is cast once, to `torch_dtype` (default: torch's default dtype);
-        a tensor already in that dtype is used as it is (for safetensors: a view of the memory map).
+        Each floating-point tensor is cast once, to `torch_dtype` (default: torch's default dtype), and each
+        4-D one laid out in `memory_format` (default: as it is); a tensor that needs neither is used as it is
+        (for safetensors: a view of the memory map).
         """
         _check_dtype(cls, torch_dtype)
         torch_dtype = torch_dtype or torch.get_default_dtype()
         model = build_on_meta(cls, config)
         state_dict = cls.checkpoint_to_module_keys(state_dict)
         check_state_dict(model, state_dict, source)
-        state_dict = {
-            key: value.to(torch_dtype) if value.is_floating_point() else value for key, value in state_dict.items()
-        }
+        state_dict = {key: converted(value, torch_dtype, memory_format) for key, value in state_dict.items()}
         model.load_state_dict(state_dict, strict=True, assign=True)
         left_on_meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
         if left_on_meta:
@@ -101,7 +110,12 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
 
     @classmethod
     def from_single_file(
-        cls, path: str | os.PathLike, config=None, torch_dtype: torch.dtype | None = None, use_ema: bool = False
+        cls,
+        path: str | os.PathLike,
+        config=None,
+        torch_dtype: torch.dtype | None = None,
+        use_ema: bool = False,
+        memory_format: torch.memory_format | None = None,
     ):
         """Load this network (UNet2DConditionModel, AutoencoderKL or CLIPTextModel) from an original one-file
         SD 1.x checkpoint such as `v1-5-pruned-emaonly.safetensors`, offline. `config` (a dict or a
@@ -109,7 +123,7 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         See minidiff/checkpoints/single_file.py and key_map.py."""
         from minidiff.checkpoints.single_file import load_component
 
-        return load_component(cls, path, config=config, torch_dtype=torch_dtype, use_ema=use_ema)
+        return load_component(cls, path, config=config, torch_dtype=torch_dtype, use_ema=use_ema, memory_format=memory_format)
 
     # ----- writing -----
 
@@ -146,19 +160,17 @@ def build_on_meta(cls, config: dict):
         return cls.from_config(config)
 
 
-def _read_cast(files: list[Path], torch_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors of safetensors `files`, floating ones cast to `torch_dtype` one at a time, each giving its file
-    pages back once cast (CheckpointFile.tensor): the peak is the weights in `torch_dtype`, not the mapped file
-    plus the cast copy (measured for SD 1.5's UNet in bfloat16: 2.0 GB instead of 5.4 GB)."""
-    from minidiff.checkpoints.single_file import CheckpointFile
-
+def _read_converted(files: list[Path], torch_dtype: torch.dtype, memory_format: torch.memory_format | None) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors `files`, cast to `torch_dtype` and laid out in `memory_format` one at a time, each
+    copy giving its file pages back (CheckpointFile.tensor): the peak is the weights once, not the mapped file
+    plus the copy (measured for SD 1.5's UNet in bfloat16: 2.0 GB instead of 5.4 GB)."""
     state_dict: dict[str, torch.Tensor] = {}
     for file in files:
         checkpoint = CheckpointFile(file)
         repeated = sorted(set(checkpoint.keys()) & set(state_dict))
         if repeated:
             raise CheckpointError(f"{file} repeats tensors already read from another shard: {repeated[:10]}")
-        state_dict.update((key, checkpoint.tensor(key, torch_dtype)) for key in checkpoint.keys())
+        state_dict.update((key, checkpoint.tensor(key, torch_dtype, memory_format)) for key in checkpoint.keys())
     return state_dict
 
 

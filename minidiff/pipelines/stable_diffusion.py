@@ -80,20 +80,12 @@ class StableDiffusionPipeline:
         self.scheduler = scheduler
         self._progress_bar_config: dict = {}
         self._upcast_vae_if_float16()
-        self._convolutions_channels_last()
+        self.vae.to(memory_format=conv_memory_format("vae", self.vae.dtype))  # no copy if loaded that way
+        self.unet.to(memory_format=conv_memory_format("unet", self.unet.dtype))
 
     def _upcast_vae_if_float16(self) -> None:
         if self.vae.dtype == torch.float16 and self.vae.config.force_upcast:
             self.vae.to(torch.float32)
-
-    def _convolutions_channels_last(self) -> None:
-        """Store conv weights channels-last, (C_out, kH, kW, C_in): oneDNN's CPU convolutions run fastest on that
-        layout, their outputs keep it, and the reshapes around attention become views. Measured (docs/performance.md):
-        the VAE decode 1.2x (fp32) to 2.9x (bf16) faster, the bf16 UNet step 10%. The float32 UNet runs as fast
-        either way, and for it the copy would double the memory of its memory-mapped weights, so it stays as loaded."""
-        self.vae.to(memory_format=torch.channels_last)
-        if self.unet.dtype != torch.float32:
-            self.unet.to(memory_format=torch.channels_last)
 
     # ----- loading -----
 
@@ -104,11 +96,14 @@ class StableDiffusionPipeline:
         if path.is_file():
             return cls.from_single_file(path, torch_dtype=torch_dtype)
         load = dict(torch_dtype=torch_dtype, variant=variant)
+        dtype = torch_dtype or torch.get_default_dtype()
         return cls(
-            vae=AutoencoderKL.from_pretrained(path_or_repo_id, subfolder="vae", **load),
+            vae=AutoencoderKL.from_pretrained(path_or_repo_id, subfolder="vae", memory_format=conv_memory_format("vae", dtype), **load),
             text_encoder=CLIPTextModel.from_pretrained(path_or_repo_id, subfolder="text_encoder", **load),
             tokenizer=CLIPTokenizer.from_pretrained(path_or_repo_id, subfolder="tokenizer"),
-            unet=UNet2DConditionModel.from_pretrained(path_or_repo_id, subfolder="unet", **load),
+            unet=UNet2DConditionModel.from_pretrained(
+                path_or_repo_id, subfolder="unet", memory_format=conv_memory_format("unet", dtype), **load
+            ),
             scheduler=scheduler_from_folder(path_or_repo_id),
         )
 
@@ -119,7 +114,9 @@ class StableDiffusionPipeline:
         """Load an original one-file checkpoint (e.g. v1-5-pruned-emaonly.safetensors), offline.
 
         `config`: a diffusers-layout folder whose configs describe the file (default: SD 1.5's, bundled)."""
-        parts = load_single_file(path, torch_dtype=torch_dtype, use_ema=use_ema, config=config)
+        dtype = torch_dtype or torch.get_default_dtype()
+        memory_formats = {model: conv_memory_format(model, dtype) for model in ("unet", "vae")}
+        parts = load_single_file(path, torch_dtype=torch_dtype, use_ema=use_ema, config=config, memory_formats=memory_formats)
         return cls(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet, scheduler=parts.scheduler)
 
     def to(self, device=None, dtype: torch.dtype | None = None, memory_format: torch.memory_format | None = None):
@@ -304,6 +301,17 @@ class StableDiffusionPipeline:
         ):
             pass
         return StableDiffusionPipelineOutput(images=self.decode_latents(step.latents, output_type))
+
+
+def conv_memory_format(model: str, dtype: torch.dtype) -> torch.memory_format:
+    """The layout of the conv weights of the pipeline's "vae" or "unet" in `dtype`.
+
+    Channels-last, (C_out, kH, kW, C_in): oneDNN's CPU convolutions run fastest on it, their outputs keep it, and
+    the reshapes around attention become views. Measured (docs/performance.md): the VAE decode 1.2x (fp32) to
+    2.9x (bf16) faster, the bf16 UNet step 10%. The float32 UNet runs as fast either way, so it keeps the file's
+    layout: its weights stay views of the memory-mapped file, with no copy to make.
+    """
+    return torch.contiguous_format if model == "unet" and dtype == torch.float32 else torch.channels_last
 
 
 def fastest_cpu_dtype() -> torch.dtype:
