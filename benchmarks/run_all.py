@@ -503,30 +503,84 @@ def section_generation(report: Report, folder: Path, dtypes: list[str], size: in
     return images
 
 
-def section_loading(report: Report, folder: Path, single_file: Path, dtypes: list[str]) -> None:
-    """Whole-pipeline loading (imports done before the clock starts), cold (the weight
-    files evicted from the page cache) then warm, libraries alternating; the load's peak RSS alongside."""
+def section_loading(report: Report, folder: Path, single_file: Path, dtypes: list[str], repeats: int) -> None:
+    """Whole-pipeline loading (imports done before the clock starts), cold (the weight files evicted from the
+    page cache) then warm, libraries alternating, each the median of `repeats` fresh processes; the peak RSS
+    of the load alongside (its largest over the repeats)."""
     weight_files = [*folder.glob("*/*.safetensors"), single_file]
     rows = []
     for kind, source in (("from_pretrained", folder), ("single_file", single_file)):
         for dtype_name in dtypes:
             for temperature in ("cold", "warm"):
-                found = {}
-                for library in ("minidiff", "diffusers"):
-                    if temperature == "cold":
-                        evict_from_page_cache(weight_files)
-                    wait_for_quiet()
-                    found[library] = run_child("load", library, kind, dtype_name, str(source), str(folder))
-                if found["minidiff"]["parameters"] != found["diffusers"]["parameters"]:
-                    raise RuntimeError(f"the libraries loaded different models: {found}")
-                ours, theirs = found["minidiff"], found["diffusers"]
+                runs = {"minidiff": [], "diffusers": []}
+                for _ in range(repeats):
+                    for library, found in runs.items():
+                        if temperature == "cold":
+                            evict_from_page_cache(weight_files)
+                        wait_for_quiet()
+                        found.append(run_child("load", library, kind, dtype_name, str(source), str(folder)))
+                if {run["parameters"] for found in runs.values() for run in found} != {runs["minidiff"][0]["parameters"]}:
+                    raise RuntimeError(f"the libraries loaded different models: {runs}")
+                ours, theirs = (statistics.median(run["seconds"] for run in runs[library]) for library in ("minidiff", "diffusers"))
+                peaks = [max(run["peak_mib"] for run in runs[library]) for library in ("minidiff", "diffusers")]
                 name = "from_single_file" if kind == "single_file" else kind
-                rows.append([f"{name}, {dtype_name}, {temperature}", f"{ours['seconds']:.2f} s", f"{theirs['seconds']:.2f} s",
-                             *ratio_cells(ours["seconds"], theirs["seconds"], TARGETS["load"]),
-                             f"{ours['peak_mib']:.0f} / {theirs['peak_mib']:.0f} MiB"])
-    report.say(f"  measured loading (load average {load_average()})")
+                rows.append([f"{name}, {dtype_name}, {temperature}", f"{ours:.2f} s", f"{theirs:.2f} s",
+                             *ratio_cells(ours, theirs, TARGETS["load"]), f"{peaks[0]:.0f} / {peaks[1]:.0f} MiB"])
+    report.say(f"  measured loading, median of {repeats} (load average {load_average()})")
     report.say()
     report.table(["pipeline loading", "minidiff", "diffusers", "ratio", "target", "met", "peak RSS (minidiff / diffusers)"], rows)
+
+
+def memory_cgroup(limit_mib: int) -> Path | None:
+    """A new cgroup (v1 memory controller) whose processes may use `limit_mib` of memory, page cache included;
+    None where this machine does not let us make one (no cgroup v1 memory controller, or no permission)."""
+    folder = Path("/sys/fs/cgroup/memory") / f"minidiff-bench-{os.getpid()}-{limit_mib}"
+    try:
+        folder.mkdir()
+        (folder / "memory.limit_in_bytes").write_text(str(limit_mib * 2**20))
+    except OSError:
+        return None
+    return folder
+
+
+def run_child_limited(cgroup: Path, *arguments: str) -> dict:
+    """`run_child` inside `cgroup`; {"killed": True} when the kernel's out-of-memory killer stopped it."""
+    completed = subprocess.run([sys.executable, __file__, "--child", *arguments], capture_output=True, text=True, check=False,
+                               preexec_fn=lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid())))
+    used_mib = int((cgroup / "memory.max_usage_in_bytes").read_text()) / 2**20
+    cgroup.rmdir()
+    if completed.returncode == -9:
+        return {"killed": True, "used_mib": used_mib}
+    if completed.returncode != 0:
+        raise RuntimeError(f"child {arguments} failed:\n{completed.stderr[-3000:]}")
+    return {**json.loads(completed.stdout.strip().splitlines()[-1]), "killed": False, "used_mib": used_mib}
+
+
+def section_memory_limit(report: Report, folder: Path, dtype_name: str, limits_mib: list[int], size: int, steps: int) -> None:
+    """The text-to-image run under a memory limit that counts the page cache too (a cgroup), the weight files
+    evicted first so that their pages are charged to it: what a machine with that much free memory would see.
+    Peak RSS counts the memory-mapped weights' file pages, which the kernel can drop and read again."""
+    weight_files = list(folder.glob("*/*.safetensors"))
+    rows = []
+    probe = memory_cgroup(limits_mib[0])
+    if probe is None:
+        report.say("(memory-limit section skipped: no writable cgroup v1 memory controller on this machine)")
+        return
+    probe.rmdir()
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / "minidiff-bench-limited.pt"
+    for limit in [None, *limits_mib]:
+        row = ["none" if limit is None else f"{limit} MiB"]
+        for library in ("minidiff", "minidiff-low-memory", "diffusers"):
+            evict_from_page_cache(weight_files)
+            wait_for_quiet()
+            arguments = ("generate", library, dtype_name, str(folder), str(out), str(size), str(steps))
+            found = {**run_child(*arguments), "killed": False} if limit is None else run_child_limited(memory_cgroup(limit), *arguments)
+            row.append("killed (out of memory)" if found["killed"] else
+                       f"{found['generate']:.1f} s (peak RSS {found['peak_mib']:.0f} MiB)")
+        rows.append(row)
+    report.say(f"  measured memory limits (load average {load_average()})")
+    report.say()
+    report.table([f"{steps} steps {size}x{size} {dtype_name}, memory limit", "minidiff", "minidiff --low-memory", "diffusers"], rows)
 
 
 def section_tiled_decode(report: Report, folder: Path, dtype_name: str, latent_size: int) -> None:
@@ -638,7 +692,8 @@ def main() -> None:
     parser.add_argument("--weights", default="~/.cache/minidiff/random-sd15", help="random SD 1.5 folder (made if missing)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile rows (minutes of compiling)")
-    parser.add_argument("--only", default="compute,generation,loading,tiling,scheduler,quality", help="comma-separated sections")
+    parser.add_argument("--only", default="compute,generation,loading,memory-limit,tiling,scheduler,quality",
+                        help="comma-separated sections")
     parser.add_argument("--dtypes", default=None, help="comma-separated, from fp32,bf16,fp16 (default: fp32, and bf16 on CPUs with bf16 units)")
     parser.add_argument("--tiny", action="store_true", help="tiny random weights: a smoke test of this script")
     parser.add_argument("--out", default=None, help="also write the report (Markdown) to this file")
@@ -686,7 +741,10 @@ def main() -> None:
     if "generation" in sections:
         images = section_generation(report, folder, dtypes, size, steps)
     if "loading" in sections:
-        section_loading(report, folder, single_file, dtypes)
+        section_loading(report, folder, single_file, dtypes, args.repeats)
+    if "memory-limit" in sections:  # 2 steps: the weights are all read in the first; more steps page the same
+        limits = [512, 320] if args.tiny else [3072, 2048, 1536]
+        section_memory_limit(report, folder, "fp32", limits, size, 2)
     if "tiling" in sections:
         section_tiled_decode(report, folder, fastest, 96 if args.tiny else 128)
     if "scheduler" in sections and ("unet", fastest) in medians:
