@@ -1,7 +1,7 @@
 """Every figure of docs/performance.md in one run: minidiff vs diffusers on the same full-size random SD 1.5 weights.
 
     python benchmarks/run_all.py [--weights ~/.cache/minidiff/random-sd15] [--repeats 5] [--skip-compile] [--out FILE]
-                                 [--dtypes fp32,bf16]
+                                 [--dtypes fp32,bf16] [--only SECTIONS] [--memory-limits 3072,2048,1536]
 
 What is measured (in each of --dtypes: fp32, and bf16 where the CPU has bfloat16 units, see below), each as a
 ratio minidiff / diffusers next to its target:
@@ -13,7 +13,9 @@ ratio minidiff / diffusers next to its target:
     generation     the whole 512x512 text-to-image run, 20 steps (PNDM, the folder's scheduler): wall time and
                    peak RSS of a fresh process (load + generate), each library as it runs by default
     loading        `from_pretrained` (folder) and `from_single_file` of the whole pipeline, cold (the weight
-                   files evicted from the page cache) and warm
+                   files evicted from the page cache) and warm, median of --repeats fresh processes
+    memory limit   the generation (fp32, 2 steps) inside cgroup memory limits (--memory-limits, MiB; page cache
+                   counted, weight files evicted first): which limits each library completes under, and how fast
     scheduler      one `step` as a share of a UNet step (bf16 if measured, else fp32)
     quality        bf16 (and fp16) vs fp32 images from the same seed: PSNR (exact denoiser, random SD weights)
     profile        where one UNet step's time goes (benchmarks/profile_unet.py)
@@ -695,6 +697,7 @@ def main() -> None:
     parser.add_argument("--only", default="compute,generation,loading,memory-limit,tiling,scheduler,quality",
                         help="comma-separated sections")
     parser.add_argument("--dtypes", default=None, help="comma-separated, from fp32,bf16,fp16 (default: fp32, and bf16 on CPUs with bf16 units)")
+    parser.add_argument("--memory-limits", default=None, help="comma-separated MiB for the memory-limit section (default: 3072,2048,1536)")
     parser.add_argument("--tiny", action="store_true", help="tiny random weights: a smoke test of this script")
     parser.add_argument("--out", default=None, help="also write the report (Markdown) to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -743,7 +746,7 @@ def main() -> None:
     if "loading" in sections:
         section_loading(report, folder, single_file, dtypes, args.repeats)
     if "memory-limit" in sections:  # 2 steps: the weights are all read in the first; more steps page the same
-        limits = [512, 320] if args.tiny else [3072, 2048, 1536]
+        limits = [int(limit) for limit in args.memory_limits.split(",")] if args.memory_limits else [512, 320] if args.tiny else [3072, 2048, 1536]
         section_memory_limit(report, folder, "fp32", limits, size, 2)
     if "tiling" in sections:
         section_tiled_decode(report, folder, fastest, 96 if args.tiny else 128)

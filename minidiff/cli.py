@@ -236,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder (compiles on first use)")
         command.add_argument(
             "--low-memory", action="store_true",
-            help="give freed memory back to the system (glibc's default): about 1 GB less peak memory for a 512x512 "
-                 "fp32 image, some 5-30%% slower (docs/performance.md)",
+            help="give freed memory back to the system (glibc's default), for machines short of memory: a 512x512 "
+                 "fp32 image then runs within a 1.5 GB memory limit (the default needs more than 2 GB), some 5-30%% "
+                 "slower (docs/performance.md)",
         )
         command.set_defaults(run=run)
         if name == "generate":
