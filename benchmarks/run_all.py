@@ -375,11 +375,19 @@ def child_decode_memory(mode: str, dtype_name: str, folder: str, out: str, size:
     return {"seconds": seconds, "growth_mib": (status_kib("VmHWM") - before) / 1024}
 
 
-def run_child(*arguments: str) -> dict:
-    completed = subprocess.run([sys.executable, __file__, "--child", *arguments], capture_output=True, text=True, check=False)
+def run_child(*arguments: str, cgroup: Path | None = None) -> dict:
+    """This script's `--child` in a fresh process (inside `cgroup` if given, which is removed afterwards): its
+    JSON result, or {"killed": True} when the kernel's out-of-memory killer stopped it."""
+    join_cgroup = None if cgroup is None else lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+    completed = subprocess.run([sys.executable, __file__, "--child", *arguments], capture_output=True, text=True, check=False,
+                               preexec_fn=join_cgroup)
+    if cgroup is not None:
+        cgroup.rmdir()
+    if completed.returncode == -9:
+        return {"killed": True}
     if completed.returncode != 0:
         raise RuntimeError(f"child {arguments} failed:\n{completed.stderr[-3000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return {**json.loads(completed.stdout.strip().splitlines()[-1]), "killed": False}
 
 
 def evict_from_page_cache(paths: list[Path]) -> None:
@@ -545,19 +553,6 @@ def memory_cgroup(limit_mib: int) -> Path | None:
     return folder
 
 
-def run_child_limited(cgroup: Path, *arguments: str) -> dict:
-    """`run_child` inside `cgroup`; {"killed": True} when the kernel's out-of-memory killer stopped it."""
-    completed = subprocess.run([sys.executable, __file__, "--child", *arguments], capture_output=True, text=True, check=False,
-                               preexec_fn=lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid())))
-    used_mib = int((cgroup / "memory.max_usage_in_bytes").read_text()) / 2**20
-    cgroup.rmdir()
-    if completed.returncode == -9:
-        return {"killed": True, "used_mib": used_mib}
-    if completed.returncode != 0:
-        raise RuntimeError(f"child {arguments} failed:\n{completed.stderr[-3000:]}")
-    return {**json.loads(completed.stdout.strip().splitlines()[-1]), "killed": False, "used_mib": used_mib}
-
-
 def section_memory_limit(report: Report, folder: Path, dtype_name: str, limits_mib: list[int], size: int, steps: int) -> None:
     """The text-to-image run under a memory limit that counts the page cache too (a cgroup), the weight files
     evicted first so that their pages are charged to it: what a machine with that much free memory would see.
@@ -576,7 +571,7 @@ def section_memory_limit(report: Report, folder: Path, dtype_name: str, limits_m
             evict_from_page_cache(weight_files)
             wait_for_quiet()
             arguments = ("generate", library, dtype_name, str(folder), str(out), str(size), str(steps))
-            found = {**run_child(*arguments), "killed": False} if limit is None else run_child_limited(memory_cgroup(limit), *arguments)
+            found = run_child(*arguments, cgroup=None if limit is None else memory_cgroup(limit))
             row.append("killed (out of memory)" if found["killed"] else
                        f"{found['generate']:.1f} s (peak RSS {found['peak_mib']:.0f} MiB)")
         rows.append(row)
