@@ -19,6 +19,12 @@ A real diffusers `scheduler_config.json` loads as it is. Its bookkeeping keys ar
   `timestep_spacing`, gives PNDM "leading" and Euler "linspace".
 Keys that belong to another compatible class are kept as hidden config (so PNDM -> Euler -> PNDM
 round-trips), and keys nobody knows are kept and reported in one warning.
+
+Refused fields: diffusers' classes take config fields for features minidiff does not implement
+(a UNet's `encoder_hid_dim`, ...). A class lists them once, as data, in `_refused_config`
+({field: the one value minidiff supports}). They are not `__init__` arguments: given at their
+supported value (as every SD 1.x/2.x config.json does) they are recorded in `config` and change
+nothing; any other value raises NotImplementedError naming the field (`check_refused_config`).
 """
 
 from __future__ import annotations
@@ -76,6 +82,9 @@ def register_to_config(init):
 
     @functools.wraps(init)
     def recording_init(self, *args, **kwargs):
+        refused_fields = getattr(type(self), "_refused_config", {})
+        refused = {key: kwargs.pop(key) for key in list(kwargs) if key in refused_fields}
+        check_refused_config(type(self), refused)
         private = {key: value for key, value in kwargs.items() if key.startswith("_")}
         public = {key: value for key, value in kwargs.items() if not key.startswith("_")}
         parameters = list(inspect.signature(init).parameters.values())[1:]  # skip `self`
@@ -83,7 +92,8 @@ def register_to_config(init):
         given = dict(zip(names, args))
         given.update({name: public[name] for name in names if name in public})
         values = {p.name: given.get(p.name, p.default) for p in parameters if p.name in names}
-        defaulted = [name for name in names if name not in given]
+        values.update({key: refused.get(key, supported) for key, supported in refused_fields.items()})
+        defaulted = [name for name in names if name not in given] + [key for key in refused_fields if key not in refused]
         config = {**private, **values}
         if defaulted:
             config["_use_default_values"] = defaulted
@@ -94,24 +104,41 @@ def register_to_config(init):
     return recording_init
 
 
+def check_refused_config(cls, given: dict[str, Any]) -> None:
+    """Raise NotImplementedError for a refused field (see the module docstring) set to an unsupported value."""
+    for key, value in given.items():
+        supported = cls._refused_config[key]
+        if value != supported:
+            raise NotImplementedError(
+                f"{cls.__name__} config field {key}={value!r} is not implemented in minidiff (it supports only "
+                f"{supported!r}); remove it from the config or set it to {supported!r}"
+            )
+
+
 def _init_keys(cls) -> set[str]:
+    """The config fields `cls` takes: its `__init__` arguments and its refused fields."""
     parameters = inspect.signature(cls.__init__).parameters
-    return {
+    arguments = {
         name
         for name, p in parameters.items()
         if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     }
+    return arguments | set(getattr(cls, "_refused_config", {}))
 
 
 def _init_defaults(cls) -> dict[str, Any]:
     parameters = inspect.signature(cls.__init__).parameters
-    return {name: p.default for name, p in parameters.items() if name != "self" and p.default is not p.empty}
+    defaults = {name: p.default for name, p in parameters.items() if name != "self" and p.default is not p.empty}
+    return {**getattr(cls, "_refused_config", {}), **defaults}
 
 
 def _annotation_allows_sequence(cls, key: str) -> bool:
     """Whether `cls.__init__` annotates `key` as possibly a tuple/list (`int | tuple[int]`), so a scalar default
     does not forbid a per-block list."""
-    annotation = inspect.signature(cls.__init__).parameters[key].annotation
+    parameter = inspect.signature(cls.__init__).parameters.get(key)
+    if parameter is None:  # a refused field: not an argument
+        return False
+    annotation = parameter.annotation
     text = annotation if isinstance(annotation, str) else repr(annotation)
     return "tuple" in text or "list" in text
 
@@ -149,6 +176,8 @@ class ConfigMixin:
     """
 
     config_name: str = "config.json"
+    # Fields of diffusers' class that minidiff does not implement: {field: the only value it supports}.
+    _refused_config: dict[str, Any] = {}
     # Keys written by other libraries' tools that carry no meaning for the object; never reported.
     _quiet_keys: tuple[str, ...] = ()
 

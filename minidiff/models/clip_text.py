@@ -33,6 +33,7 @@ from torch import nn
 from minidiff.checkpoints.errors import CheckpointError
 from minidiff.configuration import register_to_config
 from minidiff.models.modeling import ModelMixin
+from minidiff.utils.outputs import BaseOutput
 
 HIDDEN_ACTIVATIONS = ("quick_gelu", "gelu")
 PREFIX = "text_model."
@@ -43,7 +44,7 @@ POSITION_IDS_KEY = "text_model.embeddings.position_ids"
 
 
 @dataclass
-class BaseModelOutputWithPooling:
+class BaseModelOutputWithPooling(BaseOutput):
     """What the text encoder returns (transformers' name): `output[0]` / `.last_hidden_state` is (B, L, D),
     `output[1]` / `.pooler_output` is (B, D); `.hidden_states` (embeddings + each layer, each (B, L, D))
     only with `output_hidden_states=True`."""
@@ -51,13 +52,6 @@ class BaseModelOutputWithPooling:
     last_hidden_state: torch.Tensor
     pooler_output: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None
-
-    def to_tuple(self) -> tuple:
-        values = (self.last_hidden_state, self.pooler_output, self.hidden_states)
-        return tuple(value for value in values if value is not None)
-
-    def __getitem__(self, index):
-        return self.to_tuple()[index]
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ import torch
 from minidiff.configuration import register_to_config
 from minidiff.models.modeling import ModelMixin
 from minidiff.schedulers.base import PREDICTION_TYPES, check_choice, make_betas
+from minidiff.utils.outputs import BaseOutput
 
 # The keys of a scheduler config that define the training noise schedule (alphas_cumprod).
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
@@ -48,7 +49,7 @@ UNCONDITIONAL = -1  # the class label that selects the full mixture (the uncondi
 
 
 @dataclass
-class DenoiserOutput:
+class DenoiserOutput(BaseOutput):
     """What the model returns, named like diffusers' `UNet2DOutput`: `.sample` is the prediction."""
 
     sample: torch.Tensor

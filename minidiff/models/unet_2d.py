@@ -36,10 +36,11 @@ from minidiff.configuration import register_to_config
 from minidiff.models.attention import Attention
 from minidiff.models.layers import Downsample2D, ResnetBlock2D, TimestepEmbedding, Timesteps, Upsample2D
 from minidiff.models.modeling import ModelMixin
+from minidiff.utils.outputs import BaseOutput
 
 
 @dataclass
-class UNet2DOutput:
+class UNet2DOutput(BaseOutput):
     """`model(x, t).sample`: the prediction, shaped like the input (B, C_out, H, W)."""
 
     sample: torch.Tensor

@@ -48,19 +48,14 @@ from minidiff.configuration import register_to_config
 from minidiff.models.attention import Transformer2DModel
 from minidiff.models.layers import Downsample2D, ResnetBlock2D, TimestepEmbedding, Timesteps, Upsample2D, get_activation
 from minidiff.models.modeling import ModelMixin
+from minidiff.utils.outputs import BaseOutput
 
 
 @dataclass
-class UNet2DConditionOutput:
+class UNet2DConditionOutput(BaseOutput):
     """What the UNet returns: `sample`, the predicted noise (or v, or x0, per the scheduler's prediction_type)."""
 
     sample: torch.Tensor
-
-    def to_tuple(self) -> tuple:
-        return (self.sample,)
-
-    def __getitem__(self, index):
-        return self.to_tuple()[index]
 
 
 # ----- down blocks ----------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ from minidiff.configuration import register_to_config
 from minidiff.models.attention import Attention
 from minidiff.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, get_activation
 from minidiff.models.modeling import ModelMixin
-from minidiff.schedulers.base import randn_tensor
+from minidiff.utils.torch_utils import randn_tensor
+from minidiff.utils.outputs import BaseOutput
 
 
 # ----- the latent distribution ----------------------------------------------------------------------
@@ -80,29 +81,17 @@ class DiagonalGaussianDistribution:
 
 
 @dataclass
-class AutoencoderKLOutput:
+class AutoencoderKLOutput(BaseOutput):
     """What `encode` returns: the posterior q(z | x)."""
 
     latent_dist: DiagonalGaussianDistribution
 
-    def to_tuple(self) -> tuple:
-        return (self.latent_dist,)
-
-    def __getitem__(self, index):
-        return self.to_tuple()[index]
-
 
 @dataclass
-class DecoderOutput:
+class DecoderOutput(BaseOutput):
     """What `decode` and `forward` return: the image, (B, 3, H, W) in about [-1, 1]."""
 
     sample: torch.Tensor
-
-    def to_tuple(self) -> tuple:
-        return (self.sample,)
-
-    def __getitem__(self, index):
-        return self.to_tuple()[index]
 
 
 # ----- blocks ---------------------------------------------------------------------------------------

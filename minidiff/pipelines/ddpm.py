@@ -14,11 +14,12 @@ from tqdm.auto import tqdm
 
 from minidiff.models.unet_2d import UNet2DModel
 from minidiff.pipelines.stable_diffusion import DenoisingStep, scheduler_from_folder, to_output_type
-from minidiff.schedulers.base import randn_tensor
+from minidiff.utils.torch_utils import randn_tensor
+from minidiff.utils.outputs import BaseOutput
 
 
 @dataclass
-class ImagePipelineOutput:
+class ImagePipelineOutput(BaseOutput):
     images: list
 
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline, StableDiffusionPipelineOutput
-from minidiff.schedulers.base import randn_tensor
+from minidiff.utils.torch_utils import randn_tensor
 
 
 def preprocess_image(image, vae_scale_factor: int = 8) -> torch.Tensor:

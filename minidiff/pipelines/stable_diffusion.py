@@ -22,15 +22,16 @@ from tqdm.auto import tqdm
 
 import minidiff.schedulers as schedulers
 from minidiff.checkpoints.single_file import load_single_file
-from minidiff.schedulers.base import randn_tensor
+from minidiff.utils.torch_utils import randn_tensor
 from minidiff.models.clip_text import CLIPTextModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
 from minidiff.tokenizer import CLIPTokenizer
+from minidiff.utils.outputs import BaseOutput
 
 
 @dataclass
-class StableDiffusionPipelineOutput:
+class StableDiffusionPipelineOutput(BaseOutput):
     """`images`: a list of PIL images, a (B, H, W, 3) numpy array in [0, 1], a (B, 3, H, W) tensor, or latents."""
 
     images: list | np.ndarray | torch.Tensor

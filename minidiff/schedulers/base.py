@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from minidiff.configuration import ConfigMixin
+from minidiff.utils.outputs import BaseOutput
+from minidiff.utils.torch_utils import randn_tensor  # noqa: F401  (re-exported: old import path)
 
 # The scheduler classes that read each other's configs: diffusers' `KarrasDiffusionSchedulers` enum.
 # `compatibles` keeps the ones minidiff implements.
@@ -48,17 +50,11 @@ TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 
 
 @dataclass
-class SchedulerOutput:
+class SchedulerOutput(BaseOutput):
     """What `step` returns: x_{t-1} (`prev_sample`) and the model's estimate of x_0 (`pred_original_sample`)."""
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
-
-    def to_tuple(self) -> tuple:
-        return tuple(value for value in (self.prev_sample, self.pred_original_sample) if value is not None)
-
-    def __getitem__(self, index):
-        return self.to_tuple()[index]
 
 
 def check_choice(field: str, value, allowed) -> None:
@@ -270,27 +266,6 @@ def regularized_incomplete_beta(x: float, a: float, b: float) -> float:
         if abs(c * d - 1) < 1e-16:
             break
     return front * fraction
-
-
-# ----- noise for the stochastic samplers --------------------------------------------------------
-
-
-def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
-    """Standard normal noise drawn as diffusers' `randn_tensor` draws it, so one seed gives the same numbers.
-
-    The noise is drawn on the generator's device (a CPU generator gives CPU noise, then moved to
-    `device`). A list of generators draws one sample of the batch from each, in order.
-    """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if isinstance(generator, (list, tuple)) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one generator per sample")
-        draws = [randn_tensor((1, *shape[1:]), one, device, dtype) for one in generator]
-        return torch.cat(draws, dim=0)
-    draw_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
 # ----- keeping the predicted x_0 in range -------------------------------------------------------
