@@ -14,7 +14,7 @@ ratio minidiff / diffusers next to its target:
                    peak RSS of a fresh process (load + generate), each library as it runs by default
     loading        `from_pretrained` (folder) and `from_single_file` of the whole pipeline, cold (the weight
                    files evicted from the page cache) and warm, median of --repeats fresh processes
-    memory limit   the generation (fp32, 2 steps) inside cgroup memory limits (--memory-limits, MiB; page cache
+    memory limit   the generation (fastest of --dtypes, 2 steps) inside cgroup memory limits (--memory-limits, MiB; page cache
                    counted, weight files evicted first): which limits each library completes under, and how fast
     scheduler      one `step` as a share of a UNet step (bf16 if measured, else fp32)
     quality        bf16 (and fp16) vs fp32 images from the same seed: PSNR (exact denoiser, random SD weights)
@@ -135,8 +135,12 @@ def others_running() -> int:
     return 0
 
 
-def wait_for_quiet(timeout: float = 60.0, samples: int = 4) -> bool:
+QUIET_WAIT_SECONDS = 60.0  # 0 with --tiny: a smoke test measures nothing worth waiting for
+
+
+def wait_for_quiet(timeout: float | None = None, samples: int = 4) -> bool:
     """Wait until no other process has been running for `samples` checks 0.25 s apart; False after `timeout`."""
+    timeout = QUIET_WAIT_SECONDS if timeout is None else timeout
     deadline, calm = time.monotonic() + timeout, 0
     while time.monotonic() < deadline:
         calm = calm + 1 if others_running() == 0 else 0
@@ -627,6 +631,17 @@ def to_unit(image: torch.Tensor) -> torch.Tensor:
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
+QUALITY_REFERENCES = [("minidiff", "fp32"), ("diffusers", "fp32"), ("diffusers", "bf16"), ("diffusers", "fp16")]
+
+
+def quality_reference(images: dict) -> tuple[str, str]:
+    """The most precise image the generation section made: minidiff fp32, else diffusers' in the widest dtype run."""
+    for key in QUALITY_REFERENCES:
+        if key in images:
+            return key
+    raise ValueError(f"no reference image among {sorted(images)}: the quality section needs diffusers' or an fp32 run")
+
+
 def section_quality(report: Report, images: dict, size: int) -> None:
     from minidiff import accuracy
 
@@ -642,13 +657,13 @@ def section_quality(report: Report, images: dict, size: int) -> None:
                                                   setup.step_kwargs, class_labels=torch.arange(8))[1]
         rows.append([f"exact denoiser, 8 pictures 32x32, {setup.label} 20 steps: bf16 vs fp32",
                      f"{psnr(to_unit(found[torch.bfloat16]), to_unit(found[torch.float32])):.1f} dB", ""])
-    reference = images[("minidiff", "fp32")]
-    for library, dtype_name in (("minidiff", "bf16"), ("minidiff", "fp16"), ("diffusers", "bf16"), ("diffusers", "fp32")):
-        if (library, dtype_name) not in images:
+    reference_key = quality_reference(images)
+    reference_name = " ".join(reference_key)
+    for key, image in images.items():
+        if key == reference_key or key[0] == "minidiff-low-memory":
             continue
-        image = images[(library, dtype_name)]
         finite = bool(torch.isfinite(image).all())
-        rows.append([f"random SD 1.5 weights, {size}x{size}: {library} {dtype_name} vs minidiff fp32", f"{psnr(image, reference):.1f} dB",
+        rows.append([f"random SD 1.5 weights, {size}x{size}: {' '.join(key)} vs {reference_name}", f"{psnr(image, images[reference_key]):.1f} dB",
                      f"finite: {finite}, std {image.float().std():.3f} (not black)"])
     report.table(["quality (target: PSNR >= 30 dB)", "PSNR", "notes"], rows)
 
@@ -708,6 +723,9 @@ def main() -> None:
         return None
 
     folder = Path(args.weights).expanduser()
+    if args.tiny:
+        global QUIET_WAIT_SECONDS
+        QUIET_WAIT_SECONDS = 0.0
     if args.tiny and args.weights == parser.get_default("weights"):
         folder = folder.with_name("random-sd15-tiny")
     single_file = prepare_weights(folder, args.tiny)
@@ -742,7 +760,7 @@ def main() -> None:
         section_loading(report, folder, single_file, dtypes, args.repeats)
     if "memory-limit" in sections:  # 2 steps: the weights are all read in the first; more steps page the same
         limits = [int(limit) for limit in args.memory_limits.split(",")] if args.memory_limits else [512, 320] if args.tiny else [3072, 2048, 1536]
-        section_memory_limit(report, folder, "fp32", limits, size, 2)
+        section_memory_limit(report, folder, fastest, limits, size, 2)
     if "tiling" in sections:
         section_tiled_decode(report, folder, fastest, 96 if args.tiny else 128)
     if "scheduler" in sections and ("unet", fastest) in medians:

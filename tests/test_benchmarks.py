@@ -1,0 +1,23 @@
+"""benchmarks/run_all.py works with any --dtypes selection (a smoke test on tiny weights, not a measurement)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_all_bf16_only_compares_quality_against_the_best_reference(tmp_path):
+    # Without an fp32 run there is no minidiff fp32 image: the quality table must fall back to diffusers' bf16 one.
+    report = tmp_path / "report.md"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--tiny", "--repeats", "1", "--skip-compile",
+         "--only", "compute,generation,quality", "--dtypes", "bf16", "--weights", str(tmp_path / "weights"),
+         "--out", str(report)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = report.read_text()
+    assert "minidiff bf16 vs diffusers bf16" in text
+    assert "4 steps 64x64, bf16: generation wall time" in text
+    assert "fp32: generation" not in text  # only the dtypes asked for are run
