@@ -205,6 +205,25 @@ def cmd_demo(args) -> None:
     run_demo(check_writable(Path(args.out)))
 
 
+def cmd_sweep(args) -> None:
+    from minidiff.sweep import expand_jobs, load_spec
+    from minidiff.sweep.runner import estimate_seconds, run_sweep
+
+    spec = load_spec(args.spec)  # every field checked before any weights are loaded
+    if args.dry_run:
+        jobs = expand_jobs(spec)
+        for job in jobs:
+            print(f"{job.job_id}  {job.scheduler!r:24s} {job.steps:4d} steps  guidance {job.guidance_scale:g}  "
+                  f"seed {job.seed}  {job.width}x{job.height}  {job.prompt!r}")
+        seconds_per_call, calls = estimate_seconds(spec)
+        print(f"{len(jobs)} jobs, {calls} UNet calls; one call measured at {seconds_per_call:.2f} s here: about "
+              f"{seconds_per_call * calls / 60:.1f} min on one process (plus loading and decoding)")
+        return
+    counts = run_sweep(spec, check_writable(Path(args.out)), progress=not args.no_progress)
+    print(f"sweep: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} already done, "
+          f"of {counts['total']} jobs; see {Path(args.out) / 'index.html'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minidiff", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -256,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--single-file", action="store_true", help="v1-5-pruned-emaonly.safetensors only")
     download.add_argument("--out", default=None, help="folder (default: the Hugging Face cache)")
     download.set_defaults(run=cmd_download)
+
+    sweep = commands.add_parser("sweep", help="prompts x schedulers x steps x seeds from a JSON/TOML spec; runs under torchrun too")
+    sweep.add_argument("spec", help="the sweep spec (.json or .toml; see docs/sweep.md)")
+    sweep.add_argument("--out", default="sweep", help="output folder: one PNG per job, manifest.jsonl, grids/, index.html")
+    sweep.add_argument("--dry-run", action="store_true", help="list the jobs and estimate the time from one measured UNet call")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sweep.set_defaults(run=cmd_sweep)
 
     convert = commands.add_parser("convert", help="single-file checkpoint <-> diffusers folder")
     convert.add_argument("src")

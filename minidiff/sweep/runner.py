@@ -1,0 +1,206 @@
+"""Run a sweep: in one process, or as one rank of `torchrun` (torch.distributed), resumable.
+
+    python -m minidiff sweep spec.json --out sweep/                                  # one process
+    torchrun --standalone --nproc_per_node=2 -m minidiff sweep spec.json --out sweep/ # two ranks, one machine
+
+Under torchrun (RANK and WORLD_SIZE set in the environment) every rank joins the process group: gloo on a CPU,
+nccl when CUDA is there. Then, on every rank:
+1. read which jobs are done (their PNG and their manifest line both exist) and barrier, so that every rank
+   sees the same list of jobs left to do;
+2. take every WORLD_SIZE-th of them, starting at RANK; load the pipeline once; for each job build its scheduler,
+   seed a fresh `torch.Generator` from the job's seed (never a shared stream), generate, write the PNG to a
+   temporary name and rename it (a killed job leaves no half-written PNG), then append one manifest line;
+3. barrier; rank 0 makes the grids and index.html (report.py).
+An image so depends only on its job, never on the rank or the world size. A job that raises is recorded in the
+manifest with its error, and the sweep goes on.
+
+The manifest (manifest.jsonl) has one JSON object a line: job_id, the job, rank, seconds, peak_rss_mib (the
+process's peak resident memory so far: on a CPU it grows, it does not reset per job), sha256 of the PNG file,
+or error. Ranks append whole lines with one write each to a file opened O_APPEND, which Linux keeps whole on a
+local disk; on a shared network file system across hosts, give each host its own --out and merge afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from minidiff.pipelines import StableDiffusionPipeline
+from minidiff.pipelines.stable_diffusion import fastest_cpu_dtype
+from minidiff.schedulers.names import find_sampler
+from minidiff.sweep.spec import Job, Spec, expand_jobs
+
+MANIFEST = "manifest.jsonl"
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----- the process group ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def process_group():
+    """(rank, world_size): joins torch.distributed when launched by torchrun, else (0, 1) without a group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        yield 0, 1
+        return
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def device_for_rank() -> torch.device:
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        torch.backends.cudnn.benchmark = False  # autotuning may pick different kernels on different GPUs
+        torch.backends.cudnn.deterministic = True
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+# ----- what is done ---------------------------------------------------------------------------------------------
+
+
+def read_manifest(out: Path) -> list[dict]:
+    """Every whole line of the manifest (a line cut short by a kill is skipped)."""
+    path = out / MANIFEST
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
+
+
+def done_job_ids(out: Path) -> set[str]:
+    """Jobs whose PNG exists and whose manifest line says it succeeded."""
+    return {entry["job_id"] for entry in read_manifest(out) if "error" not in entry and (out / f"{entry['job_id']}.png").is_file()}
+
+
+def append_manifest_line(out: Path, entry: dict) -> None:
+    line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+    descriptor = os.open(out / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, line)  # one write of the whole line: appends never interleave on a local disk
+    finally:
+        os.close(descriptor)
+
+
+# ----- one job ---------------------------------------------------------------------------------------------------
+
+
+def load_pipeline_for(spec: Spec, device: torch.device) -> StableDiffusionPipeline:
+    dtype = fastest_cpu_dtype() if spec.dtype == "auto" else TORCH_DTYPES[spec.dtype]
+    path = Path(spec.weights).expanduser()
+    if path.is_file():
+        pipeline = StableDiffusionPipeline.from_single_file(path, torch_dtype=dtype)
+    else:
+        pipeline = StableDiffusionPipeline.from_pretrained(spec.weights, torch_dtype=dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def run_job(pipeline: StableDiffusionPipeline, base_scheduler_config: dict, job: Job, out: Path) -> bytes:
+    """Generate one job's image, write it as out/<job_id>.png (atomically), return the PNG's bytes."""
+    pipeline.scheduler = find_sampler(job.scheduler).from_config(base_scheduler_config)
+    generator = torch.Generator().manual_seed(job.seed)  # the job's own stream: the image depends on the job only
+    image = pipeline(
+        job.prompt, negative_prompt=job.negative_prompt or None, height=job.height, width=job.width,
+        num_inference_steps=job.steps, guidance_scale=job.guidance_scale, generator=generator,
+    ).images[0]
+    target = out / f"{job.job_id}.png"
+    temporary = out / f".{job.job_id}.{os.getpid()}.png.tmp"
+    image.save(temporary, format="PNG")
+    os.replace(temporary, target)  # atomic: a reader sees no PNG or the whole PNG
+    return target.read_bytes()
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ----- the sweep ------------------------------------------------------------------------------------------------
+
+
+def run_sweep(spec: Spec, out: str | Path, progress: bool = True) -> dict:
+    """Do this process's share of the jobs not done yet; returns counts {total, skipped, done, failed} for this rank."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = expand_jobs(spec)
+    with process_group() as (rank, world_size):
+        done = done_job_ids(out)
+        if rank == 0:
+            for stale in out.glob(".*.png.tmp"):
+                stale.unlink(missing_ok=True)  # left by a job that was killed halfway
+        barrier(world_size)  # no rank writes before every rank has read what is done
+        todo = [job for job in jobs if job.job_id not in done]
+        mine = todo[rank::world_size]
+        counts = {"total": len(jobs), "skipped": len(jobs) - len(todo), "done": 0, "failed": 0}
+        if mine:
+            torch.set_num_threads(spec.threads)  # the same in every process: see spec.py on why it decides the bits
+            pipeline = load_pipeline_for(spec, device_for_rank())
+            base_config = dict(pipeline.scheduler.config)
+            bar = tqdm(mine, desc=f"rank {rank}", position=rank, disable=not progress, unit="image")
+            for job in bar:
+                start = time.perf_counter()
+                entry = {"job_id": job.job_id, "job": asdict(job), "rank": rank, "world_size": world_size,
+                         "host": socket.gethostname()}
+                try:
+                    png = run_job(pipeline, base_config, job, out)
+                    entry.update(seconds=round(time.perf_counter() - start, 3), peak_rss_mib=round(peak_rss_mib(), 1),
+                                 sha256=hashlib.sha256(png).hexdigest())
+                    counts["done"] += 1
+                except Exception as error:  # noqa: BLE001 - a failing job is recorded, the sweep goes on
+                    entry.update(seconds=round(time.perf_counter() - start, 3), error=f"{type(error).__name__}: {error}")
+                    counts["failed"] += 1
+                append_manifest_line(out, entry)
+        barrier(world_size)
+        if rank == 0:
+            from minidiff.sweep.report import write_report
+
+            write_report(out, jobs, read_manifest(out))
+    return counts
+
+
+def estimate_seconds(spec: Spec) -> tuple[float, int]:
+    """(seconds for one UNet call at the spec's size, model calls of the whole sweep): measured, not guessed."""
+    pipeline = load_pipeline_for(spec, device_for_rank())
+    base_config = dict(pipeline.scheduler.config)
+    calls = 0
+    for job in expand_jobs(spec):
+        scheduler = find_sampler(job.scheduler).from_config(base_config)
+        scheduler.set_timesteps(job.steps)
+        calls += len(scheduler.timesteps)  # second-order schedulers call the model about twice per step
+    latents = torch.randn(2, pipeline.unet.config.in_channels, spec.height // 8, spec.width // 8, dtype=pipeline.unet.dtype)
+    context = torch.randn(2, 77, pipeline.unet.config.cross_attention_dim, dtype=pipeline.unet.dtype)
+    with torch.no_grad():
+        pipeline.unet(latents, 999, encoder_hidden_states=context)  # warm-up
+        start = time.perf_counter()
+        pipeline.unet(latents, 999, encoder_hidden_states=context)
+    return time.perf_counter() - start, calls

@@ -1,0 +1,193 @@
+"""The sweep spec: a small JSON or TOML file -> a checked `Spec` -> the jobs, each fully determined.
+
+    {
+      "weights": "path/to/stable-diffusion-v1-5",        # a diffusers folder or one .safetensors file
+      "prompts": ["a photograph of an astronaut riding a horse"],
+      "negative_prompts": [""],                           # optional, default [""]
+      "schedulers": ["DPM++ 2M Karras", "Euler a", "DDIM"],  # A1111 names, CLI names or class names
+      "steps": [10, 20],
+      "guidance_scales": [7.5],
+      "seeds": [0, 1],
+      "size": "512x512",                                  # WIDTHxHEIGHT, multiples of 8
+      "dtype": "fp32",                                    # fp32 | bf16 | fp16 | auto
+      "threads": 1                                        # intra-op threads of each process (see below)
+    }
+
+A job is one point of the product of the lists. Its id is a hash of everything that decides its image
+(weights, dtype, prompt, negative prompt, scheduler name with the class and config overrides it means,
+steps, guidance, seed, size), so the same job has the same id in every run, on every rank and world size.
+Everything is checked here, before any process loads weights; an error names the field.
+
+`threads` is part of a job too: on a CPU, the number of threads a matrix product is split over changes the
+last bits of its sums (measured here: a 1-thread and a 2-thread run of the same job gave different PNGs), so
+every process of a sweep uses the spec's thread count, whatever the world size. On N cores run N ranks of 1
+thread, or N/k ranks of k threads: the images are the same for the same `threads`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from minidiff.configuration import ConfigMixin
+from minidiff.schedulers.names import find_sampler
+
+DTYPES = ("fp32", "bf16", "fp16", "auto")
+LIST_FIELDS = ("prompts", "negative_prompts", "schedulers", "steps", "guidance_scales", "seeds")
+KNOWN_FIELDS = ("weights", *LIST_FIELDS, "size", "dtype", "threads")
+SD15_SCHEDULER_CONFIG = Path(__file__).resolve().parent.parent / "data" / "sd15" / "scheduler" / "scheduler_config.json"
+
+
+class SpecError(ValueError):
+    """A sweep spec that cannot run; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    weights: str
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...]
+    schedulers: tuple[str, ...]
+    steps: tuple[int, ...]
+    guidance_scales: tuple[float, ...]
+    seeds: tuple[int, ...]
+    width: int
+    height: int
+    dtype: str
+    threads: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image: everything that decides it. `job_id` names its PNG and its manifest line."""
+
+    weights: str
+    dtype: str
+    prompt: str
+    negative_prompt: str
+    scheduler: str
+    steps: int
+    guidance_scale: float
+    seed: int
+    width: int
+    height: int
+    threads: int
+
+    @property
+    def job_id(self) -> str:
+        sampler = find_sampler(self.scheduler)
+        identity = {**asdict(self), "scheduler_class": sampler.scheduler_class.__name__, "overrides": sampler.overrides}
+        text = json.dumps(identity, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def read_spec_file(path: str | Path) -> dict:
+    """The spec file's mapping: JSON (.json) or TOML (.toml)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"sweep spec {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except ModuleNotFoundError:
+        raise SpecError(f"{path}: reading TOML needs Python 3.11 or newer; write the spec as JSON instead") from None
+    except (json.JSONDecodeError, ValueError) as error:
+        raise SpecError(f"{path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {error}") from None
+
+
+def load_spec(source: str | Path | dict) -> Spec:
+    """Read (a path) or take (a dict) a spec and check every field; raises SpecError naming the first bad one."""
+    raw = read_spec_file(source) if not isinstance(source, dict) else dict(source)
+    unknown = sorted(set(raw) - set(KNOWN_FIELDS))
+    if unknown:
+        raise SpecError(f"unknown spec field(s) {unknown}; a spec has {list(KNOWN_FIELDS)}")
+    if not isinstance(raw.get("weights"), str) or not raw["weights"].strip():
+        raise SpecError("spec field 'weights' must name a diffusers folder or a .safetensors file")
+    raw.setdefault("negative_prompts", [""])
+    raw.setdefault("guidance_scales", [7.5])
+    raw.setdefault("seeds", [0])
+    lists = {name: _non_empty_list(raw, name) for name in LIST_FIELDS}
+    _check_items(lists["prompts"], "prompts", str)
+    _check_items(lists["negative_prompts"], "negative_prompts", str)
+    _check_items(lists["schedulers"], "schedulers", str)
+    _check_items(lists["steps"], "steps", int)
+    _check_items(lists["guidance_scales"], "guidance_scales", (int, float))
+    _check_items(lists["seeds"], "seeds", int)
+    if any(not prompt.strip() for prompt in lists["prompts"]):
+        raise SpecError("spec field 'prompts' has an empty prompt; give each prompt some text")
+    width, height = _parse_size(raw.get("size", "512x512"))
+    dtype = raw.get("dtype", "fp32")
+    if dtype not in DTYPES:
+        raise SpecError(f"spec field 'dtype' is {dtype!r}; choose one of {list(DTYPES)}")
+    threads = raw.get("threads", 1)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise SpecError(f"spec field 'threads' is {threads!r}; give a whole number of threads per process, at least 1")
+    _check_schedulers_can_take_steps(lists["schedulers"], lists["steps"])
+    return Spec(
+        weights=raw["weights"], prompts=tuple(lists["prompts"]), negative_prompts=tuple(lists["negative_prompts"]),
+        schedulers=tuple(lists["schedulers"]), steps=tuple(lists["steps"]),
+        guidance_scales=tuple(float(g) for g in lists["guidance_scales"]), seeds=tuple(lists["seeds"]),
+        width=width, height=height, dtype=dtype, threads=threads,
+    )
+
+
+def expand_jobs(spec: Spec) -> list[Job]:
+    """Every combination, in a fixed order (prompt, negative, scheduler, steps, guidance, seed)."""
+    product = itertools.product(spec.prompts, spec.negative_prompts, spec.schedulers, spec.steps, spec.guidance_scales, spec.seeds)
+    return [
+        Job(spec.weights, spec.dtype, prompt, negative, scheduler, steps, guidance, seed, spec.width, spec.height, spec.threads)
+        for prompt, negative, scheduler, steps, guidance, seed in product
+    ]
+
+
+def _non_empty_list(raw: dict, name: str) -> list:
+    value = raw.get(name)
+    if value is None:
+        raise SpecError(f"spec field {name!r} is missing; give it a list, e.g. \"{name}\": [...]")
+    if not isinstance(value, list):
+        value = [value]
+    if not value:
+        raise SpecError(f"spec field {name!r} is an empty list; give it at least one value")
+    return value
+
+
+def _check_items(values: list, name: str, kind) -> None:
+    for value in values:
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise SpecError(f"spec field {name!r} has {value!r}; every entry must be a {getattr(kind, '__name__', 'number')}")
+    if name in ("steps",) and min(values) < 1:
+        raise SpecError(f"spec field 'steps' has {min(values)}; a sweep needs at least 1 step")
+
+
+def _parse_size(size) -> tuple[int, int]:
+    if isinstance(size, str) and size.lower().count("x") == 1 and all(part.isdigit() for part in size.lower().split("x")):
+        width, height = (int(part) for part in size.lower().split("x"))
+    elif isinstance(size, list) and len(size) == 2 and all(isinstance(part, int) for part in size):
+        width, height = size
+    else:
+        raise SpecError(f"spec field 'size' is {size!r}; write it as \"WIDTHxHEIGHT\", e.g. \"512x512\"")
+    if width <= 0 or height <= 0 or width % 8 or height % 8:
+        raise SpecError(f"spec field 'size' is {width}x{height}; width and height must be positive multiples of 8 (the VAE halves them 3 times)")
+    return width, height
+
+
+def _check_schedulers_can_take_steps(schedulers: list[str], steps: list[int]) -> None:
+    """Each name is known and each scheduler can do each step count (on SD 1.5's training schedule)."""
+    config = ConfigMixin.load_config(SD15_SCHEDULER_CONFIG)
+    for name in schedulers:
+        try:
+            sampler = find_sampler(name)
+        except ValueError as error:
+            raise SpecError(f"spec field 'schedulers': {error}") from None
+        for count in steps:
+            try:
+                sampler.from_config(config).set_timesteps(count)
+            except ValueError as error:
+                raise SpecError(f"spec fields 'schedulers'/'steps': {name} cannot take {count} steps: {error}") from None
