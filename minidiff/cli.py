@@ -13,18 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-# CLI name -> (class name, stochastic?, order of accuracy, one line on what it is). The order is the
-# method's (how the error falls with the step size), not diffusers' `scheduler.order` (model calls per step).
-SCHEDULERS = {
-    "pndm": ("PNDMScheduler", False, 4, "pseudo linear multistep (PLMS); SD 1.5's default"),
-    "ddim": ("DDIMScheduler", False, 1, "denoising diffusion implicit models; eta=0 is deterministic"),
-    "ddpm": ("DDPMScheduler", True, 1, "the original ancestral sampler; needs many steps"),
-    "lms": ("LMSDiscreteScheduler", False, 4, "linear multistep in sigma, up to 4th order"),
-    "euler": ("EulerDiscreteScheduler", False, 1, "Euler's method on the probability-flow ODE (Karras et al.)"),
-    "euler_a": ("EulerAncestralDiscreteScheduler", True, 1, "Euler step plus fresh noise each step"),
-    "dpm": ("DPMSolverMultistepScheduler", False, 2, "DPM-Solver++ 2M: second-order multistep, good at 20 steps"),
-    "unipc": ("UniPCMultistepScheduler", False, 2, "unified predictor-corrector, good at 10-20 steps"),
-}
 DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # auto: fastest_cpu_dtype()
 
 
@@ -32,12 +20,26 @@ class CLIError(Exception):
     """An expected failure: printed as one line, exit code 2."""
 
 
-def scheduler_class(name: str):
-    import minidiff.schedulers as schedulers
+def find_sampler(name: str):
+    """A scheduler name as people type it ("DPM++ 2M Karras", "euler_a", "HeunDiscreteScheduler") -> its table row."""
+    from minidiff.schedulers import names
 
-    if name not in SCHEDULERS:
-        raise CLIError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
-    return getattr(schedulers, SCHEDULERS[name][0])
+    try:
+        return names.find_sampler(name)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+
+
+def samplers_to_compare(text: str) -> list:
+    """--schedulers: "all" (the first name of every scheduler class) or comma-separated names."""
+    from minidiff.schedulers import names
+
+    if text == "all":
+        first_of_each_class = {}
+        for row in names.SAMPLER_NAMES:
+            first_of_each_class.setdefault(row.scheduler_class, row)
+        return list(first_of_each_class.values())
+    return [find_sampler(name.strip()) for name in text.split(",")]
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -110,13 +112,17 @@ def load_pipeline(weights: str, dtype: str, vae_tiling: bool = False, compile: b
 
 
 def cmd_schedulers(args) -> None:
-    for name, (class_name, stochastic, order, description) in SCHEDULERS.items():
-        scheduler = scheduler_class(name)()
-        kind = "stochastic" if stochastic else "deterministic"
-        print(f"{name:8s} {class_name:32s} order {order}, {kind:13s} {description}")
+    from minidiff.schedulers.names import SAMPLER_NAMES
+
+    for row in SAMPLER_NAMES:
+        kind = "stochastic" if row.stochastic else "deterministic"
+        settings = ", ".join(f"{key}={value!r}" for key, value in row.overrides.items())
+        also = f" (also: {', '.join(row.aliases)})" if row.aliases else ""
+        print(f"{row.name:20s} {row.scheduler_class.__name__:32s} order {row.order}, {kind:13s} {row.description}{also}")
         if args.verbose:
+            scheduler = row.scheduler_class(**row.overrides)
             defaults = {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
-            print(f"{'':9s}default config: {defaults}")
+            print(f"{'':21s}{settings + '; ' if settings else ''}default config: {defaults}")
 
 
 def cmd_generate(args) -> None:
@@ -125,11 +131,11 @@ def cmd_generate(args) -> None:
     width, height = parse_size(args.size)
     if args.steps < 1:
         raise CLIError(f"--steps must be at least 1, got {args.steps}")
-    chosen_scheduler = scheduler_class(args.scheduler) if args.scheduler else None
+    chosen_sampler = find_sampler(args.scheduler) if args.scheduler else None
     out = check_writable(Path(args.out))
     pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory)
-    if chosen_scheduler:
-        pipeline.scheduler = chosen_scheduler.from_config(pipeline.scheduler.config)
+    if chosen_sampler:
+        pipeline.scheduler = chosen_sampler.from_config(pipeline.scheduler.config)
     generator = torch.Generator().manual_seed(args.seed)
     steps = pipeline.denoise(
         args.prompt, negative_prompt=args.negative, height=height, width=width, num_inference_steps=args.steps,
@@ -154,8 +160,7 @@ def cmd_compare(args) -> None:
 
     from minidiff.grid import labeled_grid
 
-    names = list(SCHEDULERS) if args.schedulers == "all" else [name.strip() for name in args.schedulers.split(",")]
-    classes = [scheduler_class(name) for name in names]
+    samplers = samplers_to_compare(args.schedulers)
     width, height = parse_size(args.size)
     if args.steps < 1:
         raise CLIError(f"--steps must be at least 1, got {args.steps}")
@@ -163,15 +168,15 @@ def cmd_compare(args) -> None:
     pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory)
     base_config = pipeline.scheduler.config
     images, labels = [], []
-    for name, cls in zip(names, classes):
-        pipeline.scheduler = cls.from_config(base_config)
+    for sampler in samplers:
+        pipeline.scheduler = sampler.from_config(base_config)
         start = time.perf_counter()
         image = pipeline(
             args.prompt, height=height, width=width, num_inference_steps=args.steps, guidance_scale=args.guidance,
             generator=torch.Generator().manual_seed(args.seed),
         ).images[0]
         images.append(image)
-        labels.append(f"{name}, {args.steps} steps, {time.perf_counter() - start:.1f} s")
+        labels.append(f"{sampler.name}, {args.steps} steps, {time.perf_counter() - start:.1f} s")
     labeled_grid(images, labels).save(out)
     print(f"wrote {out}")
 
@@ -262,11 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(run=run)
         if name == "generate":
             command.add_argument("--negative", default=None, help="negative prompt")
-            command.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULERS)}")
+            command.add_argument("--scheduler", default=None, help="a name as in `minidiff schedulers`: \"DPM++ 2M Karras\", \"Euler a\", dpm, ...")
             command.add_argument("--out", default="image.png")
             command.add_argument("--trace", default=None, help="folder for a film strip PNG and a GIF of x_t and predicted x0")
         else:
-            command.add_argument("--schedulers", default="all", help="comma-separated names, or all")
+            command.add_argument("--schedulers", default="all", help="comma-separated names (\"DPM++ 2M Karras,Euler a\"), or all: one per scheduler class")
             command.add_argument("--out", default="compare.png")
 
     download = commands.add_parser("download", help="fetch real weights from the Hugging Face hub")

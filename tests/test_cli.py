@@ -21,13 +21,17 @@ def assert_clean_failure(result, fragment: str):
     assert fragment in lines[0]
 
 
-def test_schedulers_lists_all_eight_with_order_and_kind():
+def test_schedulers_lists_every_name_with_order_and_kind():
+    from minidiff.schedulers.names import SAMPLER_NAMES
+
     result = minidiff("schedulers", "-v")
     assert result.returncode == 0, result.stderr
-    for name in ("pndm", "ddim", "ddpm", "lms", "euler", "euler_a", "dpm", "unipc"):
-        assert f"\n{name} " in "\n" + result.stdout
+    for row in SAMPLER_NAMES:
+        assert f"\n{row.name} " in "\n" + result.stdout
+    for alias in ("PLMS", "euler_a", "dpm"):  # the short names of earlier versions still work (listed as aliases)
+        assert alias in result.stdout
     assert "stochastic" in result.stdout and "deterministic" in result.stdout and "order 2" in result.stdout
-    assert "default config: {'num_train_timesteps': 1000" in result.stdout
+    assert "use_karras_sigmas=True; default config: {'num_train_timesteps': 1000" in result.stdout
 
 
 def test_generate_writes_the_image_and_a_trace(tiny_sd15_folder, tmp_path):
@@ -40,6 +44,15 @@ def test_generate_writes_the_image_and_a_trace(tiny_sd15_folder, tmp_path):
     assert Image.open(out).size == (64, 48)
     assert Image.open(tmp_path / "trace" / "film_strip.png").size[0] == 3 * 64  # one column per step (3 <= 8 frames)
     assert Image.open(tmp_path / "trace" / "denoising.gif").n_frames == 3
+
+
+def test_generate_takes_the_names_people_type(tiny_sd15_folder, tmp_path):
+    for name in ("DPM++ 2M Karras", "dpm++_2m_sde_karras", "EulerDiscreteScheduler"):
+        out = tmp_path / "image.png"
+        result = minidiff("generate", "a cat", "--weights", tiny_sd15_folder, "--size", "64x64", "--steps", "2",
+                          "--scheduler", name, "--out", out)
+        assert result.returncode == 0, result.stderr
+        assert Image.open(out).size == (64, 64)
 
 
 def test_compare_writes_one_labeled_grid(tiny_sd15_folder, tmp_path):
@@ -65,6 +78,7 @@ def test_convert_folder_to_single_file_and_back(tiny_sd15_folder, tmp_path):
     "args, fragment",
     [
         (["generate", "x", "--scheduler", "heunn"], "unknown scheduler 'heunn'"),
+        (["generate", "x", "--scheduler", "DPM++ 2M Karas"], "Did you mean 'DPM++ 2M Karras'"),
         (["generate", "x", "--size", "500x512"], "multiples of 8"),
         (["generate", "x", "--size", "large"], "--size must look like 512x512"),
         (["generate", "x", "--steps", "-3"], "--steps must be at least 1"),

@@ -55,7 +55,7 @@ KARRAS = {"use_karras_sigmas": True}
 SDE = {"algorithm_type": "sde-dpmsolver++"}
 
 SAMPLER_NAMES = [
-    SamplerName("PNDM", PNDMScheduler, {}, False, 4, "pseudo linear multistep (PLMS); SD 1.5's default", ("pndm", "PLMS")),
+    SamplerName("PNDM", PNDMScheduler, {}, False, 4, "pseudo linear multistep (PLMS); SD 1.5's default", ("PLMS",)),
     SamplerName("DDIM", DDIMScheduler, {}, False, 1, "denoising diffusion implicit models; eta=0 is deterministic"),
     SamplerName("DDPM", DDPMScheduler, {}, True, 1, "the original ancestral sampler; needs many steps"),
     SamplerName("LMS", LMSDiscreteScheduler, {}, False, 4, "linear multistep in sigma, up to 4th order (k-diffusion sample_lms)"),
