@@ -229,6 +229,23 @@ def cmd_sweep(args) -> None:
           f"of {counts['total']} jobs; see {Path(args.out) / 'index.html'}")
 
 
+def cmd_tutorials(args) -> None:
+    import subprocess
+
+    from minidiff.lab.notebooks import PLACEHOLDER_GIT_URL, export_tutorials
+
+    source = Path(args.source) if args.source else Path(__file__).resolve().parent.parent / "tutorials"
+    git_url = args.git_url
+    if git_url is None:  # the checkout's own origin, if it has one
+        try:
+            found = subprocess.run(["git", "-C", str(source), "remote", "get-url", "origin"], capture_output=True, text=True)
+            git_url = found.stdout.strip() or PLACEHOLDER_GIT_URL
+        except OSError:  # no git on this machine
+            git_url = PLACEHOLDER_GIT_URL
+    for notebook in export_tutorials(source, check_writable(Path(args.export)), git_url):
+        print(f"wrote {notebook}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minidiff", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -287,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="list the jobs and estimate the time from one measured UNet call")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
     sweep.set_defaults(run=cmd_sweep)
+
+    tutorials = commands.add_parser("tutorials", help="export the tutorials as Jupyter notebooks (.ipynb), e.g. for Colab")
+    tutorials.add_argument("--export", required=True, metavar="DIR", help="folder for the .ipynb files")
+    tutorials.add_argument("--source", default=None, help="the tutorials folder (default: the checkout's tutorials/)")
+    tutorials.add_argument("--git-url", default=None, help="what the Colab cell clones (default: the checkout's origin)")
+    tutorials.set_defaults(run=cmd_tutorials)
 
     convert = commands.add_parser("convert", help="single-file checkpoint <-> diffusers folder")
     convert.add_argument("src")

@@ -1,0 +1,1 @@
+"""The lab: what minidiff has for learning, beyond the models and the loop (see docs/architecture.md)."""
