@@ -99,7 +99,7 @@ def load_unet(library: str, folder: Path, dtype: torch.dtype):
 
 def fastest_dtype_name() -> str:
     """"bf16" on a CPU with bfloat16 units (AMX-BF16, AVX512-BF16), else "fp32": the CLI's --dtype auto."""
-    from minidiff.pipelines.stable_diffusion import fastest_cpu_dtype
+    from minidiff.utils.cpu import fastest_cpu_dtype
 
     return "bf16" if fastest_cpu_dtype() == torch.bfloat16 else "fp32"
 

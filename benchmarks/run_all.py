@@ -221,7 +221,7 @@ def load_model(library: str, kind: str, folder: str, dtype: torch.dtype):
 
 def worker_main(library: str) -> None:
     """Serve requests: load (a model), run (one timed call), compile, profile, save (the output), free."""
-    from minidiff.cli import keep_freed_memory
+    from minidiff.utils.cpu import keep_freed_memory
 
     if library in ("minidiff", "diffusers+malloc"):
         keep_freed_memory()

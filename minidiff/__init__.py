@@ -2,9 +2,12 @@
 
 __version__ = "0.1.0"
 
+import importlib
+import sys
+
 from minidiff.configuration import ConfigMixin, FrozenConfig, register_to_config
 from minidiff.models.clip_text import CLIPTextModel
-from minidiff.models.gaussian_mixture import GaussianMixtureDenoiser
+from minidiff.lab.gaussian_mixture import GaussianMixtureDenoiser
 from minidiff.models.unet_2d import UNet2DModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
@@ -22,6 +25,23 @@ from minidiff.schedulers import (
     UniPCMultistepScheduler,
 )
 from minidiff.tokenizer import CLIPTokenizer
+
+# Modules that moved when lab/ and viz/ were made: their old import paths keep working as aliases.
+MOVED_MODULES = {
+    "minidiff.accuracy": "minidiff.lab.accuracy",
+    "minidiff.demo": "minidiff.lab.demo",
+    "minidiff.prototypes": "minidiff.lab.prototypes",
+    "minidiff.models.gaussian_mixture": "minidiff.lab.gaussian_mixture",
+    "minidiff.plotting": "minidiff.viz",  # the plots and (before grid.py) the image grids
+    "minidiff.grid": "minidiff.viz",
+    "minidiff.trace": "minidiff.viz.trace",
+    "minidiff.hub": "minidiff.checkpoints.hub",
+    "minidiff.download": "minidiff.checkpoints.download",
+}
+for _old, _new in MOVED_MODULES.items():
+    sys.modules[_old] = importlib.import_module(_new)
+    _parent, _, _name = _old.rpartition(".")
+    setattr(sys.modules[_parent], _name, sys.modules[_old])  # `import minidiff.trace; minidiff.trace.record(...)`
 
 __all__ = [
     "ConfigMixin", "FrozenConfig", "register_to_config",

@@ -7,11 +7,12 @@ line `minidiff: error: ...` on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import sys
 import time
 from pathlib import Path
+
+from minidiff.utils.cpu import fastest_cpu_dtype, keep_freed_memory
 
 DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # auto: fastest_cpu_dtype()
 
@@ -65,28 +66,10 @@ def check_writable(path: Path) -> Path:
     return path
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc serve every allocation from its heap and keep freed memory for the next one.
-
-    By default each block above 32 MB gets its own mmap and goes back to the kernel when freed, so every
-    large activation ((2, 4096, 1280) is 42 MB in float32; the VAE's reach 512 MB) is page-faulted in again
-    on the next call. Measured on 2 cores: 8% of a float32 UNet step, a third of a bfloat16 VAE decode
-    (docs/performance.md). It is a setting of the whole process, so the program sets it (this CLI, the
-    benchmarks), not the library. Returns False where there is no glibc (macOS, musl): nothing changes.
-    """
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from <malloc.h>
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
-
-
 def load_pipeline(weights: str, dtype: str, vae_tiling: bool = False, compile: bool = False, low_memory: bool = False):
     import torch
 
     from minidiff.pipelines import StableDiffusionPipeline
-    from minidiff.pipelines.stable_diffusion import fastest_cpu_dtype
 
     torch_dtype = fastest_cpu_dtype() if DTYPES[dtype] is None else getattr(torch, DTYPES[dtype])
     path = Path(weights).expanduser()
@@ -142,7 +125,7 @@ def cmd_generate(args) -> None:
         guidance_scale=args.guidance, generator=generator,
     )
     if args.trace:
-        from minidiff import trace
+        from minidiff.viz import trace
 
         frames = trace.record(steps, pipeline.latents_to_image, count=8)
         print(f"wrote {trace.save_film_strip(frames, Path(args.trace) / 'film_strip.png')}")
@@ -158,7 +141,7 @@ def cmd_generate(args) -> None:
 def cmd_compare(args) -> None:
     import torch
 
-    from minidiff.grid import labeled_grid
+    from minidiff.viz.grid import labeled_grid
 
     samplers = samplers_to_compare(args.schedulers)
     width, height = parse_size(args.size)
@@ -182,7 +165,7 @@ def cmd_compare(args) -> None:
 
 
 def cmd_download(args) -> None:
-    from minidiff import download
+    from minidiff.checkpoints import download
 
     try:
         if args.what == "sd15":
@@ -205,7 +188,7 @@ def cmd_convert(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from minidiff.demo import run_demo
+    from minidiff.lab.demo import run_demo
 
     run_demo(check_writable(Path(args.out)))
 

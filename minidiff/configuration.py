@@ -291,7 +291,7 @@ class ConfigMixin:
                     f"(e.g. stable-diffusion-v1-5/{subfolder or 'scheduler'}/{cls.config_name})"
                 )
             return str(candidate)
-        from minidiff.hub import download_file
+        from minidiff.checkpoints.hub import download_file
 
         return download_file(str(path_or_repo_id), cls.config_name, subfolder=subfolder)
 

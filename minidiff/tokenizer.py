@@ -424,7 +424,7 @@ def _tokenizer_files(path_or_repo_id, subfolder: str | None) -> dict[str, str | 
         return files
     if path.exists() or str(path_or_repo_id).count("/") != 1 or str(path_or_repo_id).startswith((".", "/", "~")):
         raise FileNotFoundError(f"{path_or_repo_id} is neither a local tokenizer folder nor a hub repo id (owner/name)")
-    from minidiff.hub import HubUnavailableError, download_file
+    from minidiff.checkpoints.hub import HubUnavailableError, download_file
 
     files = {name: download_file(str(path_or_repo_id), name, subfolder) for name in ("vocab.json", "merges.txt")}
     try:

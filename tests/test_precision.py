@@ -25,7 +25,7 @@ from minidiff.checkpoints import convert
 from minidiff.cli import build_parser, keep_freed_memory, load_pipeline
 from minidiff.models.vae import AutoencoderKL, _blend_ramp, _tile_starts
 from minidiff.pipelines import StableDiffusionPipeline
-from minidiff.pipelines import stable_diffusion
+from minidiff.utils import cpu
 from conftest import load_weights_script
 
 random_model = load_weights_script("make_random_sd15").random_model
@@ -276,17 +276,17 @@ def test_bad_tiling_is_refused(tiny_vae, tile_size, tile_overlap):
     (set(), torch.float32),  # no /proc/cpuinfo (not Linux)
 ])
 def test_fastest_cpu_dtype(monkeypatch, flags, expected):
-    monkeypatch.setattr(stable_diffusion, "_cpu_flags", lambda: flags)
-    assert stable_diffusion.fastest_cpu_dtype() == expected
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
+    assert cpu.fastest_cpu_dtype() == expected
 
 
 def test_cli_dtype_auto_and_switches(tiny_sd15_folder, monkeypatch):
     arguments = build_parser().parse_args(["generate", "a cat", "--weights", str(tiny_sd15_folder)])
     assert arguments.dtype == "auto" and not arguments.vae_tiling and not arguments.compile
-    monkeypatch.setattr(stable_diffusion, "_cpu_flags", lambda: {"amx_bf16"})
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: {"amx_bf16"})
     pipeline = load_pipeline(str(tiny_sd15_folder), "auto", vae_tiling=True)
     assert pipeline.unet.dtype == torch.bfloat16 and pipeline.vae.use_tiling
-    monkeypatch.setattr(stable_diffusion, "_cpu_flags", lambda: set())
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: set())
     assert load_pipeline(str(tiny_sd15_folder), "auto").unet.dtype == torch.float32
     assert load_pipeline(str(tiny_sd15_folder), "fp16").vae.dtype == torch.float32  # upcast
 
@@ -322,7 +322,7 @@ needs_full_size = pytest.mark.skipif(
 @pytest.mark.slow
 @needs_full_size
 @pytest.mark.skipif(
-    stable_diffusion.fastest_cpu_dtype() != torch.bfloat16,
+    cpu.fastest_cpu_dtype() != torch.bfloat16,
     reason="this CPU has no AMX-BF16 or AVX512-BF16: torch runs bfloat16 through generic kernels (an 8192x1280x1280 "
     "matmul: 31 s against 0.22 s in fp32 on an AVX2 EPYC), so 20 full-size bf16 steps would take hours",
 )

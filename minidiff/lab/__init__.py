@@ -1,1 +1,8 @@
-"""The lab: what minidiff has for learning, beyond the models and the loop (see docs/architecture.md)."""
+"""The lab: what minidiff has for learning beyond the models and the loop.
+
+    gaussian_mixture.py   the exact denoiser of a Gaussian mixture (what a perfect model would predict)
+    prototypes.py         eight small pictures (circle, square, ..., boat): the mixture's means
+    accuracy.py           every scheduler against the exact probability-flow ODE: errors, orders, distributions
+    demo.py               `minidiff demo`: the tables and pictures of accuracy.py, offline
+    notebooks.py          the tutorials as Jupyter notebooks (`minidiff tutorials --export`)
+"""

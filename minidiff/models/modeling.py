@@ -13,7 +13,6 @@ position ids, are computed in `forward`), so nothing is left on the meta device 
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from minidiff.checkpoints.errors import CheckpointError, check_state_dict
 from minidiff.checkpoints.folder import read_state_dict, weight_files_in_folder, with_variant
 from minidiff.checkpoints.single_file import CheckpointFile, converted
 from minidiff.configuration import ConfigMixin
+from minidiff.utils.cpu import skip_init
 
 
 class ModelMixin(torch.nn.Module, ConfigMixin):
@@ -140,11 +140,6 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         return folder
 
 
-# The torch.nn.init functions that layers' `reset_parameters` call.
-_INIT_FUNCTIONS = ["uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
-                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_"]
-
-
 def build_on_meta(cls, config: dict):
     """`cls.from_config(config)` on the meta device: shapes only, no memory, and no random initialisation.
 
@@ -152,11 +147,7 @@ def build_on_meta(cls, config: dict):
     device it is not free: `normal_` (nn.Embedding's init) imports torch._dynamo, seconds the first time.
     So torch.nn.init's functions are no-ops while the module is built (not thread-safe: build one at a time).
     """
-    with torch.device("meta"), contextlib.ExitStack() as restore:
-        for name in _INIT_FUNCTIONS:
-            original = getattr(torch.nn.init, name)
-            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-            restore.callback(setattr, torch.nn.init, name, original)
+    with torch.device("meta"), skip_init():
         return cls.from_config(config)
 
 
@@ -205,6 +196,6 @@ def _component_folder(path_or_repo_id, subfolder: str | None, cls, variant: str 
             f"{path_or_repo_id} is neither a local folder nor a hub repo id (owner/name); "
             "for a single .safetensors file use from_single_file(...)"
         )
-    from minidiff.hub import download_component
+    from minidiff.checkpoints.hub import download_component
 
     return download_component(str(path_or_repo_id), subfolder, [cls.config_name, *cls.weights_names], variant)

@@ -32,7 +32,7 @@ class DiffusionPipeline:
         if Path(path_or_repo_id).is_dir():
             index_file = Path(path_or_repo_id) / "model_index.json"
         else:
-            from minidiff.hub import download_file
+            from minidiff.checkpoints.hub import download_file
 
             index_file = download_file(str(path_or_repo_id), "model_index.json")
         try:

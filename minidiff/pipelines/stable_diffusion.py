@@ -27,6 +27,7 @@ from minidiff.models.clip_text import CLIPTextModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
 from minidiff.tokenizer import CLIPTokenizer
+from minidiff.utils.cpu import conv_memory_format
 from minidiff.utils.outputs import BaseOutput
 
 
@@ -302,41 +303,6 @@ class StableDiffusionPipeline:
         ):
             pass
         return StableDiffusionPipelineOutput(images=self.decode_latents(step.latents, output_type))
-
-
-def conv_memory_format(model: str, dtype: torch.dtype) -> torch.memory_format:
-    """The layout of the conv weights of the pipeline's "vae" or "unet" in `dtype`.
-
-    Channels-last, (C_out, kH, kW, C_in): oneDNN's CPU convolutions run fastest on it, their outputs keep it, and
-    the reshapes around attention become views. Measured (docs/performance.md): the VAE decode 1.2x (fp32) to
-    2.9x (bf16) faster, the bf16 UNet step 10%. The float32 UNet runs as fast either way, so it keeps the file's
-    layout: its weights stay views of the memory-mapped file, with no copy to make.
-    """
-    return torch.contiguous_format if model == "unet" and dtype == torch.float32 else torch.channels_last
-
-
-def fastest_cpu_dtype() -> torch.dtype:
-    """bfloat16 on a CPU with bfloat16 matrix instructions (AMX-BF16, or AVX512-BF16), else float32.
-
-    Measured on 2 Sapphire Rapids cores (docs/performance.md): a guided SD 1.5 UNet step takes about 2 s in
-    bfloat16 against 7 s in float32, and the bfloat16 image stays within 30 dB PSNR of the float32 one. Without
-    those instructions oneDNN has no fast bfloat16 kernels, so float32 is the safe choice; float16 on this CPU
-    (no AMX-FP16) was slower than float32.
-    """
-    flags = _cpu_flags()
-    return torch.bfloat16 if {"amx_bf16", "avx512_bf16"} & flags else torch.float32
-
-
-def _cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (Linux); an empty set elsewhere."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def scheduler_from_folder(path_or_repo_id, subfolder: str | None = "scheduler") -> schedulers.SchedulerMixin:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from minidiff.grid import labeled_grid
+from minidiff.viz.grid import labeled_grid
 from minidiff.sweep.spec import Job
 
 GRID_FOLDER = "grids"

@@ -36,9 +36,9 @@ import torch
 from tqdm.auto import tqdm
 
 from minidiff.pipelines import StableDiffusionPipeline
-from minidiff.pipelines.stable_diffusion import fastest_cpu_dtype
 from minidiff.schedulers.names import find_sampler
 from minidiff.sweep.spec import Job, Spec, expand_jobs
+from minidiff.utils.cpu import fastest_cpu_dtype
 
 MANIFEST = "manifest.jsonl"
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,7 +1,8 @@
-"""Two small plots drawn with Pillow alone (no plotting library): a log-log line chart and a labelled image grid.
+"""A log-log line chart drawn with Pillow alone (no plotting library), and the fonts and colours of every picture.
 
     loglog_plot({"Euler": (steps, errors), ...}, "accuracy.png", title=..., x_label=..., y_label=...)
-    image_grid([[tile, tile, ...], ...], row_labels, column_labels, "samples.png")
+
+Grids of images are in grid.py.
 """
 
 from __future__ import annotations
@@ -121,61 +122,10 @@ def loglog_plot(
     y_text = Image.new("RGB", (plot_h, 24), "white")  # the y label, drawn sideways
     ImageDraw.Draw(y_text).text((plot_h / 2, 12), y_label, fill=TEXT, font=font(14), anchor="mm")
     image.paste(y_text.rotate(90, expand=True), (8, top))
-    return _save_png(image, path)
+    return save_png(image, path)
 
 
-def tile(images: list[Image.Image], columns: int) -> Image.Image:
-    """Paste equally sized images into a grid with `columns` columns, left to right, top to bottom."""
-    if not images:
-        raise ValueError("tile needs at least one image")
-    w, h = images[0].size
-    rows = math.ceil(len(images) / columns)
-    sheet = Image.new("RGB", (columns * w, rows * h), "white")
-    for i, image in enumerate(images):
-        sheet.paste(image, ((i % columns) * w, (i // columns) * h))
-    return sheet
-
-
-def image_grid(
-    cells: list[list[Image.Image | None]],
-    row_labels: list[str],
-    column_labels: list[str],
-    path: str | Path,
-    title: str = "",
-    scale: int = 2,
-) -> Path:
-    """A table of images: one row per `row_labels`, one column per `column_labels`; None leaves a cell empty.
-    Every image is enlarged `scale` times with nearest-neighbour (pixels stay visible)."""
-    if len(cells) != len(row_labels) or any(len(row) != len(column_labels) for row in cells):
-        raise ValueError(
-            f"image_grid needs {len(row_labels)} rows of {len(column_labels)} cells (one per label), "
-            f"got {[len(row) for row in cells]}"
-        )
-    cell_images = [image for row in cells for image in row if image is not None]
-    if not cell_images:
-        raise ValueError("image_grid needs at least one image")
-    cell_w, cell_h = (scale * d for d in cell_images[0].size)
-    label_w, header_h, title_h, pad = 190, 28, 34 if title else 0, 6
-    width = label_w + len(column_labels) * (cell_w + pad) + pad
-    height = title_h + header_h + len(row_labels) * (cell_h + pad) + pad
-    sheet = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(sheet)
-    if title:
-        draw.text((width / 2, 10), title, fill=TEXT, font=font(17), anchor="mt")
-    for c, label in enumerate(column_labels):
-        center = (label_w + pad + c * (cell_w + pad) + cell_w / 2, title_h + header_h / 2)
-        draw.text(center, label, fill=TEXT, font=font(14), anchor="mm")
-    for r, (label, row) in enumerate(zip(row_labels, cells)):
-        y = title_h + header_h + r * (cell_h + pad)
-        draw.text((label_w - 8, y + cell_h / 2), label, fill=TEXT, font=font(14), anchor="rm")
-        for c, image in enumerate(row):
-            if image is not None:
-                enlarged = image.resize((cell_w, cell_h), Image.Resampling.NEAREST)
-                sheet.paste(enlarged, (label_w + pad + c * (cell_w + pad), y))
-    return _save_png(sheet, path)
-
-
-def _save_png(image: Image.Image, path: str | Path) -> Path:
+def save_png(image: Image.Image, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")

@@ -1,6 +1,6 @@
 """`minidiff demo`: every scheduler on an exact denoiser, in under a minute on a laptop CPU, no weights needed.
 
-    from minidiff.demo import run_demo
+    from minidiff.lab.demo import run_demo
     result = run_demo("minidiff-demo")      # prints the tables, writes the files below
 
 writes into the output folder
@@ -10,7 +10,7 @@ writes into the output folder
     accuracy.png      error vs steps on log-log axes, one line per scheduler
     samples.png       32x32 samples of the picture mixture, one row per scheduler, one column per step count;
                       each cell holds one sample per class (class_labels 0..7: circle, square, ..., boat)
-    trace.png         the denoising loop step by step (minidiff.trace): x_t on top, the predicted x0 below,
+    trace.png         the denoising loop step by step (minidiff.viz.trace): x_t on top, the predicted x0 below,
     trace.gif         for one unconditional sample through DDPMPipeline with DPM-Solver++ 2M, 20 steps
 
 The model is `GaussianMixtureDenoiser`, whose predictions are exact, so every error on show is
@@ -26,10 +26,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from minidiff import accuracy, trace
+from minidiff.lab import accuracy
+from minidiff.viz import trace
 from minidiff.pipelines.ddpm import DDPMPipeline
-from minidiff.plotting import image_grid, loglog_plot, tile
-from minidiff.prototypes import tensor_to_pil
+from minidiff.viz.grid import image_grid, tile
+from minidiff.viz.plotting import loglog_plot
+from minidiff.lab.prototypes import tensor_to_pil
 from minidiff.schedulers import DPMSolverMultistepScheduler
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minidiff.models.gaussian_mixture import GaussianMixtureDenoiser
+from minidiff.lab.gaussian_mixture import GaussianMixtureDenoiser
 
 # Stable Diffusion 1.5's scheduler_config.json (see reference/scheduler_facts.md, section 1).
 SD15_SCHEDULER_CONFIG = {
@@ -126,7 +126,7 @@ def mixture_2d(dtype: torch.dtype = torch.float64) -> GaussianMixtureDenoiser:
 
 def prototype_mixture(size: int = 32, data_std: float = 0.1, dtype: torch.dtype = torch.float32) -> GaussianMixtureDenoiser:
     """The image mixture: one component per Pillow prototype (circle, square, ..., boat), one class each."""
-    from minidiff.prototypes import prototype_means
+    from minidiff.lab.prototypes import prototype_means
 
     return GaussianMixtureDenoiser.from_components(
         prototype_means(size, dtype=dtype), data_std=data_std, scheduler_config=SD15_SCHEDULER_CONFIG
