@@ -312,3 +312,15 @@ def test_full_size_sd15_unet_matches_diffusers(tmp_path):
     assert got.shape == (2, 4, 64, 64)
     measured = (got - expected).abs().max().item()
     assert measured <= FULL_SIZE_TOLERANCE, f"max abs difference {measured}"
+
+
+def test_refused_fields_are_data_recorded_in_the_config_and_checked_in_from_config():
+    unet = UNet2DConditionModel(**TINY_SD1)
+    for field, supported in UNet2DConditionModel._refused_config.items():
+        assert unet.config[field] == supported  # a fresh config has diffusers' keys, as diffusers' does
+        assert field in unet.config["_use_default_values"]
+    again = UNet2DConditionModel.from_config(unet.config)  # round trip: accepted at their values, no warning
+    assert dict(again.config) == dict(unet.config)
+    with pytest.raises(NotImplementedError, match=r"encoder_hid_dim=32 is not implemented in minidiff .* set it to None"):
+        written = {key: value for key, value in unet.config.items() if key != "_use_default_values"}  # as a config.json
+        UNet2DConditionModel.from_config({**written, "encoder_hid_dim": 32})

@@ -244,3 +244,17 @@ class Upsample2D(nn.Module):
         if self.conv is not None:
             hidden_states = self.conv(hidden_states)
         return hidden_states
+
+
+def timesteps_for_batch(timestep, sample: torch.Tensor) -> torch.Tensor:
+    """A python number, a 0-d tensor, or a (1,) / (B,) tensor -> a (B,) tensor on the sample's device."""
+    batch = sample.shape[0]
+    if not torch.is_tensor(timestep):
+        timestep = torch.tensor([timestep], device=sample.device)
+    timestep = timestep.to(sample.device).reshape(-1) if timestep.ndim == 0 else timestep.to(sample.device)
+    if timestep.ndim != 1 or timestep.shape[0] not in (1, batch):
+        raise ValueError(
+            f"timestep must be a number, a 0-d tensor, or a tensor of shape (1,) or (batch={batch},), one per sample; "
+            f"got shape {tuple(timestep.shape)}"
+        )
+    return timestep.expand(batch)

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minidiff.configuration import register_to_config
+from minidiff.configuration import check_choice, register_to_config
 from minidiff.models.attention import Attention
-from minidiff.models.layers import Downsample2D, ResnetBlock2D, TimestepEmbedding, Timesteps, Upsample2D
+from minidiff.models.layers import Downsample2D, ResnetBlock2D, TimestepEmbedding, Timesteps, Upsample2D, timesteps_for_batch
 from minidiff.models.modeling import ModelMixin
 from minidiff.utils.outputs import BaseOutput
 
@@ -44,11 +44,6 @@ class UNet2DOutput(BaseOutput):
     """`model(x, t).sample`: the prediction, shaped like the input (B, C_out, H, W)."""
 
     sample: torch.Tensor
-
-
-def _check_choice(field: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"UNet2DModel: unknown {field} {value!r}; expected one of {', '.join(map(repr, allowed))}")
 
 
 # ----- embeddings ------------------------------------------------------------------------------------
@@ -358,15 +353,15 @@ class UNet2DModel(ModelMixin):
                 f"got {len(down_block_types)}, {len(up_block_types)} and {len(block_out_channels)}"
             )
         for block_type in down_block_types:
-            _check_choice("down block type", block_type, list(DOWN_BLOCK_TYPES))
+            check_choice("down block type", block_type, list(DOWN_BLOCK_TYPES), "UNet2DModel")
         for block_type in up_block_types:
-            _check_choice("up block type", block_type, list(UP_BLOCK_TYPES))
-        _check_choice("mid_block_type", mid_block_type, [None, "UNetMidBlock2D"])
-        _check_choice("time_embedding_type", time_embedding_type, ["positional", "fourier", "learned"])
-        _check_choice("downsample_type", downsample_type, ["conv", "resnet"])
-        _check_choice("upsample_type", upsample_type, ["conv", "resnet"])
-        _check_choice("resnet_time_scale_shift", resnet_time_scale_shift, ["default", "scale_shift"])
-        _check_choice("class_embed_type", class_embed_type, [None, "timestep", "identity"])
+            check_choice("up block type", block_type, list(UP_BLOCK_TYPES), "UNet2DModel")
+        check_choice("mid_block_type", mid_block_type, [None, "UNetMidBlock2D"], "UNet2DModel")
+        check_choice("time_embedding_type", time_embedding_type, ["positional", "fourier", "learned"], "UNet2DModel")
+        check_choice("downsample_type", downsample_type, ["conv", "resnet"], "UNet2DModel")
+        check_choice("upsample_type", upsample_type, ["conv", "resnet"], "UNet2DModel")
+        check_choice("resnet_time_scale_shift", resnet_time_scale_shift, ["default", "scale_shift"], "UNet2DModel")
+        check_choice("class_embed_type", class_embed_type, [None, "timestep", "identity"], "UNet2DModel")
         if time_embedding_type == "learned" and not num_train_timesteps:
             raise ValueError("UNet2DModel: time_embedding_type='learned' needs num_train_timesteps (e.g. 1000)")
 
@@ -403,7 +398,7 @@ class UNet2DModel(ModelMixin):
         self._check_sample(sample)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0  # images in [0, 1] -> [-1, 1]
-        timesteps = self._timesteps_for_batch(timestep, sample)  # (B,)
+        timesteps = timesteps_for_batch(timestep, sample)  # (B,)
 
         temb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))  # (B, 4*C0)
         temb = temb + self._class_embedding_of(class_labels, sample.dtype)
@@ -436,15 +431,6 @@ class UNet2DModel(ModelMixin):
                 f"UNet2DModel halves the resolution {len(self.down_blocks) - 1} times, so H and W must be multiples "
                 f"of {factor}; got {tuple(sample.shape[2:])} (sample_size is {self.config.sample_size})"
             )
-
-    @staticmethod
-    def _timesteps_for_batch(timestep, sample: torch.Tensor) -> torch.Tensor:
-        """A number, a 0-d, (1,) or (B,) tensor -> a (B,) tensor on the sample's device."""
-        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1)
-        batch = sample.shape[0]
-        if timesteps.shape[0] not in (1, batch):
-            raise ValueError(f"timestep must be one number or one per sample ({batch}), got shape {tuple(timesteps.shape)}")
-        return timesteps.expand(batch)
 
     def _class_embedding_of(self, class_labels: torch.Tensor | None, dtype: torch.dtype):
         """The class vector added to temb (0 for an unconditional model)."""

@@ -7,34 +7,34 @@ The latent diffusion model's network predicts the noise eps in a latent z_t (LDM
 with the text condition c = tau_theta(y) (CLIP's last hidden states, (B, 77, 768) for SD 1.5) entering
 through cross-attention in the spatial transformers. With SD 1.5's config, a batch flows as
 
-    z_t (B, 4, 64, 64) --conv_in--> (B, 320, 64, 64)                     t --sinusoid--> (B, 320)
-                                                                           --time_embedding--> temb (B, 1280)
-    down_blocks  (each: resnet [+ transformer] x2, then a stride-2 conv, except the last)
-      0 CrossAttnDownBlock2D  (B, 320, 64, 64)  -> (B, 320, 32, 32)
-      1 CrossAttnDownBlock2D  (B, 320, 32, 32)  -> (B, 640, 16, 16)
-      2 CrossAttnDownBlock2D  (B, 640, 16, 16)  -> (B, 1280, 8, 8)
-      3 DownBlock2D           (B, 1280, 8, 8)   -> (B, 1280, 8, 8)
-    mid_block  UNetMidBlock2DCrossAttn: resnet, transformer, resnet at (B, 1280, 8, 8)
-    up_blocks  (each: resnet [+ transformer] x3, every resnet taking one skip by concatenation,
-                then nearest x2 + conv, except the last)
-      0 UpBlock2D             (B, 1280, 8, 8)   -> (B, 1280, 16, 16)
-      1 CrossAttnUpBlock2D    (B, 1280, 16, 16) -> (B, 1280, 32, 32)
-      2 CrossAttnUpBlock2D    (B, 1280, 32, 32) -> (B, 640, 64, 64)
-      3 CrossAttnUpBlock2D    (B, 640, 64, 64)  -> (B, 320, 64, 64)
+    z_t (B, 4, 64, 64) --conv_in--> (B, 320, 64, 64)  push             t --sinusoid--> (B, 320)
+                                                                          --time_embedding--> temb (B, 1280)
+    down_blocks: each (resnet [+ transformer]) x2, pushing each output onto the skip stack,
+                 then a stride-2 conv (pushed too), except the last
+      0 cross-attention  (B, 320, 64, 64)  -> (B, 320, 32, 32)     pushes 320, 320, 320
+      1 cross-attention  (B, 320, 32, 32)  -> (B, 640, 16, 16)     pushes 640, 640, 640
+      2 cross-attention  (B, 640, 16, 16)  -> (B, 1280, 8, 8)      pushes 1280, 1280, 1280
+      3 plain            (B, 1280, 8, 8)   -> (B, 1280, 8, 8)      pushes 1280, 1280
+    mid_block: resnet, transformer, resnet at (B, 1280, 8, 8)
+    up_blocks: each (concat a popped skip, resnet [+ transformer]) x3, then nearest x2 + conv, except the last
+      0 plain            (B, 1280, 8, 8)   -> (B, 1280, 16, 16)    pops 1280, 1280, 1280
+      1 cross-attention  (B, 1280, 16, 16) -> (B, 1280, 32, 32)    pops 1280, 1280, 640
+      2 cross-attention  (B, 1280, 32, 32) -> (B, 640, 64, 64)     pops 640, 640, 320
+      3 cross-attention  (B, 640, 64, 64)  -> (B, 320, 64, 64)     pops 320, 320, 320
     conv_norm_out, SiLU, conv_out: (B, 320, 64, 64) -> eps_pred (B, 4, 64, 64)
+
+The skip stack is the U: every feature map the way down pushes, the way up pops, last in first out. The
+channel counts of the up path's resnets are found the same way, by pushing and popping channel counts.
 
 Usage, as in diffusers:
 
     unet = UNet2DConditionModel.from_pretrained("path/to/stable-diffusion-v1-5", subfolder="unet")
     eps = unet(latents, t, encoder_hidden_states=text_embeddings).sample
 
-The config uses diffusers' field names, so SD 1.x's and SD 2.x's `unet/config.json` read as they
-are. One naming quirk is kept for compatibility: `attention_head_dim` is the NUMBER OF HEADS of each
-block (8 for SD 1.5, [5, 10, 20, 20] for SD 2.x); each head has out_channels // heads channels.
-
-The blocks below (DownBlock2D, UpBlock2D, ...) take the same arguments as diffusers' blocks of the
-same name and every block's forward takes (hidden_states, temb, encoder_hidden_states), which a
-block without attention ignores.
+The config uses diffusers' field names, so SD 1.x's and SD 2.x's `unet/config.json` read as they are; the
+block types "CrossAttnDownBlock2D"/"DownBlock2D" and "CrossAttnUpBlock2D"/"UpBlock2D" choose a block with or
+without cross-attention. One naming quirk is kept for compatibility: `attention_head_dim` is the NUMBER OF
+HEADS of each block (8 for SD 1.5, [5, 10, 20, 20] for SD 2.x); each head has out_channels // heads channels.
 """
 
 from __future__ import annotations
@@ -46,9 +46,21 @@ from torch import nn
 
 from minidiff.configuration import register_to_config
 from minidiff.models.attention import Transformer2DModel
-from minidiff.models.layers import Downsample2D, ResnetBlock2D, TimestepEmbedding, Timesteps, Upsample2D, get_activation
+from minidiff.models.layers import (
+    Downsample2D,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Timesteps,
+    Upsample2D,
+    get_activation,
+    timesteps_for_batch,
+)
 from minidiff.models.modeling import ModelMixin
 from minidiff.utils.outputs import BaseOutput
+
+DOWN_BLOCK_TYPES = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}  # block type -> with cross-attention
+UP_BLOCK_TYPES = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
+MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
 
 
 @dataclass
@@ -58,183 +70,57 @@ class UNet2DConditionOutput(BaseOutput):
     sample: torch.Tensor
 
 
-# ----- down blocks ----------------------------------------------------------------------------------
+def spatial_transformers(channels: int, layers: list[int], heads: int, **transformer) -> nn.ModuleList:
+    """One spatial transformer per resnet of a block: self-attention, cross-attention to the text, feed-forward."""
+    return nn.ModuleList(
+        Transformer2DModel(heads, channels // heads, in_channels=channels, num_layers=n, **transformer) for n in layers
+    )
 
 
-class DownBlock2D(nn.Module):
-    """`num_layers` ResnetBlock2Ds, then (unless last) a stride-2 conv. Returns the output and every
-    intermediate feature map, which the up path takes back as skip connections."""
+class DownBlock(nn.Module):
+    """One level of the way down: `len(layers)` resnets, each followed by a spatial transformer when
+    `transformer` is given (diffusers' CrossAttnDownBlock2D; DownBlock2D without), then a stride-2 conv unless
+    it is the last level. Pushes every output onto `skips`: (B, C_in, H, W) -> (B, C_out, H/2, W/2)."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        temb_channels: int,
-        num_layers: int = 1,
-        add_downsample: bool = True,
-        downsample_padding: int = 1,
-        dropout: float = 0.0,
-        resnet_eps: float = 1e-6,
-        resnet_act_fn: str = "swish",
-        resnet_groups: int = 32,
-        resnet_time_scale_shift: str = "default",
-    ):
+    def __init__(self, in_channels, out_channels, layers: list[int], add_downsample, downsample_padding, resnet: dict,
+                 transformer: dict | None):
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(
-                in_channels=in_channels if i == 0 else out_channels,
-                out_channels=out_channels,
-                temb_channels=temb_channels,
-                groups=resnet_groups,
-                eps=resnet_eps,
-                non_linearity=resnet_act_fn,
-                time_embedding_norm=resnet_time_scale_shift,
-                dropout=dropout,
-            )
-            for i in range(num_layers)
+            ResnetBlock2D(in_channels=in_channels if i == 0 else out_channels, out_channels=out_channels, **resnet)
+            for i in range(len(layers))
         )
+        self.attentions = spatial_transformers(out_channels, layers, **transformer) if transformer else None
         self.downsamplers = None
         if add_downsample:
             self.downsamplers = nn.ModuleList(
                 [Downsample2D(out_channels, use_conv=True, out_channels=out_channels, padding=downsample_padding)]
             )
 
-    def forward(self, hidden_states, temb, encoder_hidden_states=None):
-        skips = []
-        for resnet in self.resnets:
+    def forward(self, hidden_states, temb, encoder_hidden_states, skips: list[torch.Tensor]):
+        for i, resnet in enumerate(self.resnets):
             hidden_states = resnet(hidden_states, temb)
+            if self.attentions is not None:
+                hidden_states = self.attentions[i](hidden_states, encoder_hidden_states)
             skips.append(hidden_states)
         if self.downsamplers is not None:
             hidden_states = self.downsamplers[0](hidden_states)  # (B, C, H, W) -> (B, C, H/2, W/2)
             skips.append(hidden_states)
-        return hidden_states, skips
+        return hidden_states
 
 
-class CrossAttnDownBlock2D(nn.Module):
-    """Like DownBlock2D, with a spatial transformer (self-attention, cross-attention to the text,
-    feed-forward) after each resnet."""
+class MidBlock(nn.Module):
+    """The bottleneck at the lowest resolution (diffusers' UNetMidBlock2DCrossAttn): resnet, then
+    (transformer, resnet) for each transformer."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        temb_channels: int,
-        num_layers: int = 1,
-        transformer_layers_per_block: int | list[int] = 1,
-        add_downsample: bool = True,
-        downsample_padding: int = 1,
-        dropout: float = 0.0,
-        resnet_eps: float = 1e-6,
-        resnet_act_fn: str = "swish",
-        resnet_groups: int = 32,
-        resnet_time_scale_shift: str = "default",
-        num_attention_heads: int = 1,
-        cross_attention_dim: int = 1280,
-        use_linear_projection: bool = False,
-        only_cross_attention: bool = False,
-        upcast_attention: bool = False,
-    ):
+    def __init__(self, channels, layers: list[int], output_scale_factor, resnet: dict, transformer: dict):
         super().__init__()
-        layers = _per_layer(transformer_layers_per_block, num_layers)
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(
-                in_channels=in_channels if i == 0 else out_channels,
-                out_channels=out_channels,
-                temb_channels=temb_channels,
-                groups=resnet_groups,
-                eps=resnet_eps,
-                non_linearity=resnet_act_fn,
-                time_embedding_norm=resnet_time_scale_shift,
-                dropout=dropout,
-            )
-            for i in range(num_layers)
+            ResnetBlock2D(in_channels=channels, out_channels=channels, output_scale_factor=output_scale_factor, **resnet)
+            for _ in range(len(layers) + 1)
         )
-        self.attentions = nn.ModuleList(
-            Transformer2DModel(
-                num_attention_heads,
-                out_channels // num_attention_heads,
-                in_channels=out_channels,
-                num_layers=layers[i],
-                norm_num_groups=resnet_groups,
-                cross_attention_dim=cross_attention_dim,
-                use_linear_projection=use_linear_projection,
-                only_cross_attention=only_cross_attention,
-                upcast_attention=upcast_attention,
-            )
-            for i in range(num_layers)
-        )
-        self.downsamplers = None
-        if add_downsample:
-            self.downsamplers = nn.ModuleList(
-                [Downsample2D(out_channels, use_conv=True, out_channels=out_channels, padding=downsample_padding)]
-            )
+        self.attentions = spatial_transformers(channels, layers, **transformer)
 
-    def forward(self, hidden_states, temb, encoder_hidden_states=None):
-        skips = []
-        for resnet, attention in zip(self.resnets, self.attentions):
-            hidden_states = resnet(hidden_states, temb)
-            hidden_states = attention(hidden_states, encoder_hidden_states)
-            skips.append(hidden_states)
-        if self.downsamplers is not None:
-            hidden_states = self.downsamplers[0](hidden_states)  # (B, C, H, W) -> (B, C, H/2, W/2)
-            skips.append(hidden_states)
-        return hidden_states, skips
-
-
-# ----- middle block ---------------------------------------------------------------------------------
-
-
-class UNetMidBlock2DCrossAttn(nn.Module):
-    """The bottleneck at the lowest resolution: resnet, then (transformer, resnet) x num_layers."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        temb_channels: int,
-        num_layers: int = 1,
-        transformer_layers_per_block: int | list[int] = 1,
-        dropout: float = 0.0,
-        resnet_eps: float = 1e-6,
-        resnet_act_fn: str = "swish",
-        resnet_groups: int = 32,
-        resnet_time_scale_shift: str = "default",
-        output_scale_factor: float = 1.0,
-        num_attention_heads: int = 1,
-        cross_attention_dim: int = 1280,
-        use_linear_projection: bool = False,
-        upcast_attention: bool = False,
-    ):
-        super().__init__()
-        layers = _per_layer(transformer_layers_per_block, num_layers)
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(
-                in_channels=in_channels,
-                out_channels=in_channels,
-                temb_channels=temb_channels,
-                groups=resnet_groups,
-                eps=resnet_eps,
-                non_linearity=resnet_act_fn,
-                time_embedding_norm=resnet_time_scale_shift,
-                dropout=dropout,
-                output_scale_factor=output_scale_factor,
-            )
-            for _ in range(num_layers + 1)
-        )
-        self.attentions = nn.ModuleList(
-            Transformer2DModel(
-                num_attention_heads,
-                in_channels // num_attention_heads,
-                in_channels=in_channels,
-                num_layers=layers[i],
-                norm_num_groups=resnet_groups,
-                cross_attention_dim=cross_attention_dim,
-                use_linear_projection=use_linear_projection,
-                upcast_attention=upcast_attention,
-            )
-            for i in range(num_layers)
-        )
-
-    def forward(self, hidden_states, temb, encoder_hidden_states=None):
+    def forward(self, hidden_states, temb, encoder_hidden_states):
         hidden_states = self.resnets[0](hidden_states, temb)
         for attention, resnet in zip(self.attentions, self.resnets[1:]):
             hidden_states = attention(hidden_states, encoder_hidden_states)
@@ -242,171 +128,61 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         return hidden_states
 
 
-# ----- up blocks ------------------------------------------------------------------------------------
+class UpBlock(nn.Module):
+    """One level of the way up: for each resnet, concatenate a skip popped from the stack, then the resnet (and
+    a spatial transformer when `transformer` is given: diffusers' CrossAttnUpBlock2D; UpBlock2D without), then
+    nearest-neighbour x2 and a 3x3 conv unless it is the last level. `in_channels[i]` is resnet i's input:
+    what comes from below plus its skip's channels."""
 
-
-class UpBlock2D(nn.Module):
-    """`num_layers` ResnetBlock2Ds, each fed [hidden_states, skip] concatenated on channels (the
-    skips are taken last-in first-out), then (unless last) nearest-neighbour x2 and a 3x3 conv.
-
-    `prev_output_channel` is what comes from below, `in_channels` the channels of the block's last skip.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        prev_output_channel: int,
-        out_channels: int,
-        temb_channels: int,
-        num_layers: int = 1,
-        add_upsample: bool = True,
-        dropout: float = 0.0,
-        resnet_eps: float = 1e-6,
-        resnet_act_fn: str = "swish",
-        resnet_groups: int = 32,
-        resnet_time_scale_shift: str = "default",
-    ):
+    def __init__(self, in_channels: list[int], out_channels, layers: list[int], add_upsample, resnet: dict,
+                 transformer: dict | None):
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(
-                in_channels=_up_resnet_in_channels(i, num_layers, in_channels, prev_output_channel, out_channels),
-                out_channels=out_channels,
-                temb_channels=temb_channels,
-                groups=resnet_groups,
-                eps=resnet_eps,
-                non_linearity=resnet_act_fn,
-                time_embedding_norm=resnet_time_scale_shift,
-                dropout=dropout,
-            )
-            for i in range(num_layers)
+            ResnetBlock2D(in_channels=channels, out_channels=out_channels, **resnet) for channels in in_channels
         )
+        self.attentions = spatial_transformers(out_channels, layers, **transformer) if transformer else None
         self.upsamplers = None
         if add_upsample:
             self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)])
 
-    def forward(self, hidden_states, skips, temb, encoder_hidden_states=None, upsample_size=None):
-        for resnet in self.resnets:
+    def forward(self, hidden_states, temb, encoder_hidden_states, skips: list[torch.Tensor], match_skip_size: bool = False):
+        for i, resnet in enumerate(self.resnets):
             hidden_states = torch.cat([hidden_states, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
             hidden_states = resnet(hidden_states, temb)
+            if self.attentions is not None:
+                hidden_states = self.attentions[i](hidden_states, encoder_hidden_states)
         if self.upsamplers is not None:
-            hidden_states = self.upsamplers[0](hidden_states, upsample_size)  # (B, C, H, W) -> (B, C, 2H, 2W)
+            # an odd latent size: upsample to the size of the next skip instead of exactly x2
+            size = tuple(skips[-1].shape[2:]) if match_skip_size else None
+            hidden_states = self.upsamplers[0](hidden_states, size)  # (B, C, H, W) -> (B, C, 2H, 2W)
         return hidden_states
-
-
-class CrossAttnUpBlock2D(nn.Module):
-    """Like UpBlock2D, with a spatial transformer after each resnet."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        prev_output_channel: int,
-        out_channels: int,
-        temb_channels: int,
-        num_layers: int = 1,
-        transformer_layers_per_block: int | list[int] = 1,
-        add_upsample: bool = True,
-        dropout: float = 0.0,
-        resnet_eps: float = 1e-6,
-        resnet_act_fn: str = "swish",
-        resnet_groups: int = 32,
-        resnet_time_scale_shift: str = "default",
-        num_attention_heads: int = 1,
-        cross_attention_dim: int = 1280,
-        use_linear_projection: bool = False,
-        only_cross_attention: bool = False,
-        upcast_attention: bool = False,
-    ):
-        super().__init__()
-        layers = _per_layer(transformer_layers_per_block, num_layers)
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(
-                in_channels=_up_resnet_in_channels(i, num_layers, in_channels, prev_output_channel, out_channels),
-                out_channels=out_channels,
-                temb_channels=temb_channels,
-                groups=resnet_groups,
-                eps=resnet_eps,
-                non_linearity=resnet_act_fn,
-                time_embedding_norm=resnet_time_scale_shift,
-                dropout=dropout,
-            )
-            for i in range(num_layers)
-        )
-        self.attentions = nn.ModuleList(
-            Transformer2DModel(
-                num_attention_heads,
-                out_channels // num_attention_heads,
-                in_channels=out_channels,
-                num_layers=layers[i],
-                norm_num_groups=resnet_groups,
-                cross_attention_dim=cross_attention_dim,
-                use_linear_projection=use_linear_projection,
-                only_cross_attention=only_cross_attention,
-                upcast_attention=upcast_attention,
-            )
-            for i in range(num_layers)
-        )
-        self.upsamplers = None
-        if add_upsample:
-            self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)])
-
-    def forward(self, hidden_states, skips, temb, encoder_hidden_states=None, upsample_size=None):
-        for resnet, attention in zip(self.resnets, self.attentions):
-            hidden_states = torch.cat([hidden_states, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
-            hidden_states = resnet(hidden_states, temb)
-            hidden_states = attention(hidden_states, encoder_hidden_states)
-        if self.upsamplers is not None:
-            hidden_states = self.upsamplers[0](hidden_states, upsample_size)  # (B, C, H, W) -> (B, C, 2H, 2W)
-        return hidden_states
-
-
-def _up_resnet_in_channels(i: int, num_layers: int, in_channels: int, prev_output_channel: int, out_channels: int):
-    """Input channels of an up block's i-th resnet: (what comes from below or from resnet i-1) + (its skip)."""
-    from_below = prev_output_channel if i == 0 else out_channels
-    skip = in_channels if i == num_layers - 1 else out_channels
-    return from_below + skip
-
-
-def _per_layer(value: int | list[int], num_layers: int) -> list[int]:
-    """`transformer_layers_per_block` for one block: an int for every layer, or one int per layer."""
-    if isinstance(value, int):
-        return [value] * num_layers
-    if len(value) != num_layers or not all(isinstance(v, int) for v in value):
-        raise ValueError(f"transformer_layers_per_block {value!r} must give one int per layer ({num_layers} layers)")
-    return list(value)
-
-
-DOWN_BLOCKS = {"DownBlock2D": DownBlock2D, "CrossAttnDownBlock2D": CrossAttnDownBlock2D}
-UP_BLOCKS = {"UpBlock2D": UpBlock2D, "CrossAttnUpBlock2D": CrossAttnUpBlock2D}
-MID_BLOCKS = {"UNetMidBlock2DCrossAttn": UNetMidBlock2DCrossAttn}
-
-# Config fields of diffusers' UNet2DConditionModel for features SD 1.x/2.x do not use; they are read from
-# config.json, and any value other than this default raises NotImplementedError.
-_NOT_IMPLEMENTED = {
-    "reverse_transformer_layers_per_block": None,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "dual_cross_attention": False,
-    "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
-    "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional",
-    "timestep_post_act": None,
-    "time_cond_proj_dim": None,
-    "projection_class_embeddings_input_dim": None,
-    "attention_type": "default",
-    "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None,
-    "cross_attention_norm": None,
-}
-
-
-# ----- the UNet -------------------------------------------------------------------------------------
 
 
 class UNet2DConditionModel(ModelMixin):
     """SD's conditional UNet: eps_pred = unet(z_t, t, encoder_hidden_states=c).sample (see the module docstring)."""
+
+    # Config fields of diffusers' UNet2DConditionModel for features SD 1.x/2.x do not use: accepted at these
+    # values (every SD 1.x/2.x config.json has them), refused otherwise (configuration.py).
+    _refused_config = {
+        "reverse_transformer_layers_per_block": None,
+        "encoder_hid_dim": None,
+        "encoder_hid_dim_type": None,
+        "dual_cross_attention": False,
+        "class_embed_type": None,
+        "addition_embed_type": None,
+        "addition_time_embed_dim": None,
+        "resnet_skip_time_act": False,
+        "resnet_out_scale_factor": 1.0,
+        "time_embedding_type": "positional",
+        "timestep_post_act": None,
+        "time_cond_proj_dim": None,
+        "projection_class_embeddings_input_dim": None,
+        "attention_type": "default",
+        "class_embeddings_concat": False,
+        "mid_block_only_cross_attention": None,
+        "cross_attention_norm": None,
+        "addition_embed_type_num_heads": 64,
+    }
 
     @register_to_config
     def __init__(
@@ -431,44 +207,24 @@ class UNet2DConditionModel(ModelMixin):
         norm_eps: float = 1e-5,
         cross_attention_dim: int | tuple[int, ...] = 1280,
         transformer_layers_per_block: int | tuple[int, ...] = 1,
-        reverse_transformer_layers_per_block: tuple[tuple[int, ...], ...] | None = None,
-        encoder_hid_dim: int | None = None,
-        encoder_hid_dim_type: str | None = None,
         attention_head_dim: int | tuple[int, ...] = 8,
         num_attention_heads: int | tuple[int, ...] | None = None,
-        dual_cross_attention: bool = False,
         use_linear_projection: bool = False,
-        class_embed_type: str | None = None,
-        addition_embed_type: str | None = None,
-        addition_time_embed_dim: int | None = None,
         num_class_embeds: int | None = None,
         upcast_attention: bool = False,
         resnet_time_scale_shift: str = "default",
-        resnet_skip_time_act: bool = False,
-        resnet_out_scale_factor: float = 1.0,
-        time_embedding_type: str = "positional",
         time_embedding_dim: int | None = None,
         time_embedding_act_fn: str | None = None,
-        timestep_post_act: str | None = None,
-        time_cond_proj_dim: int | None = None,
         conv_in_kernel: int = 3,
         conv_out_kernel: int = 3,
-        projection_class_embeddings_input_dim: int | None = None,
-        attention_type: str = "default",
-        class_embeddings_concat: bool = False,
-        mid_block_only_cross_attention: bool | None = None,
-        cross_attention_norm: str | None = None,
-        addition_embed_type_num_heads: int = 64,
     ):
         super().__init__()
-        _check_not_implemented(locals())
         num_blocks = len(block_out_channels)
-        _check_block_config(down_block_types, up_block_types, mid_block_type, block_out_channels, norm_num_groups)
-        # diffusers' naming quirk: without num_attention_heads, `attention_head_dim` is the number of heads.
+        _check_block_types(down_block_types, up_block_types, mid_block_type, block_out_channels, norm_num_groups)
         if num_attention_heads is not None:
             raise ValueError(
                 "num_attention_heads cannot be set: as in diffusers, SD configs give the number of heads per block "
-                "in `attention_head_dim` (see huggingface/diffusers#2011). Put the head counts there instead."
+                "in `attention_head_dim` (a naming kept from the first SD configs). Put the head counts there instead."
             )
         heads = _per_block("attention_head_dim", attention_head_dim, num_blocks)
         only_cross = _per_block("only_cross_attention", only_cross_attention, num_blocks)
@@ -493,69 +249,47 @@ class UNet2DConditionModel(ModelMixin):
         self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds is not None else None
         self.time_embed_act = get_activation(time_embedding_act_fn) if time_embedding_act_fn is not None else None
 
-        common = dict(
-            temb_channels=time_embed_dim,
-            dropout=dropout,
-            resnet_eps=norm_eps,
-            resnet_act_fn=act_fn,
-            resnet_groups=norm_num_groups,
-            resnet_time_scale_shift=resnet_time_scale_shift,
-        )
-        attention = dict(use_linear_projection=use_linear_projection, upcast_attention=upcast_attention)
+        resnet = dict(temb_channels=time_embed_dim, groups=norm_num_groups, eps=norm_eps, non_linearity=act_fn,
+                      time_embedding_norm=resnet_time_scale_shift, dropout=dropout)
 
+        def transformer(block: int, with_cross_attention: bool) -> dict | None:
+            if not with_cross_attention:
+                return None
+            return dict(heads=heads[block], norm_num_groups=norm_num_groups, cross_attention_dim=context_dims[block],
+                        use_linear_projection=use_linear_projection, only_cross_attention=only_cross[block],
+                        upcast_attention=upcast_attention)
+
+        # the way down: every resnet's and downsampler's output channels go on the skip stack
+        skip_channels = [block_out_channels[0]]  # conv_in's output
         self.down_blocks = nn.ModuleList()
+        channels = block_out_channels[0]
         for i, block_type in enumerate(down_block_types):
-            block_args = dict(
-                in_channels=block_out_channels[max(i - 1, 0)],
-                out_channels=block_out_channels[i],
-                num_layers=layers[i],
-                add_downsample=i < num_blocks - 1,
-                downsample_padding=downsample_padding,
-                **common,
-            )
-            if block_type == "CrossAttnDownBlock2D":
-                block_args.update(
-                    transformer_layers_per_block=transformer_layers[i],
-                    num_attention_heads=heads[i],
-                    cross_attention_dim=context_dims[i],
-                    only_cross_attention=only_cross[i],
-                    **attention,
-                )
-            self.down_blocks.append(DOWN_BLOCKS[block_type](**block_args))
+            is_last = i == num_blocks - 1
+            self.down_blocks.append(DownBlock(
+                channels, block_out_channels[i], [transformer_layers[i]] * layers[i], not is_last, downsample_padding,
+                resnet, transformer(i, DOWN_BLOCK_TYPES[block_type]),
+            ))
+            channels = block_out_channels[i]
+            skip_channels += [channels] * (layers[i] + (0 if is_last else 1))
 
         self.mid_block = None
         if mid_block_type is not None:
-            self.mid_block = UNetMidBlock2DCrossAttn(
-                in_channels=block_out_channels[-1],
-                transformer_layers_per_block=transformer_layers[-1],
-                output_scale_factor=mid_block_scale_factor,
-                num_attention_heads=heads[-1],
-                cross_attention_dim=context_dims[-1],
-                **attention,
-                **common,
-            )
+            mid_transformer = transformer(num_blocks - 1, True)
+            mid_transformer.pop("only_cross_attention")  # diffusers' mid block has no such option
+            self.mid_block = MidBlock(channels, [transformer_layers[-1]], mid_block_scale_factor, resnet, mid_transformer)
 
+        # the way up: one more resnet per level than on the way down, each taking a skip off the stack
         self.up_blocks = nn.ModuleList()
-        reversed_channels = list(reversed(block_out_channels))
         for i, block_type in enumerate(up_block_types):
-            j = num_blocks - 1 - i  # the down block this up block mirrors
-            block_args = dict(
-                in_channels=reversed_channels[min(i + 1, num_blocks - 1)],
-                prev_output_channel=reversed_channels[max(i - 1, 0)],
-                out_channels=reversed_channels[i],
-                num_layers=layers[j] + 1,
-                add_upsample=i < num_blocks - 1,
-                **common,
-            )
-            if block_type == "CrossAttnUpBlock2D":
-                block_args.update(
-                    transformer_layers_per_block=transformer_layers[j],
-                    num_attention_heads=heads[j],
-                    cross_attention_dim=context_dims[j],
-                    only_cross_attention=only_cross[j],
-                    **attention,
-                )
-            self.up_blocks.append(UP_BLOCKS[block_type](**block_args))
+            j = num_blocks - 1 - i  # the down level this up level mirrors
+            in_channels_of_resnets = []
+            for _ in range(layers[j] + 1):
+                in_channels_of_resnets.append(channels + skip_channels.pop())
+                channels = block_out_channels[j]
+            self.up_blocks.append(UpBlock(
+                in_channels_of_resnets, block_out_channels[j], [transformer_layers[j]] * (layers[j] + 1), j > 0,
+                resnet, transformer(j, UP_BLOCK_TYPES[block_type]),
+            ))
 
         # output: (B, C0, H, W) -> (B, out_channels, H, W)
         self.conv_norm_out = nn.GroupNorm(num_groups=norm_num_groups, num_channels=block_out_channels[0], eps=norm_eps)
@@ -583,7 +317,7 @@ class UNet2DConditionModel(ModelMixin):
             sample = 2 * sample - 1.0
 
         # 1. time embedding
-        timesteps = _timesteps_for_batch(timestep, sample)  # (B,)
+        timesteps = timesteps_for_batch(timestep, sample)  # (B,)
         t_emb = self.time_proj(timesteps).to(dtype=sample.dtype)  # (B, C0), computed in float32
         emb = self.time_embedding(t_emb)  # (B, time_embed_dim)
         if self.class_embedding is not None:
@@ -591,23 +325,19 @@ class UNet2DConditionModel(ModelMixin):
         if self.time_embed_act is not None:
             emb = self.time_embed_act(emb)
 
-        # 2. down: keep every intermediate feature map as a skip connection
+        # 2. down: every intermediate feature map goes on the skip stack
         sample = self.conv_in(sample)  # (B, 4, 64, 64) -> (B, 320, 64, 64) for SD 1.5
         skips = [sample]
         for block in self.down_blocks:
-            sample, block_skips = block(sample, emb, encoder_hidden_states)
-            skips.extend(block_skips)
+            sample = block(sample, emb, encoder_hidden_states, skips)
 
         # 3. middle
         if self.mid_block is not None:
             sample = self.mid_block(sample, emb, encoder_hidden_states)  # (B, 1280, 8, 8) for SD 1.5
 
-        # 4. up: each up block takes back as many skips as it has resnets, last-in first-out
-        for i, block in enumerate(self.up_blocks):
-            block_skips = skips[len(skips) - len(block.resnets):]
-            del skips[len(skips) - len(block.resnets):]
-            upsample_size = tuple(skips[-1].shape[2:]) if odd_size and i < len(self.up_blocks) - 1 else None
-            sample = block(sample, block_skips, emb, encoder_hidden_states, upsample_size=upsample_size)
+        # 4. up: each resnet takes the last skip off the stack
+        for block in self.up_blocks:
+            sample = block(sample, emb, encoder_hidden_states, skips, match_skip_size=odd_size)
 
         # 5. output
         sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))  # (B, 320, 64, 64) -> (B, 4, 64, 64)
@@ -616,9 +346,7 @@ class UNet2DConditionModel(ModelMixin):
     def _check_inputs(self, sample, encoder_hidden_states, class_labels) -> None:
         config = self.config
         if sample.ndim != 4 or sample.shape[1] != config.in_channels:
-            raise ValueError(
-                f"sample must be latents of shape (B, {config.in_channels}, H, W), got {tuple(sample.shape)}"
-            )
+            raise ValueError(f"sample must be latents of shape (B, {config.in_channels}, H, W), got {tuple(sample.shape)}")
         if encoder_hidden_states is None or encoder_hidden_states.ndim != 3:
             found = None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)
             raise ValueError(
@@ -634,20 +362,6 @@ class UNet2DConditionModel(ModelMixin):
             raise ValueError("this UNet is class-conditional (num_class_embeds is set): pass class_labels (B,)")
 
 
-def _timesteps_for_batch(timestep, sample: torch.Tensor) -> torch.Tensor:
-    """A python number, a 0-d tensor, or a (1,) / (B,) tensor -> a (B,) tensor on the sample's device."""
-    batch = sample.shape[0]
-    if not torch.is_tensor(timestep):
-        timestep = torch.tensor([timestep], device=sample.device)
-    timestep = timestep.to(sample.device).reshape(-1) if timestep.ndim == 0 else timestep.to(sample.device)
-    if timestep.ndim != 1 or timestep.shape[0] not in (1, batch):
-        raise ValueError(
-            f"timestep must be a number, a 0-d tensor, or a tensor of shape (1,) or (batch={batch},); "
-            f"got shape {tuple(timestep.shape)}"
-        )
-    return timestep.expand(batch)
-
-
 def _per_block(name: str, value, num_blocks: int) -> list:
     """A config field given once for all blocks (int/bool) or once per block (list), as a per-block list."""
     if isinstance(value, (list, tuple)):
@@ -660,30 +374,21 @@ def _per_block(name: str, value, num_blocks: int) -> list:
     return [value] * num_blocks
 
 
-def _check_block_config(down_block_types, up_block_types, mid_block_type, block_out_channels, norm_num_groups) -> None:
+def _check_block_types(down_block_types, up_block_types, mid_block_type, block_out_channels, norm_num_groups) -> None:
     if len(down_block_types) != len(block_out_channels) or len(up_block_types) != len(block_out_channels):
         raise ValueError(
             f"down_block_types ({len(down_block_types)}), up_block_types ({len(up_block_types)}) and "
             f"block_out_channels ({len(block_out_channels)}) must have the same length: one entry per resolution"
         )
-    for kind, types, known in (("down", down_block_types, DOWN_BLOCKS), ("up", up_block_types, UP_BLOCKS)):
+    for kind, types, known in (("down", down_block_types, DOWN_BLOCK_TYPES), ("up", up_block_types, UP_BLOCK_TYPES)):
         for block_type in types:
             if block_type not in known:
                 raise NotImplementedError(
                     f"{kind} block type {block_type!r} is not implemented in minidiff; SD 1.x/2.x use {sorted(known)}"
                 )
-    if mid_block_type is not None and mid_block_type not in MID_BLOCKS:
+    if mid_block_type is not None and mid_block_type not in MID_BLOCK_TYPES:
         raise NotImplementedError(
             f"mid_block_type {mid_block_type!r} is not implemented in minidiff; SD 1.x/2.x use 'UNetMidBlock2DCrossAttn'"
         )
     if norm_num_groups is None:
         raise NotImplementedError("norm_num_groups=None is not implemented in minidiff; SD 1.x/2.x use 32")
-
-
-def _check_not_implemented(arguments: dict) -> None:
-    for name, default in _NOT_IMPLEMENTED.items():
-        if arguments[name] != default:
-            raise NotImplementedError(
-                f"UNet2DConditionModel config field {name}={arguments[name]!r} is not implemented in minidiff "
-                f"(SD 1.x/2.x leave it at {default!r}); remove it from the config or set it to {default!r}"
-            )
