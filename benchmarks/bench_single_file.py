@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "weights_scripts"))
 
 LOADERS = {
     "minidiff": """
-        from minidiff.checkpoints.single_file import load_single_file
+        from minidiff.loaders.single_file import load_single_file
         parts = load_single_file(FILE, torch_dtype=DTYPE)
         modules = [parts.unet, parts.vae, parts.text_encoder]
     """,
@@ -65,7 +65,7 @@ def prepare(cache: Path) -> tuple[Path, Path]:
     """The random SD 1.5 folder and its single file, written once."""
     from make_random_sd15 import make_random_sd15
 
-    from minidiff.checkpoints.single_file import convert
+    from minidiff.loaders import convert
 
     folder, file = cache / "random-sd15", cache / "sd15.safetensors"
     if not (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file():

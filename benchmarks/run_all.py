@@ -687,7 +687,7 @@ def prepare_weights(folder: Path, tiny: bool) -> Path:
     """The random SD 1.5 folder (written once) and its single-file form next to it."""
     from make_random_sd15 import make_random_sd15
 
-    from minidiff.checkpoints.single_file import convert
+    from minidiff.loaders import convert
 
     if not (folder / "model_index.json").is_file():
         print(f"writing random SD 1.5 weights to {folder} (once) ...", file=sys.stderr)

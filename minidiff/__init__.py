@@ -1,9 +1,9 @@
 """minidiff: Stable Diffusion 1.5, its schedulers and the denoising loop, from scratch in plain PyTorch."""
 
-__version__ = "0.1.0"
-
 import importlib
 import sys
+
+from minidiff.utils.version import __version__ as __version__
 
 from minidiff.configuration import ConfigMixin, FrozenConfig, register_to_config
 from minidiff.models.clip_text import CLIPTextModel
@@ -37,6 +37,7 @@ MOVED_MODULES = {
     "minidiff.trace": "minidiff.viz.trace",
     "minidiff.hub": "minidiff.checkpoints.hub",
     "minidiff.download": "minidiff.checkpoints.download",
+    "minidiff.checkpoints.single_file": "minidiff.loaders.single_file",  # load_single_file; convert is in loaders
 }
 for _old, _new in MOVED_MODULES.items():
     sys.modules[_old] = importlib.import_module(_new)

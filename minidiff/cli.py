@@ -179,7 +179,7 @@ def cmd_download(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from minidiff.checkpoints.single_file import convert
+    from minidiff.loaders import convert
 
     if not Path(args.src).exists():
         raise CLIError(f"{args.src} does not exist")

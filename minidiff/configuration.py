@@ -30,13 +30,15 @@ nothing; any other value raises NotImplementedError naming the field (`check_ref
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import json
 import os
 import warnings
 from pathlib import Path
 from typing import Any
+
+from minidiff.checkpoints.hub import download_file
+from minidiff.utils.version import __version__
 
 
 # The diffusers release whose config files and behaviour minidiff matches.
@@ -104,6 +106,13 @@ def register_to_config(init):
     return recording_init
 
 
+def check_choice(field: str, value, allowed, owner: str = "") -> None:
+    """Raise a ValueError naming the config field (and the class, `owner`) when `value` is not one of `allowed`."""
+    if value not in allowed:
+        prefix = f"{owner}: " if owner else ""
+        raise ValueError(f"{prefix}unknown {field} {value!r}; expected one of {', '.join(map(repr, allowed))}")
+
+
 def check_refused_config(cls, given: dict[str, Any]) -> None:
     """Raise NotImplementedError for a refused field (see the module docstring) set to an unsupported value."""
     for key, value in given.items():
@@ -169,6 +178,10 @@ def _check_type(cls, key: str, value: Any, default: Any) -> None:
         )
 
 
+# Every class with a config, by name: how a config file's `_class_name` finds the class that wrote it.
+CONFIG_CLASSES: dict[str, type] = {}
+
+
 class ConfigMixin:
     """Gives a class `config`, `from_config`, `save_config`, `load_config` and `from_pretrained` for its config.
 
@@ -180,6 +193,10 @@ class ConfigMixin:
     _refused_config: dict[str, Any] = {}
     # Keys written by other libraries' tools that carry no meaning for the object; never reported.
     _quiet_keys: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        CONFIG_CLASSES[cls.__name__] = cls
 
     @property
     def config(self) -> FrozenConfig:
@@ -233,7 +250,7 @@ class ConfigMixin:
         writer_name = config.pop("_class_name", cls.__name__)
         if not isinstance(writer_name, str):
             raise ValueError(f"`_class_name` in a {cls.__name__} config must be a string, got {writer_name!r}")
-        writer = getattr(importlib.import_module("minidiff"), writer_name, None)
+        writer = CONFIG_CLASSES.get(writer_name)
         if writer_name != cls.__name__ and isinstance(writer, type):
             only_writer_knows = _init_keys(writer) - expected
             config = {key: value for key, value in config.items() if key not in only_writer_knows}
@@ -291,8 +308,6 @@ class ConfigMixin:
                     f"(e.g. stable-diffusion-v1-5/{subfolder or 'scheduler'}/{cls.config_name})"
                 )
             return str(candidate)
-        from minidiff.checkpoints.hub import download_file
-
         return download_file(str(path_or_repo_id), cls.config_name, subfolder=subfolder)
 
     @classmethod
@@ -303,8 +318,6 @@ class ConfigMixin:
     # ----- writing -----------------------------------------------------------------------------
 
     def to_json_string(self) -> str:
-        from minidiff import __version__
-
         config = dict(self.config)
         config.pop("_use_default_values", None)  # as diffusers: not written, so the file holds what was set
         config["_class_name"] = type(self).__name__

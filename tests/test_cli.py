@@ -106,3 +106,12 @@ def test_download_offline_says_so():
         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert_clean_failure(result, "cannot reach the Hugging Face hub")
+
+
+def test_python_dash_m_minidiff_is_the_minidiff_command():
+    as_module = subprocess.run([sys.executable, "-m", "minidiff", "schedulers"], capture_output=True, text=True, timeout=300)
+    as_cli = minidiff("schedulers")
+    assert as_module.returncode == 0 and as_module.stdout == as_cli.stdout
+    bad = subprocess.run([sys.executable, "-m", "minidiff", "generate", "x", "--size", "500x512"],
+                         capture_output=True, text=True, timeout=300)
+    assert_clean_failure(bad, "multiples of 8")

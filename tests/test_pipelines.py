@@ -169,3 +169,11 @@ def test_long_prompt_is_truncated_with_a_warning(both):
     ours.scheduler = minidiff.DDIMScheduler.from_config(ours.scheduler.config)
     with pytest.warns(UserWarning, match="token\\(s\\) were dropped"):
         ours(" ".join(["horse"] * 100), height=64, width=64, num_inference_steps=1)
+
+
+def test_img2img_refuses_an_unknown_output_type_before_any_work(tiny_sd15_folder):
+    from minidiff import StableDiffusionImg2ImgPipeline
+
+    pipeline = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd15_folder)
+    with pytest.raises(ValueError, match="unknown output_type 'jpg'"):
+        pipeline("a cat", image=Image.new("RGB", (64, 64)), output_type="jpg")

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from minidiff import accuracy
-from minidiff.checkpoints import convert
+from minidiff.loaders import convert
 from minidiff.cli import build_parser, keep_freed_memory, load_pipeline
 from minidiff.models.vae import AutoencoderKL, _blend_ramp, _tile_starts
 from minidiff.pipelines import StableDiffusionPipeline

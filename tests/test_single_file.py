@@ -21,14 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from minidiff.checkpoints import CheckpointError
 from minidiff.checkpoints.key_map import ema_key, text_encoder_key_map, unet_key_map, vae_key_map
-from minidiff.checkpoints.single_file import (
-    SD15_CONFIGS,
-    CheckpointFile,
-    convert,
-    ldm_schedule_buffers,
-    load_single_file,
-    save_single_file,
-)
+from minidiff.checkpoints.reader import CheckpointFile
+from minidiff.checkpoints.single_file_layout import SD15_CONFIGS
+from minidiff.loaders.convert import convert, ldm_schedule_buffers, save_single_file
+from minidiff.loaders.single_file import load_single_file
 from minidiff.models.clip_text import CLIPTextModel
 from minidiff.models.modeling import ModelMixin
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
@@ -565,7 +561,7 @@ def test_converting_gives_back_the_pages_it_read(tmp_path, shape, dtype, memory_
         f"""
         import sys, torch
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-        from minidiff.checkpoints.single_file import CheckpointFile
+        from minidiff.checkpoints.reader import CheckpointFile
 
         def status_kb(field):  # VmRSS: resident now; VmHWM: the peak of this process (not of the forked parent)
             return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))

@@ -35,7 +35,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`: use the checkout's minidiff
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minidiff.checkpoints.single_file import SD15_CONFIGS
+from minidiff.checkpoints.single_file_layout import SD15_CONFIGS
 from minidiff.models.clip_text import CLIPTextModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+
+FOLDER_ADVICE = "Check that config.json belongs to these weights (same model, same version), or that the file is complete."
 
 
 class CheckpointError(ValueError):
@@ -15,28 +19,33 @@ def _listing(title: str, lines: list[str], limit: int = 20) -> str:
     return f"  {title} ({len(lines)}):\n" + "\n".join(f"    {line}" for line in shown) + more
 
 
-def check_state_dict(module: torch.nn.Module, state_dict: dict, source: str) -> None:
-    """Raise one CheckpointError listing every key of `module` the checkpoint lacks, every key it has that
-    `module` does not, and every shape that differs (expected vs found). Returns quietly when all fit."""
+def check_state_dict(
+    module: torch.nn.Module,
+    found: dict[str, torch.Tensor],
+    source: str,
+    label: Callable[[str], str] | None = None,
+    advice: str = FOLDER_ADVICE,
+) -> None:
+    """Raise one CheckpointError listing every key of `module` that `found` lacks, every key it has that `module`
+    does not, and every shape that differs (expected vs found). Returns quietly when all fit.
+
+    `found` maps the module's names to tensors (meta tensors will do: only shapes are read); `label` names a key
+    in the messages (e.g. "the file's key (the module's name)"); `advice` ends the message.
+    """
+    label = label or (lambda name: name)
     expected = module.state_dict(keep_vars=True)
-    missing = [key for key in expected if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in expected]
+    missing = [label(key) for key in expected if key not in found]
+    unexpected = [label(key) for key in found if key not in expected]
     misshaped = [
-        f"{key}: expected {tuple(expected[key].shape)}, found {tuple(state_dict[key].shape)}"
+        f"{label(key)}: expected {tuple(expected[key].shape)}, found {tuple(found[key].shape)}"
         for key in expected
-        if key in state_dict and tuple(expected[key].shape) != tuple(state_dict[key].shape)
+        if key in found and tuple(expected[key].shape) != tuple(found[key].shape)
     ]
     if not (missing or unexpected or misshaped):
         return
     parts = [f"{source} does not fit {type(module).__name__} as configured:"]
-    if missing:
-        parts.append(_listing("missing keys", missing))
-    if unexpected:
-        parts.append(_listing("unexpected keys", unexpected))
-    if misshaped:
-        parts.append(_listing("keys with the wrong shape", misshaped))
-    parts.append(
-        "Check that config.json belongs to these weights (same model, same version), "
-        "or that the file is complete."
-    )
+    for title, lines in (("missing keys", missing), ("unexpected keys", unexpected), ("keys with the wrong shape", misshaped)):
+        if lines:
+            parts.append(_listing(title, lines))
+    parts.append(advice)
     raise CheckpointError("\n".join(parts))

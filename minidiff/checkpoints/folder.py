@@ -1,7 +1,7 @@
 """The diffusers folder layout: `<component>/config.json` + `<component>/<weights>.safetensors`.
 
-Weights are read memory-mapped with `safetensors.safe_open`, so a tensor's bytes are touched only
-when the module takes it. Also understood, with the file names diffusers and transformers write:
+Which file(s) hold a component's weights (reader.py reads them). Understood, with the file names diffusers
+and transformers write:
 
     diffusion_pytorch_model.safetensors                    one file
     diffusion_pytorch_model.fp16.safetensors               variant="fp16"
@@ -15,13 +15,9 @@ when the module takes it. Also understood, with the file names diffusers and tra
 from __future__ import annotations
 
 import json
-import pickle
 import re
-import zipfile
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
 
 from minidiff.checkpoints.errors import CheckpointError
 
@@ -91,68 +87,3 @@ def _shards_of_index(index: Path) -> list[Path]:
     if missing:
         raise CheckpointError(f"{index} lists shard(s) that are not in {index.parent}: {missing}; download them too")
     return [index.parent / name for name in shard_names]
-
-
-def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
-    """All tensors of `files`, memory-mapped (safetensors) or safely unpickled (.bin / .ckpt)."""
-    state_dict: dict[str, torch.Tensor] = {}
-    for file in files:
-        tensors = _read_one(Path(file))
-        repeated = sorted(set(tensors) & set(state_dict))
-        if repeated:
-            raise CheckpointError(f"{file} repeats tensors already read from another shard: {repeated[:10]}")
-        state_dict.update(tensors)
-    return state_dict
-
-
-def _read_one(file: Path) -> dict[str, torch.Tensor]:
-    if not file.is_file():
-        raise FileNotFoundError(f"weights file {file} does not exist")
-    if file.suffix == ".safetensors":
-        return read_safetensors(file)
-    return read_pickled_checkpoint(file)
-
-
-def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a .safetensors file, as views of one memory map (no bytes are copied here).
-
-    The safetensors library checks the header against the file: a truncated file, or a header whose
-    shapes, dtypes and byte ranges disagree, is refused before any tensor is made.
-    """
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as reader:
-            return {key: reader.get_tensor(key) for key in reader.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise CheckpointError(
-            f"{file} is not a readable safetensors file ({type(error).__name__}: {error}); "
-            "it is probably truncated or corrupt: download it again"
-        ) from None
-
-
-def read_pickled_checkpoint(file: Path) -> dict[str, torch.Tensor]:
-    """A `.bin`/`.ckpt` file, read with `torch.load(weights_only=True)` only: never arbitrary unpickling.
-
-    A pickle that needs any Python object beyond tensors and plain containers is refused.
-    """
-    try:
-        loaded = torch.load(str(file), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
-    except pickle.UnpicklingError as error:
-        refused = re.search(r"GLOBAL (\S+)", str(error))
-        what = f" (it asks for {refused.group(1)})" if refused else ""
-        raise CheckpointError(
-            f"{file} cannot be read safely: it needs unpickling of arbitrary Python objects{what}, which can run "
-            "any code. minidiff reads pickled checkpoints only with torch.load(weights_only=True). Use the "
-            "`.safetensors` release of the same weights instead (or convert the file once, in a sandbox you "
-            "trust, with safetensors.torch.save_file)."
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as error:
-        first_line = str(error).splitlines()[0] if str(error) else ""
-        raise CheckpointError(
-            f"{file} is not a readable torch checkpoint ({type(error).__name__}: {first_line}); "
-            "it is probably truncated or corrupt: download it again (prefer the .safetensors file)"
-        ) from None
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]  # original Stable Diffusion .ckpt files wrap the weights
-    if not isinstance(loaded, dict):
-        raise CheckpointError(f"{file} does not hold a dict of tensors (found {type(loaded).__name__})")
-    return {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}

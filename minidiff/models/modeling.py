@@ -20,8 +20,17 @@ import torch
 from safetensors.torch import save_file
 
 from minidiff.checkpoints.errors import CheckpointError, check_state_dict
-from minidiff.checkpoints.folder import read_state_dict, weight_files_in_folder, with_variant
-from minidiff.checkpoints.single_file import CheckpointFile, converted
+from minidiff.checkpoints.folder import weight_files_in_folder, with_variant
+from minidiff.checkpoints.hub import download_component
+from minidiff.checkpoints.reader import CheckpointFile, converted, read_state_dict
+from minidiff.checkpoints.single_file_layout import (
+    PART_OF_CLASS,
+    check_is_sd1,
+    check_part_fits,
+    component_config,
+    key_map_for,
+    stored_keys,
+)
 from minidiff.configuration import ConfigMixin
 from minidiff.utils.cpu import skip_init
 
@@ -75,10 +84,8 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         _check_class_name(cls, config, folder)
         files = weight_files_in_folder(folder, cls.weights_names, variant)
         source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
-        if (torch_dtype is not None or memory_format is not None) and all(file.suffix == ".safetensors" for file in files):
-            state_dict = _read_converted(files, torch_dtype or torch.get_default_dtype(), memory_format)
-        else:
-            state_dict = read_state_dict(files)
+        # cast and lay out each tensor while reading: its file pages go back once converted (reader.py)
+        state_dict = read_state_dict(files, torch_dtype or torch.get_default_dtype(), memory_format)
         return cls.from_state_dict(config, state_dict, torch_dtype, source=source, memory_format=memory_format)
 
     @classmethod
@@ -111,7 +118,7 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
     @classmethod
     def from_single_file(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike | CheckpointFile,
         config=None,
         torch_dtype: torch.dtype | None = None,
         use_ema: bool = False,
@@ -120,10 +127,26 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         """Load this network (UNet2DConditionModel, AutoencoderKL or CLIPTextModel) from an original one-file
         SD 1.x checkpoint such as `v1-5-pruned-emaonly.safetensors`, offline. `config` (a dict or a
         diffusers-layout folder) defaults to SD 1.5's bundled config; `use_ema` takes the UNet's EMA copy.
-        See minidiff/checkpoints/single_file.py and key_map.py."""
-        from minidiff.checkpoints.single_file import load_component
 
-        return load_component(cls, path, config=config, torch_dtype=torch_dtype, use_ema=use_ema, memory_format=memory_format)
+        The file's keys under the network's prefix are renamed by the key map and checked against the module
+        (built on the meta device) before any tensor is read; then each tensor is read, cast and laid out in one
+        copy where needed (checkpoints/single_file_layout.py has the file's layout, key_map.py the names).
+        """
+        part = next((PART_OF_CLASS[klass.__name__] for klass in cls.__mro__ if klass.__name__ in PART_OF_CLASS), None)
+        if part is None:
+            raise ValueError(f"{cls.__name__} cannot be loaded from a single file; only {', '.join(PART_OF_CLASS)} can")
+        _check_dtype(cls, torch_dtype)
+        checkpoint = path if isinstance(path, CheckpointFile) else CheckpointFile(path)
+        check_is_sd1(checkpoint)
+        config = component_config(part, config)
+        key_map = key_map_for(part, config)
+        stored_key = stored_keys(checkpoint, part, key_map, use_ema)  # the module's name -> the key in the file
+        check_part_fits(build_on_meta(cls, config), checkpoint, stored_key, key_map, part)
+        dtype = torch_dtype or torch.get_default_dtype()
+        state_dict = {
+            name: key_map.tensor_to_diffusers(name, checkpoint.tensor(key, dtype, memory_format)) for name, key in stored_key.items()
+        }
+        return cls.from_state_dict(config, state_dict, dtype, source=f"{checkpoint.path} ({part})")
 
     # ----- writing -----
 
@@ -151,24 +174,10 @@ def build_on_meta(cls, config: dict):
         return cls.from_config(config)
 
 
-def _read_converted(files: list[Path], torch_dtype: torch.dtype, memory_format: torch.memory_format | None) -> dict[str, torch.Tensor]:
-    """The tensors of safetensors `files`, cast to `torch_dtype` and laid out in `memory_format` one at a time, each
-    copy giving its file pages back (CheckpointFile.tensor): the peak is the weights once, not the mapped file
-    plus the copy (measured for SD 1.5's UNet in bfloat16: 2.0 GB instead of 5.4 GB)."""
-    state_dict: dict[str, torch.Tensor] = {}
-    for file in files:
-        checkpoint = CheckpointFile(file)
-        repeated = sorted(set(checkpoint.keys()) & set(state_dict))
-        if repeated:
-            raise CheckpointError(f"{file} repeats tensors already read from another shard: {repeated[:10]}")
-        state_dict.update((key, checkpoint.tensor(key, torch_dtype, memory_format)) for key in checkpoint.keys())
-    return state_dict
-
-
 def _check_dtype(cls, torch_dtype) -> None:
     if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
         raise ValueError(
-            f"{cls.__name__}.from_pretrained: torch_dtype must be a floating torch.dtype such as torch.float16, "
+            f"{cls.__name__}: torch_dtype must be a floating torch.dtype such as torch.float16, "
             f"got {torch_dtype!r}"
         )
 
@@ -196,6 +205,4 @@ def _component_folder(path_or_repo_id, subfolder: str | None, cls, variant: str 
             f"{path_or_repo_id} is neither a local folder nor a hub repo id (owner/name); "
             "for a single .safetensors file use from_single_file(...)"
         )
-    from minidiff.checkpoints.hub import download_component
-
     return download_component(str(path_or_repo_id), subfolder, [cls.config_name, *cls.weights_names], variant)

@@ -32,7 +32,7 @@ from torch import nn
 
 from minidiff.configuration import register_to_config
 from minidiff.models.attention import Attention
-from minidiff.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, get_activation
+from minidiff.models.layers import Downsample2D, ResnetBlock2D, Upsample2D
 from minidiff.models.modeling import ModelMixin
 from minidiff.utils.torch_utils import randn_tensor
 from minidiff.utils.outputs import BaseOutput

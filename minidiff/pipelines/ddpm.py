@@ -13,7 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from minidiff.models.unet_2d import UNet2DModel
-from minidiff.pipelines.stable_diffusion import DenoisingStep, scheduler_from_folder, to_output_type
+from minidiff.loaders.scheduler import scheduler_from_folder
+from minidiff.pipelines.common import DenoisingStep, check_output_type, to_output_type
 from minidiff.utils.torch_utils import randn_tensor
 from minidiff.utils.outputs import BaseOutput
 
@@ -66,6 +67,7 @@ class DDPMPipeline:
             yield DenoisingStep(step_index, len(self.scheduler.timesteps), t, image, model_output, output.pred_original_sample)
 
     def __call__(self, batch_size: int = 1, generator=None, num_inference_steps: int = 1000, output_type: str = "pil"):
+        check_output_type(output_type)
         step = None
         for step in self.denoise(batch_size, generator, num_inference_steps):
             pass

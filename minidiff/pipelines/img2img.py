@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline, StableDiffusionPipelineOutput
+from minidiff.pipelines.common import StableDiffusionPipelineOutput, check_output_type
+from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
 from minidiff.utils.torch_utils import randn_tensor
 
 
@@ -110,6 +111,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         eta: float = 0.0,
         output_type: str = "pil",
     ) -> StableDiffusionPipelineOutput:
+        check_output_type(output_type)
         step = None
         for step in self.denoise(
             prompt, image, strength, negative_prompt, num_inference_steps, guidance_scale,

@@ -12,57 +12,21 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-import minidiff.schedulers as schedulers
-from minidiff.checkpoints.single_file import load_single_file
+from minidiff.loaders.scheduler import scheduler_from_folder
+from minidiff.loaders.single_file import load_single_file
 from minidiff.utils.torch_utils import randn_tensor
 from minidiff.models.clip_text import CLIPTextModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
+from minidiff.pipelines.common import DenoisingStep, StableDiffusionPipelineOutput, check_output_type, to_output_type
 from minidiff.tokenizer import CLIPTokenizer
 from minidiff.utils.cpu import conv_memory_format
-from minidiff.utils.outputs import BaseOutput
-
-
-@dataclass
-class StableDiffusionPipelineOutput(BaseOutput):
-    """`images`: a list of PIL images, a (B, H, W, 3) numpy array in [0, 1], a (B, 3, H, W) tensor, or latents."""
-
-    images: list | np.ndarray | torch.Tensor
-    nsfw_content_detected: list | None = None  # minidiff has no safety checker; kept for diffusers' API
-
-
-@dataclass
-class DenoisingStep:
-    """What the loop yields after step `step_index` (x_t -> x_{t-1}) at timestep `t`."""
-
-    step_index: int
-    num_steps: int  # len(timesteps): steps in the whole loop (PNDM runs N+1 for N)
-    t: torch.Tensor
-    latents: torch.Tensor  # x_{t-1}, after the scheduler step: (B, 4, H/8, W/8) (pixels for DDPMPipeline)
-    noise_pred: torch.Tensor  # the guided prediction eps_uncond + s * (eps_text - eps_uncond)
-    pred_original_sample: torch.Tensor  # the scheduler's estimate of x_0 from this step
-
-
-def to_output_type(image: torch.Tensor, output_type: str):
-    """(B, 3, H, W) in [-1, 1] -> "pt" (B, 3, H, W) in [0, 1], "np" (B, H, W, 3) in [0, 1], or "pil" images."""
-    image = (image / 2 + 0.5).clamp(0, 1)
-    if output_type == "pt":
-        return image
-    array = image.cpu().permute(0, 2, 3, 1).float().numpy()
-    if output_type == "np":
-        return array
-    return [Image.fromarray(pixels) for pixels in (array * 255).round().astype("uint8")]
-
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 class StableDiffusionPipeline:
@@ -166,8 +130,7 @@ class StableDiffusionPipeline:
                 f"height and width must be positive multiples of 8 (the VAE works on 8x8 patches), got {height}x{width}; "
                 f"try {max(8, height // 8 * 8)}x{max(8, width // 8 * 8)}"
             )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES}")
+        check_output_type(output_type)
 
     @torch.no_grad()
     def encode_prompt(self, prompt: list[str], num_images_per_prompt: int, do_classifier_free_guidance: bool, negative_prompt=None):
@@ -303,16 +266,3 @@ class StableDiffusionPipeline:
         ):
             pass
         return StableDiffusionPipelineOutput(images=self.decode_latents(step.latents, output_type))
-
-
-def scheduler_from_folder(path_or_repo_id, subfolder: str | None = "scheduler") -> schedulers.SchedulerMixin:
-    """The scheduler named in `scheduler/scheduler_config.json` (`_class_name`), built from that config."""
-    config = schedulers.SchedulerMixin.load_config(path_or_repo_id, subfolder=subfolder)
-    name = config.get("_class_name", "PNDMScheduler")
-    scheduler_class = getattr(schedulers, str(name), None)
-    if scheduler_class is None:
-        raise ValueError(
-            f"the scheduler config names {name!r}, which minidiff does not implement; minidiff has "
-            f"{', '.join(cls.__name__ for cls in schedulers.SchedulerMixin.compatibles)}. Swap it with e.g. `pipe.scheduler = EulerDiscreteScheduler.from_config(config)`."
-        )
-    return scheduler_class.from_config(config)

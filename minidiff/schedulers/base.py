@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from minidiff.configuration import ConfigMixin
+from minidiff.configuration import CONFIG_CLASSES, ConfigMixin, check_choice
 from minidiff.utils.outputs import BaseOutput
 from minidiff.utils.torch_utils import randn_tensor  # noqa: F401  (re-exported: old import path)
 
@@ -55,12 +55,6 @@ class SchedulerOutput(BaseOutput):
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
-
-
-def check_choice(field: str, value, allowed) -> None:
-    """Raise a ValueError naming the config field when `value` is not one of `allowed`."""
-    if value not in allowed:
-        raise ValueError(f"unknown {field} {value!r}; expected one of {', '.join(map(repr, allowed))}")
 
 
 # ----- the training noise schedule ---------------------------------------------------------------
@@ -340,10 +334,9 @@ class SchedulerMixin(ConfigMixin):
 
     @classmethod
     def _compatible_classes(cls) -> list[type]:
-        import minidiff.schedulers as schedulers
-
         names = dict.fromkeys([cls.__name__, *cls._compatibles])
-        return [getattr(schedulers, name) for name in names if hasattr(schedulers, name)]
+        found = [CONFIG_CLASSES.get(name) for name in names]
+        return [klass for klass in found if isinstance(klass, type) and issubclass(klass, SchedulerMixin)]
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

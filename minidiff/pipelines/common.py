@@ -1,0 +1,50 @@
+"""What the pipelines share: the step the loop yields, the output types, and turning an image tensor into them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from minidiff.utils.outputs import BaseOutput
+
+@dataclass
+class StableDiffusionPipelineOutput(BaseOutput):
+    """`images`: a list of PIL images, a (B, H, W, 3) numpy array in [0, 1], a (B, 3, H, W) tensor, or latents."""
+
+    images: list | np.ndarray | torch.Tensor
+    nsfw_content_detected: list | None = None  # minidiff has no safety checker; kept for diffusers' API
+
+
+@dataclass
+class DenoisingStep:
+    """What the loop yields after step `step_index` (x_t -> x_{t-1}) at timestep `t`."""
+
+    step_index: int
+    num_steps: int  # len(timesteps): steps in the whole loop (PNDM runs N+1 for N)
+    t: torch.Tensor
+    latents: torch.Tensor  # x_{t-1}, after the scheduler step: (B, 4, H/8, W/8) (pixels for DDPMPipeline)
+    noise_pred: torch.Tensor  # the guided prediction eps_uncond + s * (eps_text - eps_uncond)
+    pred_original_sample: torch.Tensor  # the scheduler's estimate of x_0 from this step
+
+
+def to_output_type(image: torch.Tensor, output_type: str):
+    """(B, 3, H, W) in [-1, 1] -> "pt" (B, 3, H, W) in [0, 1], "np" (B, H, W, 3) in [0, 1], or "pil" images."""
+    image = (image / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return image
+    array = image.cpu().permute(0, 2, 3, 1).float().numpy()
+    if output_type == "np":
+        return array
+    return [Image.fromarray(pixels) for pixels in (array * 255).round().astype("uint8")]
+
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def check_output_type(output_type: str) -> None:
+    """Refuse an output_type no pipeline can give (e.g. "jpg"), before any work is done."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES} (save a PIL image to get a file)")
