@@ -35,22 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minidiff.checkpoints.single_file_layout import sd15_config
 from minidiff.lab.gaussian_mixture import GaussianMixtureDenoiser
 
-# Stable Diffusion 1.5's scheduler_config.json (see reference/scheduler_facts.md, section 1).
-SD15_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
+# Stable Diffusion 1.5's scheduler_config.json (bundled with minidiff: the one copy of SD 1.5's configs).
+SD15_SCHEDULER_CONFIG = sd15_config("scheduler")
 
 DEFAULT_STEPS = (5, 10, 20, 50, 100, 200)
 

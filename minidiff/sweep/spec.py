@@ -32,13 +32,12 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from minidiff.configuration import ConfigMixin
+from minidiff.checkpoints.single_file_layout import sd15_config
 from minidiff.schedulers.names import find_sampler
 
 DTYPES = ("fp32", "bf16", "fp16", "auto")
 LIST_FIELDS = ("prompts", "negative_prompts", "schedulers", "steps", "guidance_scales", "seeds")
 KNOWN_FIELDS = ("weights", *LIST_FIELDS, "size", "dtype", "threads")
-SD15_SCHEDULER_CONFIG = Path(__file__).resolve().parent.parent / "data" / "sd15" / "scheduler" / "scheduler_config.json"
 
 
 class SpecError(ValueError):
@@ -180,7 +179,7 @@ def _parse_size(size) -> tuple[int, int]:
 
 def _check_schedulers_can_take_steps(schedulers: list[str], steps: list[int]) -> None:
     """Each name is known and each scheduler can do each step count (on SD 1.5's training schedule)."""
-    config = ConfigMixin.load_config(SD15_SCHEDULER_CONFIG)
+    config = sd15_config("scheduler")
     for name in schedulers:
         try:
             sampler = find_sampler(name)
