@@ -74,12 +74,12 @@ def load_pipeline(weights: str, dtype: str, vae_tiling: bool = False, compile: b
     torch_dtype = fastest_cpu_dtype() if DTYPES[dtype] is None else getattr(torch, DTYPES[dtype])
     path = Path(weights).expanduser()
     if path.is_file():
-        pipeline = StableDiffusionPipeline.from_single_file(path, torch_dtype=torch_dtype)
+        pipeline = StableDiffusionPipeline.from_single_file(path, dtype=torch_dtype)
     elif not path.exists() and (weights.startswith((".", "/", "~")) or weights.count("/") != 1):
         raise CLIError(f"--weights {weights}: no such file or folder (download weights with `minidiff download sd15`)")
     else:
         try:
-            pipeline = StableDiffusionPipeline.from_pretrained(weights, torch_dtype=torch_dtype)
+            pipeline = StableDiffusionPipeline.from_pretrained(weights, dtype=torch_dtype)
         except OSError as error:
             raise CLIError(str(error).splitlines()[0]) from None
     if not low_memory:  # after loading: the weights live as long as the process, their blocks need no reuse

@@ -37,7 +37,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from minidiff.checkpoints.hub import download_file
+from minidiff.checkpoints.hub import HubOptions, download_file
 from minidiff.utils.version import __version__
 
 
@@ -282,9 +282,9 @@ class ConfigMixin:
         return init_kwargs, hidden
 
     @classmethod
-    def load_config(cls, path_or_repo_id: str | os.PathLike, subfolder: str | None = None) -> dict:
+    def load_config(cls, path_or_repo_id: str | os.PathLike, subfolder: str | None = None, hub: HubOptions | None = None) -> dict:
         """Reads `config_name` from a local folder (or a file path), or from a hub repo through huggingface_hub."""
-        config_file = cls._config_file(path_or_repo_id, subfolder)
+        config_file = cls._config_file(path_or_repo_id, subfolder, hub)
         try:
             text = Path(config_file).read_text(encoding="utf-8")
             config = json.loads(text)
@@ -295,7 +295,7 @@ class ConfigMixin:
         return config
 
     @classmethod
-    def _config_file(cls, path_or_repo_id, subfolder: str | None) -> str:
+    def _config_file(cls, path_or_repo_id, subfolder: str | None, hub: HubOptions | None = None) -> str:
         path = Path(path_or_repo_id)
         if path.is_file():
             return str(path)
@@ -308,7 +308,7 @@ class ConfigMixin:
                     f"(e.g. stable-diffusion-v1-5/{subfolder or 'scheduler'}/{cls.config_name})"
                 )
             return str(candidate)
-        return download_file(str(path_or_repo_id), cls.config_name, subfolder=subfolder)
+        return download_file(str(path_or_repo_id), cls.config_name, subfolder=subfolder, hub=hub)
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, subfolder: str | None = None, **overrides):

@@ -189,14 +189,14 @@ class CLIPTokenizer:
     # ----- loading and saving -----
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, subfolder: str | None = None) -> "CLIPTokenizer":
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, subfolder: str | None = None, hub=None) -> "CLIPTokenizer":
         """Reads a tokenizer folder, e.g. `from_pretrained("stable-diffusion-v1-5", subfolder="tokenizer")`, or a hub repo.
 
         The folder holds `vocab.json` + `merges.txt` (Stable Diffusion's layout) or a `tokenizer.json`
         (what transformers 5's `save_pretrained` writes); `model_max_length` comes from
         `tokenizer_config.json` when it is there, else 77.
         """
-        files = _tokenizer_files(path_or_repo_id, subfolder)
+        files = _tokenizer_files(path_or_repo_id, subfolder, hub)
         if files.get("vocab.json"):
             vocab = _read_json(files["vocab.json"])
             merges = read_merges_file(files["merges.txt"])
@@ -407,7 +407,7 @@ def _read_json(path: str) -> dict:
     return value
 
 
-def _tokenizer_files(path_or_repo_id, subfolder: str | None) -> dict[str, str | None]:
+def _tokenizer_files(path_or_repo_id, subfolder: str | None, hub=None) -> dict[str, str | None]:
     """Local paths of vocab.json + merges.txt (or tokenizer.json) and of the optional tokenizer_config.json."""
     path = Path(path_or_repo_id)
     if path.is_dir():
@@ -426,9 +426,9 @@ def _tokenizer_files(path_or_repo_id, subfolder: str | None) -> dict[str, str | 
         raise FileNotFoundError(f"{path_or_repo_id} is neither a local tokenizer folder nor a hub repo id (owner/name)")
     from minidiff.checkpoints.hub import HubUnavailableError, download_file
 
-    files = {name: download_file(str(path_or_repo_id), name, subfolder) for name in ("vocab.json", "merges.txt")}
+    files = {name: download_file(str(path_or_repo_id), name, subfolder, hub) for name in ("vocab.json", "merges.txt")}
     try:
-        files["tokenizer_config.json"] = download_file(str(path_or_repo_id), "tokenizer_config.json", subfolder)
+        files["tokenizer_config.json"] = download_file(str(path_or_repo_id), "tokenizer_config.json", subfolder, hub)
     except HubUnavailableError:
         files["tokenizer_config.json"] = None
     return files

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
 
 class HubUnavailableError(OSError):
     """The hub could not be reached (or the file is not there) and no local copy exists."""
 
 
-def download_file(repo_id: str, filename: str, subfolder: str | None = None) -> str:
+@dataclass(frozen=True)
+class HubOptions:
+    """Where on the hub, and whether to ask it at all: `from_pretrained`'s keyword arguments of the same names,
+    handed to huggingface_hub as they are. They matter only for a repo id; a local folder ignores them."""
+
+    revision: str | None = None  # a branch, tag or commit of the repo
+    cache_dir: str | os.PathLike | None = None  # instead of huggingface_hub's cache
+    local_files_only: bool | None = None  # True: only the cache, never the network
+
+    def as_kwargs(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+def download_file(repo_id: str, filename: str, subfolder: str | None = None, hub: HubOptions | None = None) -> str:
     """Returns the local path of `subfolder/filename` of `repo_id`, downloading it through huggingface_hub.
 
     Uses the local cache when it has the file. When the hub cannot be reached the error says so and
@@ -17,7 +34,7 @@ def download_file(repo_id: str, filename: str, subfolder: str | None = None) -> 
 
     where = f"{repo_id}/{subfolder + '/' if subfolder else ''}{filename}"
     try:
-        return huggingface_hub.hf_hub_download(repo_id, filename, subfolder=subfolder or None)
+        return huggingface_hub.hf_hub_download(repo_id, filename, subfolder=subfolder or None, **(hub or HubOptions()).as_kwargs())
     except Exception as error:  # offline, unknown repo, missing file, gated repo: all reported the same clear way
         raise HubUnavailableError(
             f"could not get {where} from the Hugging Face hub ({type(error).__name__}: {str(error).splitlines()[0]}). "
@@ -27,7 +44,9 @@ def download_file(repo_id: str, filename: str, subfolder: str | None = None) -> 
         ) from None
 
 
-def download_component(repo_id: str, subfolder: str | None, file_names: list[str], variant: str | None = None):
+def download_component(
+    repo_id: str, subfolder: str | None, file_names: list[str], variant: str | None = None, hub: HubOptions | None = None
+):
     """Downloads only the files one component needs; returns its local folder.
 
     `file_names` are the config file(s) (`*.json`, always fetched) and the weights names in order of
@@ -35,7 +54,6 @@ def download_component(repo_id: str, subfolder: str | None, file_names: list[str
     the only one downloaded, so a repo holding both .safetensors and .bin costs one download.
     """
     import huggingface_hub
-    from pathlib import Path
 
     from minidiff.checkpoints.folder import weight_file_patterns
 
@@ -45,7 +63,8 @@ def download_component(repo_id: str, subfolder: str | None, file_names: list[str
     try:
         for weights_name in weights_names:
             patterns = [prefix + pattern for pattern in weight_file_patterns(weights_name, variant)]
-            root = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=config_names + patterns))
+            allow = config_names + patterns
+            root = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=allow, **(hub or HubOptions()).as_kwargs()))
             if any(file.is_file() for pattern in patterns for file in root.glob(pattern)):
                 break
     except Exception as error:

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from minidiff.checkpoints.errors import CheckpointError, check_state_dict
 from minidiff.checkpoints.folder import weight_files_in_folder, with_variant
-from minidiff.checkpoints.hub import download_component
+from minidiff.checkpoints.hub import HubOptions, download_component
 from minidiff.checkpoints.reader import CheckpointFile, converted, read_state_dict
 from minidiff.checkpoints.single_file_layout import (
     PART_OF_CLASS,
@@ -33,6 +33,7 @@ from minidiff.checkpoints.single_file_layout import (
 )
 from minidiff.configuration import ConfigMixin
 from minidiff.utils.cpu import skip_init
+from minidiff.utils.torch_utils import resolve_dtype
 
 
 class ModelMixin(torch.nn.Module, ConfigMixin):
@@ -70,19 +71,41 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         torch_dtype: torch.dtype | None = None,
         variant: str | None = None,
         memory_format: torch.memory_format | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        use_safetensors: bool | None = None,
+        low_cpu_mem_usage: bool = True,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
     ):
         """Load config and weights from a diffusers-layout folder (or a hub repo id, through huggingface_hub).
+
+        Keyword arguments as diffusers' (0.42.1):
+        - `dtype` (or its old name `torch_dtype`; `dtype` wins when both are given, as in diffusers' models);
+        - `variant` ("fp16": `*.fp16.safetensors`), `subfolder`;
+        - `use_safetensors`: None takes `.safetensors` and falls back to `.bin`, True only `.safetensors`,
+          False only `.bin` (read with `torch.load(weights_only=True)`);
+        - `revision`, `cache_dir`, `local_files_only`: for a hub repo id, handed to huggingface_hub; a local
+          folder ignores them;
+        - `low_cpu_mem_usage`: has no effect here. minidiff always builds the module on the meta device and
+          assigns the checkpoint's tensors (what diffusers does with True), so False loads the same way.
 
         `torch_dtype` is the dtype of the loaded floating-point weights; as in diffusers, it defaults to
         torch's default dtype (float32), whatever the file holds, so `variant="fp16"` alone gives an
         fp32 model and `variant="fp16", torch_dtype=torch.float16` an fp16 one.
         `memory_format=torch.channels_last` lays the 4-D (conv) weights out channels-last while loading.
         """
+        torch_dtype = resolve_dtype(dtype, torch_dtype, deprecated=False)
         _check_dtype(cls, torch_dtype)
-        folder = _component_folder(path_or_repo_id, subfolder, cls, variant)
+        if not isinstance(low_cpu_mem_usage, bool):
+            raise TypeError(f"low_cpu_mem_usage must be True or False, got {low_cpu_mem_usage!r}")
+        weights_names = _weights_names(cls, use_safetensors)
+        hub = HubOptions(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+        folder = _component_folder(path_or_repo_id, subfolder, cls, variant, weights_names, hub)
         config = cls.load_config(folder)
         _check_class_name(cls, config, folder)
-        files = weight_files_in_folder(folder, cls.weights_names, variant)
+        files = weight_files_in_folder(folder, weights_names, variant)
         source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
         # cast and lay out each tensor while reading: its file pages go back once converted (reader.py)
         state_dict = read_state_dict(files, torch_dtype or torch.get_default_dtype(), memory_format)
@@ -123,10 +146,13 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         torch_dtype: torch.dtype | None = None,
         use_ema: bool = False,
         memory_format: torch.memory_format | None = None,
+        *,
+        dtype: torch.dtype | None = None,
     ):
         """Load this network (UNet2DConditionModel, AutoencoderKL or CLIPTextModel) from an original one-file
         SD 1.x checkpoint such as `v1-5-pruned-emaonly.safetensors`, offline. `config` (a dict or a
-        diffusers-layout folder) defaults to SD 1.5's bundled config; `use_ema` takes the UNet's EMA copy.
+        diffusers-layout folder) defaults to SD 1.5's bundled config; `use_ema` takes the UNet's EMA copy;
+        `dtype` (or `torch_dtype`; `dtype` wins, as in diffusers) is the weights' dtype.
 
         The file's keys under the network's prefix are renamed by the key map and checked against the module
         (built on the meta device) before any tensor is read; then each tensor is read, cast and laid out in one
@@ -135,6 +161,7 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         part = next((PART_OF_CLASS[klass.__name__] for klass in cls.__mro__ if klass.__name__ in PART_OF_CLASS), None)
         if part is None:
             raise ValueError(f"{cls.__name__} cannot be loaded from a single file; only {', '.join(PART_OF_CLASS)} can")
+        torch_dtype = resolve_dtype(dtype, torch_dtype, deprecated=False)
         _check_dtype(cls, torch_dtype)
         checkpoint = path if isinstance(path, CheckpointFile) else CheckpointFile(path)
         check_is_sd1(checkpoint)
@@ -192,7 +219,17 @@ def _check_class_name(cls, config: dict, folder: Path) -> None:
         )
 
 
-def _component_folder(path_or_repo_id, subfolder: str | None, cls, variant: str | None) -> Path:
+def _weights_names(cls, use_safetensors: bool | None) -> list[str]:
+    """The weights file names to look for, in order: `use_safetensors` None both (safetensors first), True / False one kind."""
+    if use_safetensors is None:
+        return cls.weights_names
+    if not isinstance(use_safetensors, bool):
+        raise TypeError(f"use_safetensors must be None, True or False, got {use_safetensors!r}")
+    return [name for name in cls.weights_names if name.endswith(".safetensors") == use_safetensors]
+
+
+def _component_folder(path_or_repo_id, subfolder: str | None, cls, variant: str | None, weights_names: list[str],
+                      hub: HubOptions) -> Path:
     """The local folder of one component; a hub repo id is downloaded (only that component's files)."""
     path = Path(path_or_repo_id)
     if path.is_dir():
@@ -205,4 +242,4 @@ def _component_folder(path_or_repo_id, subfolder: str | None, cls, variant: str 
             f"{path_or_repo_id} is neither a local folder nor a hub repo id (owner/name); "
             "for a single .safetensors file use from_single_file(...)"
         )
-    return download_component(str(path_or_repo_id), subfolder, [cls.config_name, *cls.weights_names], variant)
+    return download_component(str(path_or_repo_id), subfolder, [cls.config_name, *weights_names], variant, hub)

@@ -1,6 +1,6 @@
 """DiffusionPipeline.from_pretrained: the pipeline class a folder's model_index.json names.
 
-    pipeline = DiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", torch_dtype=torch.float16)
+    pipeline = DiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", dtype=torch.float16)
 
 reads `model_index.json` (`"_class_name": "StableDiffusionPipeline"`) and hands over to that class.
 A single-file checkpoint goes to StableDiffusionPipeline.from_single_file.
@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
+from minidiff.checkpoints.hub import HubOptions, download_file
 from minidiff.pipelines.ddpm import DDPMPipeline
 from minidiff.pipelines.img2img import StableDiffusionImg2ImgPipeline
 from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
+from minidiff.utils.torch_utils import resolve_dtype
 
 PIPELINES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, DDPMPipeline)}
 
@@ -25,20 +27,24 @@ class DiffusionPipeline:
     """Not a pipeline itself: `from_pretrained` returns the pipeline named by the folder."""
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs):
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, torch_dtype: torch.dtype | None = None, *,
+                        dtype: torch.dtype | None = None, **kwargs):
+        """The pipeline class `model_index.json` names, loaded with its `from_pretrained` (`dtype`, or the
+        deprecated `torch_dtype` with diffusers' warning; the other keyword arguments as that class takes them)."""
+        dtype = resolve_dtype(dtype, torch_dtype, deprecated=True)
         classes = PIPELINES
         if Path(path_or_repo_id).is_file():
-            return classes["StableDiffusionPipeline"].from_single_file(path_or_repo_id, torch_dtype=torch_dtype)
+            return classes["StableDiffusionPipeline"].from_single_file(path_or_repo_id, dtype=dtype)
         if Path(path_or_repo_id).is_dir():
             index_file = Path(path_or_repo_id) / "model_index.json"
         else:
-            from minidiff.checkpoints.hub import download_file
-
-            index_file = download_file(str(path_or_repo_id), "model_index.json")
+            hub_keys = ("revision", "cache_dir", "local_files_only")
+            hub = HubOptions(**{key: kwargs[key] for key in hub_keys if key in kwargs})
+            index_file = download_file(str(path_or_repo_id), "model_index.json", hub=hub)
         try:
             name = json.loads(Path(index_file).read_text())["_class_name"]
         except (OSError, ValueError, KeyError) as error:
             raise ValueError(f"{index_file} is not a readable model_index.json with a _class_name ({error})") from None
         if name not in classes:
             raise ValueError(f"{path_or_repo_id} holds a {name}, which minidiff does not implement; it has {sorted(classes)}")
-        return classes[name].from_pretrained(path_or_repo_id, torch_dtype=torch_dtype, **kwargs)
+        return classes[name].from_pretrained(path_or_repo_id, dtype=dtype, **kwargs)

@@ -13,9 +13,10 @@ import torch
 from tqdm.auto import tqdm
 
 from minidiff.models.unet_2d import UNet2DModel
+from minidiff.checkpoints.hub import HubOptions
 from minidiff.loaders.scheduler import scheduler_from_folder
 from minidiff.pipelines.common import DenoisingStep, check_output_type, to_output_type
-from minidiff.utils.torch_utils import randn_tensor
+from minidiff.utils.torch_utils import randn_tensor, resolve_dtype
 from minidiff.utils.outputs import BaseOutput
 
 
@@ -33,13 +34,30 @@ class DDPMPipeline:
         self._progress_bar_config: dict = {}
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, torch_dtype: torch.dtype | None = None):
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        torch_dtype: torch.dtype | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        variant: str | None = None,
+        use_safetensors: bool | None = None,
+        low_cpu_mem_usage: bool = True,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+    ):
+        """The UNet and scheduler of a DDPM folder or hub repo; the keyword arguments as in
+        `StableDiffusionPipeline.from_pretrained` (`torch_dtype` is the deprecated spelling of `dtype`)."""
+        dtype = resolve_dtype(dtype, torch_dtype, deprecated=True)
+        hub = HubOptions(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
         # google/ddpm-cat-256 keeps its files at the repo's root; a diffusers pipeline folder uses unet/ and scheduler/.
         root = Path(path_or_repo_id)
         unet = UNet2DModel.from_pretrained(
-            path_or_repo_id, subfolder="unet" if (root / "unet").is_dir() else None, torch_dtype=torch_dtype
+            path_or_repo_id, subfolder="unet" if (root / "unet").is_dir() else None, dtype=dtype, variant=variant,
+            use_safetensors=use_safetensors, low_cpu_mem_usage=low_cpu_mem_usage, **hub.as_kwargs(),
         )
-        scheduler = scheduler_from_folder(path_or_repo_id, subfolder="scheduler" if (root / "scheduler").is_dir() else None)
+        scheduler = scheduler_from_folder(path_or_repo_id, subfolder="scheduler" if (root / "scheduler").is_dir() else None, hub=hub)
         return cls(unet, scheduler)
 
     def to(self, device=None, dtype: torch.dtype | None = None):

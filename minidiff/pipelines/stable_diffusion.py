@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from minidiff.checkpoints.hub import HubOptions
 from minidiff.loaders.scheduler import scheduler_from_folder
 from minidiff.loaders.single_file import load_single_file
-from minidiff.utils.torch_utils import randn_tensor
+from minidiff.utils.torch_utils import randn_tensor, resolve_dtype
 from minidiff.models.clip_text import CLIPTextModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
@@ -32,7 +33,7 @@ from minidiff.utils.cpu import conv_memory_format
 class StableDiffusionPipeline:
     """Text-to-image with Stable Diffusion 1.x: tokenizer, CLIP text encoder, UNet, scheduler, VAE.
 
-    The precision is the models' dtype (`from_pretrained(..., torch_dtype=torch.bfloat16)`): bfloat16 is the
+    The precision is the models' dtype (`from_pretrained(..., dtype=torch.bfloat16)`): bfloat16 is the
     fast path on CPUs with AMX or AVX512-BF16 (see `fastest_cpu_dtype` and docs/performance.md). In float16
     the VAE is kept in float32 when its config says `force_upcast` (SD 1.5's does): its activations reach
     beyond float16's range on some images, and on a CPU an fp16 decode is no faster anyway.
@@ -56,33 +57,64 @@ class StableDiffusionPipeline:
     # ----- loading -----
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, torch_dtype: torch.dtype | None = None, variant: str | None = None):
-        """Load every component of a diffusers-layout folder (or hub repo id): unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        torch_dtype: torch.dtype | None = None,
+        variant: str | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        use_safetensors: bool | None = None,
+        low_cpu_mem_usage: bool = True,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+    ):
+        """Load every component of a diffusers-layout folder (or hub repo id): unet/, vae/, text_encoder/, tokenizer/, scheduler/.
+
+        `dtype` is the weights' dtype; the old name `torch_dtype` still works, with diffusers' FutureWarning (both at
+        once is an error, as in diffusers' pipelines). `variant`, `use_safetensors`, `revision`, `cache_dir`,
+        `local_files_only` and `low_cpu_mem_usage` go to every model's `ModelMixin.from_pretrained`, which says
+        what each does (`low_cpu_mem_usage` has no effect: loading always builds on the meta device).
+        """
+        dtype = resolve_dtype(dtype, torch_dtype, deprecated=True)
         path = Path(path_or_repo_id)
         if path.is_file():
-            return cls.from_single_file(path, torch_dtype=torch_dtype)
-        load = dict(torch_dtype=torch_dtype, variant=variant)
-        dtype = torch_dtype or torch.get_default_dtype()
+            return cls.from_single_file(path, dtype=dtype)
+        hub = HubOptions(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+        load = dict(dtype=dtype, variant=variant, use_safetensors=use_safetensors, low_cpu_mem_usage=low_cpu_mem_usage,
+                    **hub.as_kwargs())
+        layout_dtype = dtype or torch.get_default_dtype()
         return cls(
-            vae=AutoencoderKL.from_pretrained(path_or_repo_id, subfolder="vae", memory_format=conv_memory_format("vae", dtype), **load),
-            text_encoder=CLIPTextModel.from_pretrained(path_or_repo_id, subfolder="text_encoder", **load),
-            tokenizer=CLIPTokenizer.from_pretrained(path_or_repo_id, subfolder="tokenizer"),
-            unet=UNet2DConditionModel.from_pretrained(
-                path_or_repo_id, subfolder="unet", memory_format=conv_memory_format("unet", dtype), **load
+            vae=AutoencoderKL.from_pretrained(
+                path_or_repo_id, subfolder="vae", memory_format=conv_memory_format("vae", layout_dtype), **load
             ),
-            scheduler=scheduler_from_folder(path_or_repo_id),
+            text_encoder=CLIPTextModel.from_pretrained(path_or_repo_id, subfolder="text_encoder", **load),
+            tokenizer=CLIPTokenizer.from_pretrained(path_or_repo_id, subfolder="tokenizer", hub=hub),
+            unet=UNet2DConditionModel.from_pretrained(
+                path_or_repo_id, subfolder="unet", memory_format=conv_memory_format("unet", layout_dtype), **load
+            ),
+            scheduler=scheduler_from_folder(path_or_repo_id, hub=hub),
         )
 
     @classmethod
     def from_single_file(
-        cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None, use_ema: bool = False, config: str | os.PathLike | None = None
+        cls,
+        path: str | os.PathLike,
+        torch_dtype: torch.dtype | None = None,
+        use_ema: bool = False,
+        config: str | os.PathLike | None = None,
+        *,
+        dtype: torch.dtype | None = None,
     ):
         """Load an original one-file checkpoint (e.g. v1-5-pruned-emaonly.safetensors), offline.
 
-        `config`: a diffusers-layout folder whose configs describe the file (default: SD 1.5's, bundled)."""
-        dtype = torch_dtype or torch.get_default_dtype()
-        memory_formats = {model: conv_memory_format(model, dtype) for model in ("unet", "vae")}
-        parts = load_single_file(path, torch_dtype=torch_dtype, use_ema=use_ema, config=config, memory_formats=memory_formats)
+        `config`: a diffusers-layout folder whose configs describe the file (default: SD 1.5's, bundled).
+        `dtype` (or `torch_dtype`; `dtype` wins when both are given, silently, as in diffusers' from_single_file)."""
+        dtype = resolve_dtype(dtype, torch_dtype, deprecated=False)
+        layout_dtype = dtype or torch.get_default_dtype()
+        memory_formats = {model: conv_memory_format(model, layout_dtype) for model in ("unet", "vae")}
+        parts = load_single_file(path, torch_dtype=dtype, use_ema=use_ema, config=config, memory_formats=memory_formats)
         return cls(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet, scheduler=parts.scheduler)
 
     def to(self, device=None, dtype: torch.dtype | None = None, memory_format: torch.memory_format | None = None):

@@ -119,9 +119,9 @@ def load_pipeline_for(spec: Spec, device: torch.device) -> StableDiffusionPipeli
     dtype = fastest_cpu_dtype() if spec.dtype == "auto" else TORCH_DTYPES[spec.dtype]
     path = Path(spec.weights).expanduser()
     if path.is_file():
-        pipeline = StableDiffusionPipeline.from_single_file(path, torch_dtype=dtype)
+        pipeline = StableDiffusionPipeline.from_single_file(path, dtype=dtype)
     else:
-        pipeline = StableDiffusionPipeline.from_pretrained(spec.weights, torch_dtype=dtype)
+        pipeline = StableDiffusionPipeline.from_pretrained(spec.weights, dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
