@@ -45,7 +45,7 @@ def test_one_process_and_two_torchrun_ranks_give_identical_images(tmp_path, tiny
     spec = write_spec(tmp_path, tiny_sd15_folder)
     single, double = tmp_path / "one", tmp_path / "two"
     subprocess.run(sweep_command(str(spec), "--out", str(single)), check=True, env=environment(), timeout=300)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minidiff.cli",
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minidiff",
                 "sweep", str(spec), "--out", str(double), "--no-progress"]  # --standalone: a free port, chosen at run time
     subprocess.run(torchrun, check=True, env=environment(), timeout=300, capture_output=True)
     one, two = successes(single), successes(double)
