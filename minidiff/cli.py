@@ -133,7 +133,7 @@ def cmd_generate(args) -> None:
         last = frames[-1].sample
     else:
         *_, final = steps
-        last = pipeline.decode_latents(final.latents, "pil")[0]
+        last = pipeline.latents_to_output(final.latents, "pil")[0]
     last.save(out)
     print(f"wrote {out}")
 

@@ -164,7 +164,7 @@ def generate(pipeline, size: int = 64, steps: int = 20) -> tuple[torch.Tensor, t
         "a photograph of an astronaut riding a horse", height=size, width=size, num_inference_steps=steps,
         generator=torch.Generator().manual_seed(0), output_type="latent",
     ).images
-    return latents, pipeline.decode_latents(latents, "pt")
+    return latents, pipeline.latents_to_output(latents, "pt")
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from minidiff.configuration import DIFFUSERS_CONFIG_VERSION
 from minidiff.utils.outputs import BaseOutput
 
 @dataclass
@@ -48,3 +51,17 @@ def check_output_type(output_type: str) -> None:
     """Refuse an output_type no pipeline can give (e.g. "jpg"), before any work is done."""
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES} (save a PIL image to get a file)")
+
+
+def write_model_index(folder: Path, class_name: str, components: dict) -> Path:
+    """model_index.json: for each part, [library, class] as diffusers writes it ([null, null] for an absent part)."""
+    libraries = {"CLIPTextModel": "transformers", "CLIPTokenizer": "transformers"}
+    index = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_CONFIG_VERSION}
+    for name, part in components.items():
+        part_class = type(part).__name__ if part is not None else None
+        index[name] = [libraries.get(part_class, "diffusers"), part_class] if part is not None else [None, None]
+    if "safety_checker" in components:
+        index["requires_safety_checker"] = False
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return folder / "model_index.json"

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from minidiff.models.unet_2d import UNet2DModel
 from minidiff.checkpoints.hub import HubOptions
 from minidiff.loaders.scheduler import scheduler_from_folder
-from minidiff.pipelines.common import DenoisingStep, check_output_type, to_output_type
+from minidiff.pipelines.common import DenoisingStep, check_output_type, to_output_type, write_model_index
 from minidiff.utils.torch_utils import randn_tensor, resolve_dtype
 from minidiff.utils.outputs import BaseOutput
 
@@ -32,6 +32,19 @@ class DDPMPipeline:
         self.unet = unet
         self.scheduler = scheduler
         self._progress_bar_config: dict = {}
+
+    @property
+    def components(self) -> dict:
+        return {"unet": self.unet, "scheduler": self.scheduler}
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write model_index.json, unet/ and scheduler/ (the layout of diffusers' DDPM pipelines, e.g. after the
+        Hugging Face course's unit 1); `DDPMPipeline.from_pretrained(folder)` and diffusers' both read it back."""
+        folder = Path(folder)
+        self.unet.save_pretrained(folder / "unet")
+        self.scheduler.save_config(folder / "scheduler")
+        write_model_index(folder, type(self).__name__, self.components)
+        return folder
 
     @classmethod
     def from_pretrained(

@@ -86,17 +86,20 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         image = preprocess_image(image, self.vae_scale_factor)
         self.check_inputs(prompt, image.shape[-2], image.shape[-1])
-        prompt = [prompt] if isinstance(prompt, str) else prompt
-        batch_size = len(prompt) * num_images_per_prompt
-        text_embeddings = self.encode_prompt(prompt, num_images_per_prompt, guidance_scale > 1.0, negative_prompt)
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, self.device, num_images_per_prompt, guidance_scale > 1.0, negative_prompt
+        )
+        batch_size = prompt_embeds.shape[0]
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength)
         if num_inference_steps < 1:
             raise ValueError(f"strength {strength} leaves no step to run; raise strength or num_inference_steps")
         latent_timestep = timesteps[:1].repeat(batch_size)
-        latents = self.prepare_image_latents(image, latent_timestep, batch_size, text_embeddings.dtype, generator)
-        yield from self.denoising_loop(latents, timesteps, text_embeddings, guidance_scale, self.step_kwargs(generator, eta))
+        latents = self.prepare_image_latents(image, latent_timestep, batch_size, prompt_embeds.dtype, generator)
+        yield from self.denoising_loop(
+            latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale, self.step_kwargs(generator, eta)
+        )
 
     def __call__(
         self,
@@ -118,4 +121,4 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
             num_images_per_prompt, generator, eta,
         ):
             pass
-        return StableDiffusionPipelineOutput(images=self.decode_latents(step.latents, output_type))
+        return StableDiffusionPipelineOutput(images=self.latents_to_output(step.latents, output_type))

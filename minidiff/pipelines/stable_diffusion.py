@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,7 +26,13 @@ from minidiff.utils.torch_utils import randn_tensor, resolve_dtype
 from minidiff.models.clip_text import CLIPTextModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
-from minidiff.pipelines.common import DenoisingStep, StableDiffusionPipelineOutput, check_output_type, to_output_type
+from minidiff.pipelines.common import (
+    DenoisingStep,
+    StableDiffusionPipelineOutput,
+    check_output_type,
+    to_output_type,
+    write_model_index,
+)
 from minidiff.tokenizer import CLIPTokenizer
 from minidiff.utils.cpu import conv_memory_format
 
@@ -39,7 +46,17 @@ class StableDiffusionPipeline:
     beyond float16's range on some images, and on a CPU an fp16 decode is no faster anyway.
     """
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
+    # What `callback_on_step_end` may read and replace, as in diffusers.
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
+                 requires_safety_checker: bool = False, image_encoder=None):
+        if safety_checker is not None or feature_extractor is not None or image_encoder is not None:
+            warnings.warn(
+                "minidiff has no safety checker, feature extractor or image encoder: the one given is not used. "
+                "Pass safety_checker=None (as diffusers' SD 1.5 users who disable it do) to silence this.",
+                stacklevel=2,
+            )
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -49,6 +66,26 @@ class StableDiffusionPipeline:
         self._upcast_vae_if_float16()
         self.vae.to(memory_format=conv_memory_format("vae", self.vae.dtype))  # no copy if loaded that way
         self.unet.to(memory_format=conv_memory_format("unet", self.unet.dtype))
+
+    @property
+    def components(self) -> dict:
+        """The pipeline's parts by name, as diffusers' `pipe.components`: `OtherPipeline(**pipe.components)`."""
+        return {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "unet": self.unet,
+                "scheduler": self.scheduler, "safety_checker": None, "feature_extractor": None}
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write the diffusers folder layout: model_index.json and one subfolder per part (diffusers can load it)."""
+        folder = Path(folder)
+        self.vae.save_pretrained(folder / "vae")
+        self.text_encoder.save_pretrained(folder / "text_encoder")
+        self.unet.save_pretrained(folder / "unet")
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+        self.scheduler.save_config(folder / "scheduler")
+        write_model_index(folder, type(self).__name__, {
+            "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "unet": self.unet,
+            "scheduler": self.scheduler, "safety_checker": None, "feature_extractor": None,
+        })
+        return folder
 
     def _upcast_vae_if_float16(self) -> None:
         if self.vae.dtype == torch.float16 and self.vae.config.force_upcast:
@@ -154,8 +191,15 @@ class StableDiffusionPipeline:
 
     # ----- the steps of the tutorial -----
 
-    def check_inputs(self, prompt, height: int, width: int, output_type: str = "pil") -> None:
-        if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt)):
+    def check_inputs(self, prompt, height: int, width: int, output_type: str = "pil", prompt_embeds=None,
+                     callback_on_step_end_tensor_inputs=None) -> None:
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("give a prompt, or prompt_embeds (e.g. from pipe.encode_prompt)")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("give a prompt or prompt_embeds, not both")
+        if prompt is not None and (
+            not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt))
+        ):
             raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         if height % 8 or width % 8 or height <= 0 or width <= 0:
             raise ValueError(
@@ -163,32 +207,85 @@ class StableDiffusionPipeline:
                 f"try {max(8, height // 8 * 8)}x{max(8, width // 8 * 8)}"
             )
         check_output_type(output_type)
+        unknown = [name for name in callback_on_step_end_tensor_inputs or [] if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown}: a callback can have {self._callback_tensor_inputs}")
 
     @torch.no_grad()
-    def encode_prompt(self, prompt: list[str], num_images_per_prompt: int, do_classifier_free_guidance: bool, negative_prompt=None):
-        """Token ids -> CLIP's last hidden state, (B*n, 77, 768); with guidance, [uncond; text] as one batch (2B*n, 77, 768)."""
-        text_input = self.tokenizer(
-            prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        )
-        text_embeddings = self.text_encoder(text_input.input_ids.to(self.text_encoder.device))[0]
-        text_embeddings = text_embeddings.repeat_interleave(num_images_per_prompt, dim=0)
-        if not do_classifier_free_guidance:
-            return text_embeddings
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device=None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts -> CLIP text embeddings, as diffusers' `encode_prompt`: returns (prompt_embeds, negative_prompt_embeds),
+        each (B*n, 77, 768) for SD 1.5 (negative None without guidance). Embeddings given are used as they are.
 
-        if negative_prompt is None:
-            uncond_tokens = [""] * len(prompt)
-        elif isinstance(negative_prompt, str):
-            uncond_tokens = [negative_prompt] * len(prompt)
-        elif len(negative_prompt) != len(prompt):
-            raise ValueError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {len(prompt)}; give one per prompt")
-        else:
-            uncond_tokens = list(negative_prompt)
-        max_length = text_input.input_ids.shape[-1]
-        uncond_input = self.tokenizer(uncond_tokens, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-        uncond_embeddings = self.text_encoder(uncond_input.input_ids.to(self.text_encoder.device))[0]
-        uncond_embeddings = uncond_embeddings.repeat_interleave(num_images_per_prompt, dim=0)
-        # one batch instead of two forward passes: the first half is unconditional
-        return torch.cat([uncond_embeddings, text_embeddings])
+        `clip_skip=k` takes the hidden states k layers before the last, through CLIP's final layer norm.
+        `lora_scale` is accepted for diffusers' signature; minidiff has no LoRA layers, so it must stay None.
+        """
+        if lora_scale is not None:
+            raise NotImplementedError("lora_scale: minidiff has no LoRA layers; leave it None")
+        if prompt_embeds is None:
+            prompt = [prompt] if isinstance(prompt, str) else prompt
+            prompt_embeds = self._text_embeddings(prompt, clip_skip)
+        prompt_embeds = prompt_embeds.to(dtype=self.text_encoder.dtype, device=device or self.device)
+        batch = prompt_embeds.shape[0]
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            if negative_prompt is None:
+                uncond_tokens = [""] * batch
+            elif isinstance(negative_prompt, str):
+                uncond_tokens = [negative_prompt] * batch
+            elif len(negative_prompt) != batch:
+                raise ValueError(
+                    f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch}; give one per prompt"
+                )
+            else:
+                uncond_tokens = list(negative_prompt)
+            negative_prompt_embeds = self._text_embeddings(uncond_tokens, clip_skip=None, max_length=prompt_embeds.shape[1])
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(dtype=self.text_encoder.dtype, device=device or self.device)
+            if negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError(
+                    f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} and prompt_embeds "
+                    f"{tuple(prompt_embeds.shape)} must have the same shape"
+                )
+        # n images per prompt: each embedding repeated n times in a row, (B, 77, D) -> (B*n, 77, D)
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        if negative_prompt_embeds is not None and do_classifier_free_guidance:
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        return prompt_embeds, negative_prompt_embeds
+
+    def _text_embeddings(self, texts: list[str], clip_skip: int | None = None, max_length: int | None = None) -> torch.Tensor:
+        """Token ids -> CLIP's last hidden state (or, with clip_skip, an earlier layer's, layer-normed)."""
+        tokens = self.tokenizer(
+            texts, padding="max_length", max_length=max_length or self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        )
+        input_ids = tokens.input_ids.to(self.text_encoder.device)
+        if clip_skip is None:
+            return self.text_encoder(input_ids)[0]
+        hidden_states = self.text_encoder(input_ids, output_hidden_states=True).hidden_states
+        return self.text_encoder.text_model.final_layer_norm(hidden_states[-(clip_skip + 1)])
+
+    def _encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None,
+                       prompt_embeds=None, negative_prompt_embeds=None, lora_scale=None):
+        """The old spelling: [negative; prompt] as one batch. Deprecated, as in diffusers: use encode_prompt."""
+        warnings.warn(
+            "`_encode_prompt()` is deprecated and it will be removed in a future version. Use `encode_prompt()` instead. "
+            "Also, be aware that the output format changed from a concatenated tensor to a tuple.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        positive, negative = self.encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                                                negative_prompt, prompt_embeds, negative_prompt_embeds, lora_scale)
+        return torch.cat([negative, positive]) if negative is not None else positive
 
     def prepare_latents(self, batch_size: int, height: int, width: int, dtype, generator=None, latents=None) -> torch.Tensor:
         """x_T ~ N(0, I) of shape (B, 4, H/8, W/8), scaled by the scheduler's `init_noise_sigma`."""
@@ -209,9 +306,15 @@ class StableDiffusionPipeline:
             kwargs["generator"] = generator
         return kwargs
 
-    def denoising_loop(self, latents, timesteps, text_embeddings, guidance_scale: float, step_kwargs: dict):
-        """The loop of the tutorial. Yields a DenoisingStep after each scheduler step."""
+    def denoising_loop(self, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale: float,
+                       step_kwargs: dict, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
+        """The loop of the tutorial. Yields a DenoisingStep after each scheduler step.
+
+        `callback_on_step_end(pipe, i, t, {name: tensor})`, as in diffusers, is called after each step with the
+        tensors named in `callback_on_step_end_tensor_inputs`, and may return new ones to continue with."""
         do_classifier_free_guidance = guidance_scale > 1.0
+        # one batch instead of two forward passes: the first half is unconditional, (2B, 77, 768)
+        text_embeddings = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_classifier_free_guidance else prompt_embeds
         for step_index, t in enumerate(self.progress_bar(timesteps)):
             # expand the latents for classifier-free guidance: (2B, 4, H/8, W/8)
             latent_model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
@@ -229,11 +332,21 @@ class StableDiffusionPipeline:
             # compute the previous noisy sample x_t -> x_t-1
             output = self.scheduler.step(noise_pred, t, latents, **step_kwargs)
             latents = output.prev_sample
+
+            if callback_on_step_end is not None:
+                current = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+                changed = callback_on_step_end(self, step_index, t, {name: current[name] for name in callback_on_step_end_tensor_inputs})
+                latents = changed.pop("latents", latents)
+                if "prompt_embeds" in changed or "negative_prompt_embeds" in changed:
+                    prompt_embeds = changed.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = changed.pop("negative_prompt_embeds", negative_prompt_embeds)
+                    text_embeddings = (torch.cat([negative_prompt_embeds, prompt_embeds])
+                                       if do_classifier_free_guidance else prompt_embeds)
             yield DenoisingStep(step_index, len(timesteps), t, latents, noise_pred, output.pred_original_sample)
 
     def denoise(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         height: int = 512,
         width: int = 512,
@@ -243,27 +356,58 @@ class StableDiffusionPipeline:
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         eta: float = 0.0,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
         """The whole text-to-image loop as a generator of `DenoisingStep`s: stop at any step, inspect, resume."""
-        self.check_inputs(prompt, height, width)
-        prompt = [prompt] if isinstance(prompt, str) else prompt
-        text_embeddings = self.encode_prompt(prompt, num_images_per_prompt, guidance_scale > 1.0, negative_prompt)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        latents = self.prepare_latents(
-            len(prompt) * num_images_per_prompt, height, width, text_embeddings.dtype, generator, latents
+        self.check_inputs(prompt, height, width, prompt_embeds=prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, self.device, num_images_per_prompt, guidance_scale > 1.0, negative_prompt,
+            prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
         )
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        latents = self.prepare_latents(prompt_embeds.shape[0], height, width, prompt_embeds.dtype, generator, latents)
         yield from self.denoising_loop(
-            latents, self.scheduler.timesteps, text_embeddings, guidance_scale, self.step_kwargs(generator, eta)
+            latents, self.scheduler.timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale,
+            self.step_kwargs(generator, eta), callback_on_step_end, callback_on_step_end_tensor_inputs,
         )
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
-        """z -> image: undo the latent scaling (1 / 0.18215 for SD 1.5), decode with the VAE, convert."""
+    def latents_to_output(self, latents: torch.Tensor, output_type: str = "pil"):
+        """z -> image: undo the latent scaling (1 / 0.18215 for SD 1.5), decode with the VAE, convert to `output_type`."""
         if output_type == "latent":
             return latents
         latents = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)  # the VAE may be float32 (upcast)
         image = self.vae.decode(latents).sample  # (B, 3, H, W) in [-1, 1]
         return to_output_type(image, output_type)
+
+    def decode_latents(self, latents: torch.Tensor):
+        """diffusers' (deprecated) decode_latents: a float (B, H, W, 3) numpy array in [0, 1]."""
+        warnings.warn(
+            "The decode_latents method is deprecated and will be removed in 1.0.0. Please use "
+            "VaeImageProcessor.postprocess(...) instead (in minidiff: pipe.latents_to_output(latents, output_type))",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.latents_to_output(latents, "np")
+
+    @staticmethod
+    def numpy_to_pil(images) -> list[Image.Image]:
+        """A (B, H, W, 3) (or (H, W, 3)) float array in [0, 1] -> PIL images, as diffusers' numpy_to_pil."""
+        images = images[None] if images.ndim == 3 else images
+        return [Image.fromarray(pixels) for pixels in (images * 255).round().astype("uint8")]
+
+    def enable_attention_slicing(self, slice_size="auto") -> None:
+        """Accepted for diffusers' API; changes nothing here. Slicing computes attention a few heads at a time to
+        save GPU memory; minidiff's attention is torch's scaled_dot_product_attention, which on a CPU already
+        works without materialising the whole (tokens x tokens) matrix of every head at once."""
+
+    def disable_attention_slicing(self) -> None:
+        """See enable_attention_slicing: nothing to undo."""
 
     def enable_vae_tiling(self, tile_size: int = 64, tile_overlap: int = 16) -> None:
         """Decode large images tile by tile (memory of one 512x512 tile for SD 1.5); see AutoencoderKL.tiled_decode."""
@@ -274,11 +418,11 @@ class StableDiffusionPipeline:
 
     def latents_to_image(self, latents: torch.Tensor) -> Image.Image:
         """The first image of a latent batch, decoded to PIL (for traces and step-through tutorials)."""
-        return self.decode_latents(latents[:1], "pil")[0]
+        return self.latents_to_output(latents[:1], "pil")[0]
 
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         height: int = 512,
         width: int = 512,
@@ -289,12 +433,22 @@ class StableDiffusionPipeline:
         latents: torch.Tensor | None = None,
         eta: float = 0.0,
         output_type: str = "pil",
-    ) -> StableDiffusionPipelineOutput:
-        self.check_inputs(prompt, height, width, output_type)
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        return_dict: bool = True,
+    ) -> StableDiffusionPipelineOutput | tuple:
+        """Text to image: the `denoise` loop run to the end, then decoded (`output_type` "pil", "np", "pt" or "latent")."""
+        self.check_inputs(prompt, height, width, output_type, prompt_embeds, callback_on_step_end_tensor_inputs)
         step = None
         for step in self.denoise(
-            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-            num_images_per_prompt, generator, latents, eta,
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+            generator, latents, eta, prompt_embeds, negative_prompt_embeds, clip_skip, callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
         ):
             pass
-        return StableDiffusionPipelineOutput(images=self.decode_latents(step.latents, output_type))
+        images = self.latents_to_output(step.latents, output_type)
+        return StableDiffusionPipelineOutput(images=images) if return_dict else (images, None)
+
