@@ -21,6 +21,7 @@ from minidiff.schedulers import (
     SchedulerOutput,
     UniPCMultistepScheduler,
 )
+from minidiff.textual_inversion import load_textual_inversion
 from minidiff.tokenizer import CLIPTokenizer
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "SchedulerMixin", "SchedulerOutput", "PNDMScheduler", "DDIMScheduler", "DDPMScheduler", "LMSDiscreteScheduler",
     "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
     "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "DDPMPipeline", "DiffusionPipeline",
+    "load_textual_inversion",
 ]
