@@ -414,3 +414,36 @@ def test_load_textual_inversion_formats_and_errors(text_encoder, tokenizer, tmp_
         load_textual_inversion(tokenizer, text_encoder, tmp_path / "evil.bin")
     with pytest.raises(FileNotFoundError, match="learned_embeds"):
         load_textual_inversion(tokenizer, text_encoder, tmp_path)
+
+
+@pytest.mark.parametrize("file_format", ["safetensors", "bin folder", "a1111 pt", "multi-vector"])
+def test_load_textual_inversion_matches_diffusers(text_encoder, oracle_encoder, tokenizer, oracle_tokenizer, tmp_path, file_format):
+    """diffusers' TextualInversionLoaderMixin.load_textual_inversion on transformers' objects is the oracle."""
+    from diffusers.loaders import TextualInversionLoaderMixin
+
+    class Loader(TextualInversionLoaderMixin):  # what the mixin reads of a pipeline when no offloading is set up
+        hf_device_map = None
+        components: dict = {}
+
+    vectors = torch.randn(3 if file_format == "multi-vector" else 1, 32, generator=torch.Generator().manual_seed(2))
+    if file_format in ("safetensors", "multi-vector"):
+        source = tmp_path / "learned_embeds.safetensors"
+        save_file({"<cat-toy>": vectors}, str(source))
+    elif file_format == "bin folder":
+        torch.save({"<cat-toy>": vectors[0]}, str(tmp_path / "learned_embeds.bin"))
+        source = tmp_path
+    else:
+        source = tmp_path / "cat-toy.pt"
+        torch.save({"name": "<cat-toy>", "string_to_param": {"*": vectors}, "step": 10}, str(source))
+    tokens = load_textual_inversion(tokenizer, text_encoder, source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Loader().load_textual_inversion(str(source), tokenizer=oracle_tokenizer, text_encoder=oracle_encoder)
+    assert tokens == [name for name in oracle_tokenizer.added_tokens_encoder if name.startswith("<cat-toy>")]
+    assert len(tokenizer) == len(oracle_tokenizer) == 49408 + len(vectors)
+    assert tokenizer.convert_tokens_to_ids(tokens) == oracle_tokenizer.convert_tokens_to_ids(tokens)
+    assert torch.equal(text_encoder.get_input_embeddings().weight[49408:], oracle_encoder.get_input_embeddings().weight[49408:])
+    prompt = "a photo of <cat-toy>"
+    expanded = Loader().maybe_convert_prompt(prompt, oracle_tokenizer)
+    assert maybe_convert_prompt(prompt, tokenizer) == expanded
+    assert tokenizer(expanded)["input_ids"] == oracle_tokenizer(expanded)["input_ids"]
