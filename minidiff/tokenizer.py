@@ -22,6 +22,11 @@ The vocabulary is derived from the BPE merges file exactly as OpenAI's CLIP `Sim
 (see `clip_vocab_from_bpe_file`): 256 byte characters, the same 256 with "</w>", one entry per merge,
 then the two special tokens: 49,408 ids.
 
+Textual inversion adds whole words after the 49,408 ids with `add_tokens(["<cat-toy>"])` (id 49408, ...):
+they are matched in the normalized prompt before step 2, so never split, exactly as transformers does, and
+`save_pretrained` / `from_pretrained` keep them in transformers' files (added_tokens.json, tokenizer_config.json's
+added_tokens_decoder; transformers 5's tokenizer.json when reading).
+
 Deliberate differences from other CLIP tokenizers (all invisible on ordinary prompts):
 - OpenAI's CLIP (and transformers' *slow* tokenizer when `ftfy` is installed) first repairs mojibake
   with `ftfy.fix_text` and un-escapes HTML entities (`&amp;` -> `&`). minidiff does neither, exactly

@@ -332,6 +332,10 @@ def test_textual_inversion_gradients_match_transformers(text_encoder, oracle_enc
         torch.nn.functional.mse_loss(model(input_ids)[0], target).backward()
     ours, theirs = text_encoder.get_input_embeddings().weight.grad, oracle_encoder.get_input_embeddings().weight.grad
     assert max_difference(ours, theirs) <= TOLERANCE
+    text_encoder.get_input_embeddings().weight.grad = None
+    text_encoder.gradient_checkpointing_enable()  # recomputing the layers in backward gives the same gradients
+    torch.nn.functional.mse_loss(text_encoder(input_ids)[0], target).backward()
+    assert torch.equal(text_encoder.get_input_embeddings().weight.grad, ours)
     assert ours[ids].abs().sum() > 0
     assert all(p.grad is None for p in text_encoder.text_model.encoder.parameters())
     assert text_encoder.text_model.embeddings.position_embedding.weight.grad is None

@@ -131,7 +131,7 @@ class CLIPAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, D) -> (B, L, D). `attention_mask`: M, an additive (B, 1, L, L) float mask (0 = seen, a large
-        negative number = hidden), or None for no mask at all."""
+        negative number = hidden), or a (B, 1, L, L) bool mask (True = seen), or None for no mask at all."""
         batch, length, _ = hidden_states.shape
 
         def split_heads(x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, heads, L, head_dim)
@@ -224,7 +224,11 @@ class CLIPEncoder(nn.Module):
 
 
 def _combined_mask(attention_mask, causal_attention_mask, shape: torch.Size) -> torch.Tensor | None:
-    """One mask for scaled_dot_product_attention: the sum of the additive masks given (or the one given)."""
+    """One mask for scaled_dot_product_attention: the sum of the additive masks given (or the one given).
+
+    A single bool mask (True = seen) is passed on as it is: `CLIPTextModel.forward` gives one when prompts
+    are padded, so that a query with no visible key gets a zero output as in transformers.
+    """
     masks = [mask for mask in (attention_mask, causal_attention_mask) if mask is not None]
     batch, length = shape[0], shape[1]
     for mask in masks:
@@ -283,6 +287,10 @@ class CLIPTextModel(ModelMixin):
 
         text_encoder = CLIPTextModel.from_pretrained("path/to/stable-diffusion-v1-5", subfolder="text_encoder")
         text_embeddings = text_encoder(input_ids)[0]          # (B, 77) ids -> (B, 77, 768)
+
+    Textual inversion (Gal et al. 2022, arXiv:2208.01618) trains new rows of E_token: after
+    `tokenizer.add_tokens`, `resize_token_embeddings(len(tokenizer))` and `get_input_embeddings()`; see also
+    minidiff/textual_inversion.py. Hand-made input embeddings go through `text_model.encoder` (CLIPEncoder).
 
     Defaults are transformers' `CLIPTextConfig` defaults (so a config that leaves a key out means the
     same here as there); SD 1.5's config sets hidden_size 768, intermediate_size 3072, 12 heads.
