@@ -115,14 +115,14 @@ def _read_embeddings(source, weight_name: str | None) -> dict | torch.Tensor:
 
 
 def _download(repo_id: str, weight_name: str | None) -> str:
-    names = [weight_name] if weight_name else TEXTUAL_INVERSION_NAMES
-    for index, name in enumerate(names):
+    """The local path of the repo's embedding file: `weight_name`, else the first of TEXTUAL_INVERSION_NAMES it has."""
+    names = [weight_name] if weight_name else list(TEXTUAL_INVERSION_NAMES)
+    for name in names[:-1]:
         try:
             return download_file(repo_id, name)
-        except OSError:
-            if index == len(names) - 1:
-                raise
-    raise AssertionError("unreachable")
+        except OSError:  # not in this repo (or no network): try the next name, whose error is the one reported
+            continue
+    return download_file(repo_id, names[-1])
 
 
 def _token_and_embedding(state_dict: dict | torch.Tensor, token: str | None) -> tuple[str, torch.Tensor]:
