@@ -24,6 +24,7 @@ from minidiff.schedulers import (
     SchedulerOutput,
     UniPCMultistepScheduler,
 )
+from minidiff.loaders.textual_inversion import load_textual_inversion
 from minidiff.tokenizer import CLIPTokenizer
 
 # Modules that moved when lab/ and viz/ were made: their old import paths keep working as aliases.
@@ -50,4 +51,5 @@ __all__ = [
     "SchedulerMixin", "SchedulerOutput", "PNDMScheduler", "DDIMScheduler", "DDPMScheduler", "LMSDiscreteScheduler",
     "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
     "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "DDPMPipeline", "DiffusionPipeline",
+    "load_textual_inversion",
 ]

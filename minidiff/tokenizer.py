@@ -22,6 +22,11 @@ The vocabulary is derived from the BPE merges file exactly as OpenAI's CLIP `Sim
 (see `clip_vocab_from_bpe_file`): 256 byte characters, the same 256 with "</w>", one entry per merge,
 then the two special tokens: 49,408 ids.
 
+Textual inversion adds whole words after the 49,408 ids with `add_tokens(["<cat-toy>"])` (id 49408, ...):
+they are matched in the normalized prompt before step 2, so never split, exactly as transformers does, and
+`save_pretrained` / `from_pretrained` keep them in transformers' files (added_tokens.json, tokenizer_config.json's
+added_tokens_decoder; transformers 5's tokenizer.json when reading).
+
 Deliberate differences from other CLIP tokenizers (all invisible on ordinary prompts):
 - OpenAI's CLIP (and transformers' *slow* tokenizer when `ftfy` is installed) first repairs mojibake
   with `ftfy.fix_text` and un-escapes HTML entities (`&amp;` -> `&`). minidiff does neither, exactly
@@ -116,6 +121,11 @@ def read_tokenizer_json(path: str | os.PathLike) -> tuple[dict[str, int], list[t
     return dict(model["vocab"]), merges
 
 
+def read_added_tokens_of_tokenizer_json(path: str | os.PathLike) -> dict[str, int]:
+    """token -> id of the `added_tokens` a `tokenizer.json` lists (transformers 5 keeps added tokens there)."""
+    return {entry["content"]: int(entry["id"]) for entry in _read_json(str(path)).get("added_tokens", [])}
+
+
 # ----- the output ----------------------------------------------------------------------------
 
 
@@ -164,6 +174,7 @@ class CLIPTokenizer:
         self.encoder = dict(vocab)  # token -> id
         self.merges = [tuple(pair) for pair in merges]
         self.model_max_length = model_max_length
+        self._added_tokens: dict[str, int] = {}  # token -> id, after the vocabulary (see add_tokens)
         self._tokenizer = self._build_bpe_pipeline()
 
     def _build_bpe_pipeline(self) -> Tokenizer:
@@ -197,19 +208,39 @@ class CLIPTokenizer:
         `tokenizer_config.json` when it is there, else 77.
         """
         files = _tokenizer_files(path_or_repo_id, subfolder, hub)
+        added: dict[str, int] = {}  # token -> id, for tokens added after the BPE vocabulary (textual inversion)
         if files.get("vocab.json"):
             vocab = _read_json(files["vocab.json"])
             merges = read_merges_file(files["merges.txt"])
         else:
             vocab, merges = read_tokenizer_json(files["tokenizer.json"])
-        model_max_length = 77
-        if files.get("tokenizer_config.json"):
-            model_max_length = _read_json(files["tokenizer_config.json"]).get("model_max_length", model_max_length)
-        return cls(vocab, merges, model_max_length=int(model_max_length))
+            added.update(read_added_tokens_of_tokenizer_json(files["tokenizer.json"]))
+        config = _read_json(files["tokenizer_config.json"]) if files.get("tokenizer_config.json") else {}
+        added.update({entry["content"]: int(index) for index, entry in config.get("added_tokens_decoder", {}).items()})
+        if files.get("added_tokens.json"):
+            added.update({token: int(index) for token, index in _read_json(files["added_tokens.json"]).items()})
+        tokenizer = cls(vocab, merges, model_max_length=int(config.get("model_max_length", 77)))
+        tokenizer._add_saved_tokens({token: index for token, index in added.items() if token not in (BOS_TOKEN, EOS_TOKEN)})
+        return tokenizer
+
+    def _add_saved_tokens(self, added: dict[str, int]) -> None:
+        """Adds tokens read from a saved folder, checking that they get the ids they were saved with."""
+        for token, index in sorted(added.items(), key=lambda item: item[1]):
+            expected = self.encoder.get(token, len(self))
+            if index != expected:
+                raise ValueError(
+                    f"the saved added token {token!r} has id {index}, but here it would get id {expected}: the new "
+                    "tokens must follow the vocabulary without gaps; save the tokenizer again"
+                )
+            self.add_tokens(token)
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Writes vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json, the layout of
-        Stable Diffusion's `tokenizer/` folder, which transformers' `CLIPTokenizer.from_pretrained` reads."""
+        Stable Diffusion's `tokenizer/` folder, which transformers' `CLIPTokenizer.from_pretrained` reads.
+
+        Tokens added with `add_tokens` go where transformers 4 puts them and transformers 4 and 5 read them:
+        `added_tokens.json` ({token: id}) and `added_tokens_decoder` in tokenizer_config.json ({id: token entry}).
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "vocab.json").write_text(json.dumps(self.encoder, ensure_ascii=False), encoding="utf-8")
@@ -220,13 +251,24 @@ class CLIPTokenizer:
             for name, token in [("bos_token", BOS_TOKEN), ("eos_token", EOS_TOKEN), ("unk_token", EOS_TOKEN)]
         }
         special_tokens["pad_token"] = EOS_TOKEN
+        added_tokens_decoder = {
+            str(index): {"content": token, "lstrip": False, "normalized": not special, "rstrip": False,
+                         "single_word": False, "special": special}
+            for token, index, special in [*((t, self.encoder[t], True) for t in (BOS_TOKEN, EOS_TOKEN)),
+                                          *((t, i, False) for t, i in self._added_tokens.items())]
+        }
         config = {
             "tokenizer_class": "CLIPTokenizer",
             "model_max_length": self.model_max_length,
             "do_lower_case": True,
             "add_prefix_space": False,
-            **special_tokens,
+            "added_tokens_decoder": added_tokens_decoder,
+            # plain strings here (their entries are in added_tokens_decoder), as transformers >= 4.34 writes them
+            **{name: EOS_TOKEN if name != "bos_token" else BOS_TOKEN for name in special_tokens},
         }
+        new_ids = {token: index for token, index in self._added_tokens.items() if index >= self.vocab_size}
+        if new_ids:
+            (folder / "added_tokens.json").write_text(json.dumps(new_ids, ensure_ascii=False) + "\n", encoding="utf-8")
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (folder / "special_tokens_map.json").write_text(json.dumps(special_tokens, indent=2) + "\n", encoding="utf-8")
         return folder
@@ -235,10 +277,12 @@ class CLIPTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """The size of the BPE vocabulary, without added tokens (transformers' meaning); see len(tokenizer)."""
         return len(self.encoder)
 
     def __len__(self) -> int:
-        return len(self.encoder)
+        """The number of ids, added tokens included: the rows the text encoder's token embedding needs."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
     @property
     def bos_token_id(self) -> int:
@@ -252,11 +296,75 @@ class CLIPTokenizer:
     def pad_token_id(self) -> int:
         return self.encoder[EOS_TOKEN]
 
-    def get_vocab(self) -> dict[str, int]:
-        return dict(self.encoder)
+    @property
+    def unk_token_id(self) -> int:
+        return self.encoder[EOS_TOKEN]
 
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
-        return [self._tokenizer.id_to_token(int(index)) for index in ids]
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self.bos_token_id, self.eos_token_id]
+
+    def get_vocab(self) -> dict[str, int]:
+        """token -> id for the whole vocabulary, added tokens included."""
+        return {**self.encoder, **self._added_tokens}
+
+    @property
+    def added_tokens_encoder(self) -> dict[str, int]:
+        """token -> id of the tokens matched before byte-pair encoding: the two special tokens, then added ones."""
+        return {BOS_TOKEN: self.bos_token_id, EOS_TOKEN: self.eos_token_id, **self._added_tokens}
+
+    @property
+    def added_tokens_decoder(self) -> dict[int, str]:
+        return {index: token for token, index in self.added_tokens_encoder.items()}
+
+    @property
+    def decoder(self) -> dict[int, str]:
+        """id -> token (transformers' slow CLIPTokenizer's table: `tokenizer.decoder.get(320)` is "a</w>")."""
+        return {index: token for token, index in self.get_vocab().items()}
+
+    def add_tokens(self, new_tokens: str | list[str], special_tokens: bool = False) -> int:
+        """Adds whole-word tokens such as textual inversion's placeholder "<cat-toy>"; returns how many were added.
+
+        Each token not yet in the vocabulary takes the next id (49408, 49409, ... for CLIP). Every added token is
+        matched in the lower-cased prompt before byte-pair encoding, so it is never split. As in transformers,
+        a token already in the BPE vocabulary ("cat") is added too (and counted) with its own id, and from then
+        on matched as a whole, even inside words; a token added before is skipped (not counted).
+        The text encoder then needs `text_encoder.resize_token_embeddings(len(tokenizer))`.
+        """
+        tokens = [new_tokens] if isinstance(new_tokens, str) else list(new_tokens)
+        if not all(isinstance(token, str) and token for token in tokens):
+            raise ValueError(f"add_tokens takes a non-empty string or a list of them, got {new_tokens!r}")
+        added = 0
+        for token in tokens:
+            if token in self.added_tokens_encoder:
+                continue
+            entry = AddedToken(token, normalized=not special_tokens, special=special_tokens)
+            (self._tokenizer.add_special_tokens if special_tokens else self._tokenizer.add_tokens)([entry])
+            self._added_tokens[token] = self._tokenizer.token_to_id(token)  # its vocabulary id, or the next free one
+            added += 1
+        return added
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | list[int]:
+        """The id of a token ("a</w>" -> 320, "<cat-toy>" -> 49408), or of each token of a list; unknown
+        tokens give unk_token_id (<|endoftext|>), as in transformers."""
+        vocabulary = self.get_vocab()
+        if isinstance(tokens, str):
+            return vocabulary.get(tokens, self.unk_token_id)
+        return [vocabulary.get(token, self.unk_token_id) for token in tokens]
+
+    def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False) -> str | list[str]:
+        """The token of an id (an int gives a str), or of each id of a list or 1-D tensor."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        if isinstance(ids, int):
+            return self._token_of(ids)
+        return [self._token_of(int(index)) for index in ids if not (skip_special_tokens and index in self.all_special_ids)]
+
+    def _token_of(self, index: int) -> str:
+        token = self._tokenizer.id_to_token(index)
+        if token is None:
+            raise ValueError(f"token id {index} is outside the vocabulary [0, {len(self)})")
+        return token
 
     # ----- text -> ids -----
 
@@ -347,13 +455,15 @@ class CLIPTokenizer:
     # ----- ids -> text -----
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        """The text of `ids` (a list, or a 1-D tensor): tokens joined, bytes decoded, "</w>" read as a space.
+        """The text of `ids` (an int, a list, or a 0-D / 1-D tensor): tokens joined, bytes decoded, "</w>" read as a space.
 
         Lower-casing and whitespace clean-up cannot be undone, so decode(encode(text)) is the normalized
         text, with a space after each word: "A Horse!" -> "<|startoftext|>a horse ! <|endoftext|>".
         """
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
+        if isinstance(ids, int):
+            ids = [ids]
         if ids and isinstance(ids[0], list):
             raise ValueError("decode takes the ids of one prompt; use batch_decode for a batch")
         text = self._tokenizer.decode([int(index) for index in ids], skip_special_tokens=skip_special_tokens)
@@ -365,7 +475,8 @@ class CLIPTokenizer:
         return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in batch]
 
     def __repr__(self) -> str:
-        return f"CLIPTokenizer(vocab_size={self.vocab_size}, model_max_length={self.model_max_length})"
+        added = f", added_tokens={list(self._added_tokens)}" if self._added_tokens else ""
+        return f"CLIPTokenizer(vocab_size={self.vocab_size}, model_max_length={self.model_max_length}{added})"
 
 
 def _checked_text(text) -> str:
@@ -412,7 +523,7 @@ def _tokenizer_files(path_or_repo_id, subfolder: str | None, hub=None) -> dict[s
     path = Path(path_or_repo_id)
     if path.is_dir():
         folder = path / subfolder if subfolder else path
-        names = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"]
+        names = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "added_tokens.json"]
         files = {name: str(folder / name) if (folder / name).is_file() else None for name in names}
         if not (files["vocab.json"] and files["merges.txt"]) and not files["tokenizer.json"]:
             hint = " (for a Stable Diffusion folder pass subfolder='tokenizer')" if (path / "tokenizer").is_dir() else ""
@@ -427,8 +538,9 @@ def _tokenizer_files(path_or_repo_id, subfolder: str | None, hub=None) -> dict[s
     from minidiff.checkpoints.hub import HubUnavailableError, download_file
 
     files = {name: download_file(str(path_or_repo_id), name, subfolder, hub) for name in ("vocab.json", "merges.txt")}
-    try:
-        files["tokenizer_config.json"] = download_file(str(path_or_repo_id), "tokenizer_config.json", subfolder, hub)
-    except HubUnavailableError:
-        files["tokenizer_config.json"] = None
+    for optional in ("tokenizer_config.json", "added_tokens.json"):
+        try:
+            files[optional] = download_file(str(path_or_repo_id), optional, subfolder, hub)
+        except HubUnavailableError:
+            files[optional] = None
     return files

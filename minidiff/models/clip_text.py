@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from minidiff.checkpoints.errors import CheckpointError
@@ -39,8 +40,19 @@ HIDDEN_ACTIVATIONS = ("quick_gelu", "gelu")
 PREFIX = "text_model."
 # The three top-level modules of the text transformer: how a state dict's keys start, with or without PREFIX.
 TOP_LEVEL_MODULES = ("embeddings.", "encoder.", "final_layer_norm.")
-# A constant buffer (arange(77)) that transformers < 4.31 saved into checkpoints; minidiff computes it in forward.
+# A constant buffer (arange(77)) that transformers < 4.31 saved into checkpoints; minidiff computes it (the
+# `position_ids` property of CLIPTextEmbeddings).
 POSITION_IDS_KEY = "text_model.embeddings.position_ids"
+
+
+@dataclass
+class BaseModelOutput(BaseOutput):
+    """What `text_model.encoder` returns (transformers' name): `output[0]` / `.last_hidden_state` is the last layer's
+    output (B, L, D), before the final LayerNorm; `.hidden_states` (its input + each layer's output) only with
+    `output_hidden_states=True`."""
+
+    last_hidden_state: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -67,9 +79,33 @@ class CLIPTextEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(vocab_size, hidden_size)
         self.position_embedding = nn.Embedding(max_position_embeddings, hidden_size)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)  # (L,)
-        return self.token_embedding(input_ids) + self.position_embedding(position_ids)  # (B, L, D)
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """(1, max_position_embeddings) int64: [[0, 1, ..., 76]], on the embeddings' device.
+
+        transformers keeps this as a non-persistent buffer; here it is computed when read (so it is never
+        left on the meta device by loading, and never in `state_dict()`), with the same shape, dtype and values.
+        """
+        positions = self.position_embedding.num_embeddings
+        return torch.arange(positions, device=self.position_embedding.weight.device)[None]  # (1, 77)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids (B, L), or their embeddings `inputs_embeds` (B, L, D), plus the position embeddings."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (B, L) and inputs_embeds (B, L, D)")
+        length = input_ids.shape[-1] if input_ids is not None else inputs_embeds.shape[-2]
+        if length > self.position_embedding.num_embeddings:
+            raise ValueError(f"the text encoder reads at most {self.position_embedding.num_embeddings} tokens, got {length}")
+        if position_ids is None:
+            position_ids = self.position_ids[:, :length]  # (1, L)
+        if inputs_embeds is None:
+            inputs_embeds = self.token_embedding(input_ids)  # (B, L, D)
+        return inputs_embeds + self.position_embedding(position_ids)  # (B, L, D)
 
 
 class CLIPAttention(nn.Module):
@@ -93,8 +129,9 @@ class CLIPAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L, D) -> (B, L, D). `visible`: None for plain causal attention, else a (B, 1, L, L) bool mask."""
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D). `attention_mask`: M, an additive (B, 1, L, L) float mask (0 = seen, a large
+        negative number = hidden), or a (B, 1, L, L) bool mask (True = seen), or None for no mask at all."""
         batch, length, _ = hidden_states.shape
 
         def split_heads(x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, heads, L, head_dim)
@@ -104,10 +141,7 @@ class CLIPAttention(nn.Module):
         key = split_heads(self.k_proj(hidden_states))
         value = split_heads(self.v_proj(hidden_states))
         dropout = self.attention_dropout if self.training else 0.0
-        if visible is None:
-            attended = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True)
-        else:
-            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=visible, dropout_p=dropout)
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
         attended = attended.transpose(1, 2).reshape(batch, length, -1)  # (B, L, D): heads concatenated
         return self.out_proj(attended)
 
@@ -135,23 +169,88 @@ class CLIPEncoderLayer(nn.Module):
         self.mlp = CLIPMLP(hidden_size, intermediate_size, hidden_act)
         self.layer_norm2 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), visible)
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), attention_mask)
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
 class CLIPEncoder(nn.Module):
-    """The stack of N encoder layers (a module of its own only so that parameter names match the checkpoints)."""
+    """The stack of N encoder layers: h^l = layer_l(h^{l-1}) for l = 1..N (no final LayerNorm here).
+
+    Called on its own, it takes transformers' keyword arguments, so that code which feeds it hand-made
+    input embeddings (fast.ai's "Stable Diffusion Deep Dive") runs unchanged:
+
+        mask = text_encoder.text_model._build_causal_attention_mask(batch, length, dtype=embeddings.dtype)
+        out = text_encoder.text_model.encoder(inputs_embeds=embeddings, causal_attention_mask=mask)
+        text_embeddings = text_encoder.text_model.final_layer_norm(out[0])   # == text_encoder(ids)[0]
+
+    Both masks are additive (B, 1, L, L) float masks (0 = seen, finfo.min = hidden) and are summed, as in
+    transformers; with no mask at all every token sees every other one (the encoder itself is not causal:
+    the causal mask is what makes CLIP's text transformer a GPT-2-style one).
+    """
 
     def __init__(self, num_hidden_layers: int, **layer_arguments):
         super().__init__()
         self.layers = nn.ModuleList([CLIPEncoderLayer(**layer_arguments) for _ in range(num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        causal_attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutput | tuple:
+        """(B, L, D) embeddings -> last_hidden_state (B, L, D), and every layer's input/output if asked."""
+        if output_attentions:
+            raise NotImplementedError(
+                "minidiff's CLIP encoder does not return attention maps (it runs torch's fused attention); "
+                "pass output_attentions=None or False"
+            )
+        mask = _combined_mask(attention_mask, causal_attention_mask, inputs_embeds.shape)
+        hidden_states = inputs_embeds
+        all_hidden_states = [hidden_states]
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # recompute the layer's activations in the backward pass instead of keeping them
+                hidden_states = torch.utils.checkpoint.checkpoint(layer, hidden_states, mask, use_reentrant=False)
+            else:
+                hidden_states = layer(hidden_states, mask)  # (B, L, D)
+            all_hidden_states.append(hidden_states)
+        output = BaseModelOutput(hidden_states, tuple(all_hidden_states) if output_hidden_states else None)
+        return output if return_dict is None or return_dict else output.to_tuple()
+
+
+def _combined_mask(attention_mask, causal_attention_mask, shape: torch.Size) -> torch.Tensor | None:
+    """One mask for scaled_dot_product_attention: the sum of the additive masks given (or the one given).
+
+    A single bool mask (True = seen) is passed on as it is: `CLIPTextModel.forward` gives one when prompts
+    are padded, so that a query with no visible key gets a zero output as in transformers.
+    """
+    masks = [mask for mask in (attention_mask, causal_attention_mask) if mask is not None]
+    batch, length = shape[0], shape[1]
+    for mask in masks:
+        if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (length, length) or mask.shape[0] not in (1, batch):
+            raise ValueError(
+                f"attention masks must have shape (batch, 1, {length}, {length}) for inputs_embeds of shape "
+                f"{tuple(shape)}, got {tuple(mask.shape)}; build the causal one with "
+                "text_model._build_causal_attention_mask(batch, length, dtype=...)"
+            )
+    if not masks:
+        return None
+    if len(masks) == 1:
+        return masks[0]
+    if masks[0].dtype == torch.bool or masks[1].dtype == torch.bool:
+        raise ValueError("pass both masks as additive float masks (0 = seen, torch.finfo(dtype).min = hidden)")
+    return masks[0] + masks[1]
 
 
 class CLIPTextTransformer(nn.Module):
     """Embeddings, the encoder layers and the final LayerNorm: the `text_model.` of the checkpoint keys.
 
-    It only holds the modules; `CLIPTextModel.forward` runs them, so the whole pass reads in one place.
+    `CLIPTextModel.forward` runs them, so the whole pass reads in one place.
     """
 
     def __init__(self, config):
@@ -168,12 +267,30 @@ class CLIPTextTransformer(nn.Module):
         )
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
+    @staticmethod
+    def _build_causal_attention_mask(
+        batch_size: int, length: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """M, the additive causal mask (B, 1, L, L): 0 where key j <= query i, torch.finfo(dtype).min above the
+        diagonal (key j in the future of query i).
+
+        The same tensor as old transformers' `text_model._build_causal_attention_mask(bsz, seq_len, dtype)`
+        and current transformers' `_create_4d_causal_attention_mask((bsz, seq_len), dtype, device)`
+        (transformers.modeling_attn_mask_utils); pass it to `text_model.encoder(causal_attention_mask=...)`.
+        """
+        mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)  # (L, L)
+        return mask[None, None].expand(batch_size, 1, length, length)  # (B, 1, L, L)
+
 
 class CLIPTextModel(ModelMixin):
     """The CLIP text encoder (module docstring), loadable from SD 1.5's `text_encoder/` folder:
 
         text_encoder = CLIPTextModel.from_pretrained("path/to/stable-diffusion-v1-5", subfolder="text_encoder")
         text_embeddings = text_encoder(input_ids)[0]          # (B, 77) ids -> (B, 77, 768)
+
+    Textual inversion (Gal et al. 2022, arXiv:2208.01618) trains new rows of E_token: after
+    `tokenizer.add_tokens`, `resize_token_embeddings(len(tokenizer))` and `get_input_embeddings()`; see also
+    minidiff/textual_inversion.py. Hand-made input embeddings go through `text_model.encoder` (CLIPEncoder).
 
     Defaults are transformers' `CLIPTextConfig` defaults (so a config that leaves a key out means the
     same here as there); SD 1.5's config sets hidden_size 768, intermediate_size 3072, 12 heads.
@@ -236,6 +353,54 @@ class CLIPTextModel(ModelMixin):
             )
         return {key: value for key, value in state_dict.items() if key != POSITION_IDS_KEY}
 
+    # ----- the token embeddings (textual inversion) -----
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """E_token, the (vocab_size, D) table of token embeddings: what textual inversion trains."""
+        return self.text_model.embeddings.token_embedding
+
+    def set_input_embeddings(self, embedding: nn.Embedding) -> None:
+        """Replaces E_token (config.vocab_size follows its number of rows)."""
+        if not isinstance(embedding, nn.Embedding) or embedding.embedding_dim != self.config.hidden_size:
+            raise ValueError(f"expected an nn.Embedding with embedding_dim {self.config.hidden_size}, got {embedding!r}")
+        self.text_model.embeddings.token_embedding = embedding
+        self.register_to_config(vocab_size=embedding.num_embeddings)
+
+    def resize_token_embeddings(self, new_num_tokens: int, mean_resizing: bool = True) -> nn.Embedding:
+        """Gives E_token `new_num_tokens` rows (after `tokenizer.add_tokens`: `resize_token_embeddings(len(tokenizer))`).
+
+        The first rows keep their values. New rows are the mean of the old rows (`mean_resizing=True`, the
+        default) or drawn from N(0, (0.02 * initializer_factor)^2) (`mean_resizing=False`), as transformers
+        initialises them; transformers' mean resizing also adds a draw from N(0, 1e-9 * covariance of the
+        old rows), a difference of ~1e-6 that minidiff leaves out, so the new rows are reproducible.
+        Returns the new embedding module (its weight is a new parameter: build the optimizer afterwards).
+        """
+        old = self.get_input_embeddings()
+        if not isinstance(new_num_tokens, int) or new_num_tokens < 1:
+            raise ValueError(f"new_num_tokens must be a positive int (e.g. len(tokenizer)), got {new_num_tokens!r}")
+        if new_num_tokens == old.num_embeddings:
+            return old
+        weight = old.weight.detach()
+        new = nn.Embedding(new_num_tokens, old.embedding_dim, device=weight.device, dtype=weight.dtype)
+        kept = min(new_num_tokens, old.num_embeddings)
+        with torch.no_grad():
+            new.weight[:kept] = weight[:kept]
+            if new_num_tokens > kept:
+                if mean_resizing:
+                    new.weight[kept:] = weight.float().mean(dim=0).to(weight.dtype)
+                else:
+                    new.weight[kept:].normal_(mean=0.0, std=0.02 * self.config.initializer_factor)
+        new.weight.requires_grad_(old.weight.requires_grad)
+        self.set_input_embeddings(new)
+        return new
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each encoder layer in the backward pass (less memory, ~1/3 more compute), in train mode."""
+        self.text_model.encoder.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.text_model.encoder.gradient_checkpointing = False
+
     # ----- the forward pass -----
 
     def forward(
@@ -254,17 +419,17 @@ class CLIPTextModel(ModelMixin):
         """
         self._check_input_ids(input_ids)
         text_model = self.text_model
+        batch, length = input_ids.shape
         hidden_states = text_model.embeddings(input_ids)  # (B, L, D)
-        visible = None if attention_mask is None else self._visible_keys(attention_mask, input_ids.shape)
-        all_hidden_states = [hidden_states]
-        for layer in text_model.encoder.layers:
-            hidden_states = layer(hidden_states, visible)  # (B, L, D)
-            all_hidden_states.append(hidden_states)
-        last_hidden_state = text_model.final_layer_norm(hidden_states)  # (B, L, D)
-        pooler_output = last_hidden_state[torch.arange(len(input_ids), device=input_ids.device), self._end_positions(input_ids)]
-        output = BaseModelOutputWithPooling(
-            last_hidden_state, pooler_output, tuple(all_hidden_states) if output_hidden_states else None
-        )
+        if attention_mask is None:
+            causal_mask = text_model._build_causal_attention_mask(batch, length, hidden_states.dtype, input_ids.device)
+            encoded = text_model.encoder(hidden_states, causal_attention_mask=causal_mask, output_hidden_states=output_hidden_states)
+        else:
+            visible = self._visible_keys(attention_mask, input_ids.shape)  # (B, 1, L, L) bool: causal and not padding
+            encoded = text_model.encoder(hidden_states, attention_mask=visible, output_hidden_states=output_hidden_states)
+        last_hidden_state = text_model.final_layer_norm(encoded.last_hidden_state)  # (B, L, D)
+        pooler_output = last_hidden_state[torch.arange(batch, device=input_ids.device), self._end_positions(input_ids)]
+        output = BaseModelOutputWithPooling(last_hidden_state, pooler_output, encoded.hidden_states)
         return output if return_dict else output.to_tuple()
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
