@@ -18,7 +18,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import minidiff
 from minidiff.models.clip_text import CLIPTextModel
 from minidiff.loaders.textual_inversion import load_textual_inversion, maybe_convert_prompt
 from minidiff.tokenizer import CLIPTokenizer
