@@ -152,8 +152,11 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         sample: torch.Tensor,
         order: int = 4,
         return_dict: bool = True,
+        generator: torch.Generator | None = None,
     ) -> SchedulerOutput | tuple:
-        """One linear multistep step of order min(step_index + 1, order); see the module docstring."""
+        """One linear multistep step of order min(step_index + 1, order); see the module docstring.
+
+        LMS is deterministic: `generator` is accepted for a uniform scheduler API and not used."""
         check_float_timestep(timestep, f"{type(self).__name__}.step")
         self._check_timesteps_set()
         if not self.is_scale_input_called:
