@@ -120,7 +120,7 @@ def multistep_timesteps(
     """The N integer timesteps of DPM-Solver and UniPC, from noisiest to cleanest.
 
     Unlike DDIM, N + 1 points are spaced and the last one (t = 0) is dropped, since the solver steps
-    *to* the next noise level: linspace with 20 steps gives 999, 949, ..., 50 (scheduler_facts.md §2).
+    *to* the next noise level: linspace with 20 steps gives 999, 949, ..., 50 (docs/schedulers.md §2).
     leading:  the stride is last_timestep // (N + 1), then + steps_offset
     trailing: the stride is T / N, starting from last_timestep - 1
     `last_timestep` (default T) is lowered by `lambda_min_clipped`.
