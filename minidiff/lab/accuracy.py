@@ -38,7 +38,7 @@ import torch
 from minidiff.checkpoints.single_file_layout import sd15_config
 from minidiff.lab.gaussian_mixture import GaussianMixtureDenoiser
 
-# Stable Diffusion 1.5's scheduler_config.json (bundled with minidiff: the one copy of SD 1.5's configs).
+# Stable Diffusion 1.5's scheduler_config.json (bundled with minidiff: the one copy of SD 1.5's configs; docs/schedulers.md §1).
 SD15_SCHEDULER_CONFIG = sd15_config("scheduler")
 
 DEFAULT_STEPS = (5, 10, 20, 50, 100, 200)

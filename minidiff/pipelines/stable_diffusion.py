@@ -10,7 +10,6 @@ is diffusers', so the same weights, prompt and seed give the same image.
 
 from __future__ import annotations
 
-import inspect
 import os
 import warnings
 from pathlib import Path
@@ -26,6 +25,7 @@ from minidiff.utils.torch_utils import randn_tensor, resolve_dtype
 from minidiff.models.clip_text import CLIPTextModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
+from minidiff.schedulers.ddim import DDIMScheduler
 from minidiff.pipelines.common import (
     DenoisingStep,
     StableDiffusionPipelineOutput,
@@ -297,14 +297,15 @@ class StableDiffusionPipeline:
         return latents.to(self.device) * self.scheduler.init_noise_sigma
 
     def step_kwargs(self, generator, eta: float) -> dict:
-        """`eta` (DDIM) and `generator` (stochastic schedulers) go to `step` only when the scheduler takes them."""
-        accepted = inspect.signature(self.scheduler.step).parameters
-        kwargs = {}
-        if "eta" in accepted:
-            kwargs["eta"] = eta
-        if "generator" in accepted:
-            kwargs["generator"] = generator
-        return kwargs
+        """Every scheduler's `step` takes `generator` (the deterministic ones ignore it); `eta` is DDIM's (eq. 16)."""
+        if eta == 0:
+            return {"generator": generator}
+        if not isinstance(self.scheduler, DDIMScheduler):
+            raise ValueError(
+                f"eta={eta} is the noise weight of DDIM (Song et al. 2020, eq. 16); {type(self.scheduler).__name__} "
+                "has no eta. Leave eta=0, or use DDIMScheduler"
+            )
+        return {"generator": generator, "eta": eta}
 
     def denoising_loop(self, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale: float,
                        step_kwargs: dict, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):

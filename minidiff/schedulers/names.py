@@ -66,7 +66,7 @@ SAMPLER_NAMES = [
     SamplerName("DPM++ 2M Karras", DPMSolverMultistepScheduler, KARRAS, False, 2, "DPM++ 2M on Karras sigmas"),
     SamplerName("DPM++ 2M SDE", DPMSolverMultistepScheduler, SDE, True, 1, "SDE-DPM-Solver++ 2M (sample_dpmpp_2m_sde)"),
     SamplerName("DPM++ 2M SDE Karras", DPMSolverMultistepScheduler, {**SDE, **KARRAS}, True, 1, "DPM++ 2M SDE on Karras sigmas"),
-    SamplerName("UniPC", UniPCMultistepScheduler, {}, False, 2, "unified predictor-corrector (bh2), good at 10-20 steps"),
+    SamplerName("UniPC", UniPCMultistepScheduler, {}, False, 3, "unified predictor-corrector (UniP-2 + UniC: order 3), good at 10-20 steps"),
 ]
 
 
