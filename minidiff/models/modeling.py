@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from minidiff.checkpoints.errors import CheckpointError, check_state_dict
 from minidiff.checkpoints.folder import read_state_dict, weight_files_in_folder, with_variant
 from minidiff.checkpoints.single_file import CheckpointFile, converted
-from minidiff.configuration import ConfigMixin
+from minidiff.configuration import ConfigMixin, deprecated_config_attribute, is_deprecated_config_attribute
 
 
 class ModelMixin(torch.nn.Module, ConfigMixin):
@@ -37,6 +37,13 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
 
     def __init__(self):
         super().__init__()
+
+    def __getattr__(self, name: str):
+        """torch's lookup of parameters, buffers and submodules, after diffusers' deprecated reading of a
+        config key as an attribute (`unet.in_channels`: the value, with a FutureWarning; see configuration.py)."""
+        if is_deprecated_config_attribute(self, name):
+            return deprecated_config_attribute(self, name, "unet", stacklevel=3)
+        return super().__getattr__(name)
 
     @property
     def dtype(self) -> torch.dtype:

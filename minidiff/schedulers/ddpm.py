@@ -58,6 +58,7 @@ class DDPMScheduler(SchedulerMixin):
     """DDPM ancestral sampling (Ho et al. 2020, eq. 6/7/15): predict x_0, then sample the posterior q(x_prev | x_t, x_0)."""
 
     order = 1
+    requires_set_timesteps = False  # steps on the training schedule (T-1, ..., 0) until set_timesteps
 
     @register_to_config
     def __init__(

@@ -73,6 +73,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
     """Euler steps in sigma (Karras et al. 2022, Algorithm 2), with optional churn noise."""
 
     order = 1
+    requires_set_timesteps = False  # steps on the training schedule (T-1, ..., 0) until set_timesteps
 
     @register_to_config
     def __init__(

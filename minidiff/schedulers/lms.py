@@ -73,6 +73,7 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
     """Linear multistep in sigma: integrate the polynomial through the last `order` derivatives."""
 
     order = 1  # model evaluations per step (the multistep order is `step(..., order=4)`)
+    requires_set_timesteps = False  # steps on the training schedule (T-1, ..., 0) until set_timesteps
 
     @register_to_config
     def __init__(
@@ -110,6 +111,13 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         self.is_scale_input_called = False
         self._step_index = None
         self._begin_index = None
+        # As diffusers, a new LMS is set for all T training timesteps, so `step` works before set_timesteps (with
+        # use_karras_sigmas etc., their T noise levels). A T-step schedule that repeats a noise level ("leading"
+        # with steps_offset=1) is refused by set_timesteps: that one keeps the plain schedule above until then.
+        try:
+            self.set_timesteps(num_train_timesteps)
+        except ValueError:
+            self.num_inference_steps = None
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """The N timesteps to visit and their sigmas (interpolated, or Karras/exponential/beta), then sigma = 0.
