@@ -461,6 +461,7 @@ class UNet2DConditionModel(ModelMixin):
         addition_embed_type_num_heads: int = 64,
     ):
         super().__init__()
+        self.sample_size = sample_size  # a plain attribute as in diffusers (read without the deprecation warning)
         _check_not_implemented(locals())
         num_blocks = len(block_out_channels)
         _check_block_config(down_block_types, up_block_types, mid_block_type, block_out_channels, norm_num_groups)

@@ -14,6 +14,7 @@ The variance sigma_t^2 is chosen by `variance_type`, from beta~_t = (1 - alpha_b
 - fixed_small_log:  the same, computed as sigma_t = exp(log(beta~_t) / 2)
 - fixed_large:      sigma_t^2 = beta_t         (the upper bound, §3.2)
 - fixed_large_log:  the same, computed as sigma_t = exp(log(beta_t) / 2)
+- None:             (a DPM-Solver config) as fixed_small, as diffusers does
 - learned:          the model outputs sigma_t^2 in extra channels (model_output has 2C channels)
 - learned_range:    the model outputs v in [-1, 1] in extra channels and
                     log sigma_t^2 = (v+1)/2 log(beta_t) + (1 - (v+1)/2) log(beta~_t)
@@ -79,7 +80,7 @@ class DDPMScheduler(SchedulerMixin):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
-        check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        check_choice("variance_type", variance_type, (None, *VARIANCE_TYPES))  # None (a DPM-Solver config): fixed_small
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         self.betas = make_betas(
@@ -89,6 +90,7 @@ class DDPMScheduler(SchedulerMixin):
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # alpha_bar_t, t = 0..T-1
         self.one = torch.tensor(1.0)  # alpha_bar_prev after the last timestep
         self.init_noise_sigma = 1.0  # x_T ~ N(0, I)
+        self.variance_type = variance_type  # a plain attribute as in diffusers (no deprecation warning); step reads config
 
         self.num_inference_steps = None
         self.custom_timesteps = False
@@ -139,16 +141,19 @@ class DDPMScheduler(SchedulerMixin):
         """DDPM feeds x_t to the model as it is."""
         return sample
 
-    def previous_timestep(self, timestep) -> int:
-        """The timestep after `timestep` in `timesteps` (-1 after the last one)."""
+    def previous_timestep(self, timestep) -> int | torch.Tensor:
+        """The timestep after `timestep` in `timesteps` (-1 after the last one), typed as diffusers returns it:
+        a 0-dim int64 tensor after set_timesteps; before it (every training step), `timestep - 1` (int or tensor)."""
         t = integer_timestep(timestep, "DDPMScheduler")
+        if self.num_inference_steps is None and 0 <= t < self.config.num_train_timesteps:
+            return timestep - 1
         matches = (self.timesteps == t).nonzero()
         if len(matches) == 0:
             raise ValueError(
                 f"timestep {t} is not one of this scheduler's timesteps; pass the values of `scheduler.timesteps`"
             )
         index = matches[0].item()
-        return int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1
+        return self.timesteps[index + 1] if index + 1 < len(self.timesteps) else torch.tensor(-1)
 
     def _get_variance(self, t: int, predicted_variance: torch.Tensor | None = None) -> torch.Tensor:
         """What `variance_type` says about the noise at t: sigma_t^2, sigma_t or log sigma_t^2 (see the module docstring)."""
@@ -158,7 +163,7 @@ class DDPMScheduler(SchedulerMixin):
         beta_t = 1 - alpha_bar_t / alpha_bar_prev
         posterior_variance = ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t).clamp(min=1e-20)  # beta~_t, eq. 7
 
-        variance_type = self.config.variance_type
+        variance_type = self.config.variance_type or "fixed_small"
         if variance_type == "fixed_small":
             return posterior_variance
         if variance_type == "fixed_small_log":
