@@ -206,7 +206,8 @@ class ConfigMixin:
     """
 
     config_name: str = "config.json"
-    # diffusers' from_config passes these init arguments on although they left the signature; none in minidiff.
+    # Old init arguments that diffusers' from_config still hands to an `__init__(**kwargs)` which turns them into a
+    # deprecation warning. diffusers' scheduler classes have none, and neither do minidiff's classes.
     _deprecated_kwargs: list[str] = []
     # Fields of diffusers' class that minidiff does not implement: {field: the only value it supports}.
     _refused_config: dict[str, Any] = {}
@@ -381,7 +382,8 @@ PUSH_TO_HUB_KWARGS = ("repo_id", "commit_message", "private", "token", "create_p
 
 
 def check_no_push_to_hub(push_to_hub: bool, push_to_hub_kwargs: dict) -> None:
-    """Refuse `push_to_hub=True` (minidiff works offline) and keyword arguments diffusers would not know."""
+    """Refuse `push_to_hub=True` (minidiff works offline), and keyword arguments that are not push_to_hub's
+    (diffusers ignores those silently, so a misspelt argument would go unnoticed)."""
     unknown = sorted(set(push_to_hub_kwargs) - set(PUSH_TO_HUB_KWARGS))
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {unknown}; besides the folder, only push_to_hub and its "

@@ -300,6 +300,9 @@ def test_model_config_key_as_attribute_warns_as_diffusers(cls_name, config):
         assert value_ours == value_theirs == config.get(key, value_theirs)
         assert messages_ours == messages_theirs and len(messages_ours) == 1
         assert f"unet.config.{key}" in messages_ours[0]
+    with pytest.warns(FutureWarning) as record:
+        ours.in_channels
+    assert record[0].filename == __file__  # the warning points at the caller's line
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ours.sample_size == theirs.sample_size == config["sample_size"]  # a plain attribute in both
@@ -362,7 +365,8 @@ def test_dpm_custom_timesteps_refused_with_beta_sigmas():
 
 def same_value_and_type(ours, theirs) -> bool:
     if isinstance(theirs, torch.Tensor):
-        return isinstance(ours, torch.Tensor) and ours.dtype == theirs.dtype and ours.shape == theirs.shape and torch.equal(ours, theirs)
+        same_kind = isinstance(ours, torch.Tensor) and ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        return same_kind and torch.equal(ours, theirs)
     return type(ours) is type(theirs) and ours == theirs
 
 
@@ -416,8 +420,9 @@ def test_step_output_key_index_and_keys(name):
     theirs.set_timesteps(10)
     sample = dummy_sample()
     output = fake_model(sample, theirs.timesteps[0])
-    out_ours = ours.step(output, ours.timesteps[0], sample, generator=torch.Generator().manual_seed(0)) if name in STOCHASTIC else ours.step(output, ours.timesteps[0], sample)
-    out_theirs = theirs.step(output, theirs.timesteps[0], sample, generator=torch.Generator().manual_seed(0)) if name in STOCHASTIC else theirs.step(output, theirs.timesteps[0], sample)
+    kwargs = [{"generator": torch.Generator().manual_seed(0)} if name in STOCHASTIC else {} for _ in range(2)]
+    out_ours = ours.step(output, ours.timesteps[0], sample, **kwargs[0])
+    out_theirs = theirs.step(output, theirs.timesteps[0], sample, **kwargs[1])
     # PNDM, DPM-Solver and UniPC also give pred_original_sample (a minidiff extra; diffusers' has prev_sample only)
     extra = ["pred_original_sample"] if name in ("PNDMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler") else []
     assert list(out_ours.keys()) == list(out_theirs.keys()) + extra

@@ -90,7 +90,7 @@ class DDPMScheduler(SchedulerMixin):
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # alpha_bar_t, t = 0..T-1
         self.one = torch.tensor(1.0)  # alpha_bar_prev after the last timestep
         self.init_noise_sigma = 1.0  # x_T ~ N(0, I)
-        self.variance_type = variance_type  # a plain attribute as in diffusers (no deprecation warning); step reads config
+        self.variance_type = variance_type  # a plain attribute as in diffusers (no deprecation warning)
 
         self.num_inference_steps = None
         self.custom_timesteps = False

@@ -116,9 +116,11 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, sigma_t for t = 0..T-1
         self.log_train_sigmas = np.log(self.train_sigmas)  # float32, as diffusers' sigma_to_t sees them
 
-        # Until `set_timesteps`: every training timestep, noisiest first, then sigma = 0.
         # plain attributes as in diffusers (read without the deprecation warning); the schedule reads the config
-        self.use_karras_sigmas, self.use_exponential_sigmas, self.use_beta_sigmas = use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
+        self.use_karras_sigmas = use_karras_sigmas
+        self.use_exponential_sigmas = use_exponential_sigmas
+        self.use_beta_sigmas = use_beta_sigmas
+        # Until `set_timesteps`: every training timestep, noisiest first, then sigma = 0.
         self.num_inference_steps = None
         self.sigmas = torch.cat([torch.from_numpy(self.train_sigmas).flip(0), torch.zeros(1)])
         self.timesteps = self._model_timesteps(np.arange(num_train_timesteps - 1, -1, -1), self.sigmas)

@@ -84,7 +84,7 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
         # Until `set_timesteps`: every training timestep, noisiest first, then sigma = 0.
         self.num_inference_steps = None
         self.sigmas = torch.cat([torch.from_numpy(self.train_sigmas).flip(0), torch.zeros(1)])
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.float64)  # float64 until set_timesteps, as diffusers
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.float64)  # float64 here, as diffusers
         self.is_scale_input_called = False
         self._step_index = None
         self._begin_index = None

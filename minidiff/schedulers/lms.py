@@ -103,8 +103,8 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, sigma_t for t = 0..T-1
         self.log_train_sigmas = np.log(self.train_sigmas)  # float32, as diffusers' sigma_to_t sees them
 
-        # Until `set_timesteps`: every training timestep, noisiest first, then sigma = 0.
         self.use_karras_sigmas = use_karras_sigmas  # a plain attribute as in diffusers (no deprecation warning)
+        # The plain schedule: every training timestep, noisiest first, then sigma = 0 (replaced just below).
         self.num_inference_steps = None
         self.sigmas = torch.cat([torch.from_numpy(self.train_sigmas).flip(0), torch.zeros(1)])
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.float32)
