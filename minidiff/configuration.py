@@ -7,18 +7,27 @@ decorator on `__init__` records them, so that
     scheduler.config                      # a read-only mapping of every init argument
     scheduler.config.beta_schedule        # attribute access works too
     DDIMScheduler.from_config(scheduler.config)   # the tutorial's way to swap schedulers
-    scheduler.save_config(folder)         # writes scheduler_config.json
+    scheduler.save_config(folder)         # writes scheduler_config.json (schedulers: also `save_pretrained`)
     PNDMScheduler.from_pretrained(folder, subfolder="scheduler")
+
+A new object's config also holds `_class_name` and `_diffusers_version` (diffusers adds them the first
+time the config is written or printed), so a config reloaded from the file has the same keys, except
+`_use_default_values` (below), which only the new object has, as in diffusers.
 
 A real diffusers `scheduler_config.json` loads as it is. Its bookkeeping keys are understood:
 - `_class_name`: the class that wrote the file (keys only that class knew are left out when
   another class reads it);
-- `_diffusers_version`: kept, not used (a new file gets the diffusers version we match, and `_minidiff_version`);
+- `_diffusers_version`: kept, not used (a new file gets the diffusers version we match, and `_minidiff_version`,
+  which says which minidiff wrote it and is not kept on loading);
 - `_use_default_values`: the keys the writer did *not* set explicitly. They are dropped on
   loading, so a new class applies its own defaults. This is why SD 1.5's config, which has no
   `timestep_spacing`, gives PNDM "leading" and Euler "linspace".
 Keys that belong to another compatible class are kept as hidden config (so PNDM -> Euler -> PNDM
 round-trips), and keys nobody knows are kept and reported in one warning.
+
+Deprecated access: as in diffusers, `scheduler.num_train_timesteps` or `unet.in_channels` (a config key
+that is not a real attribute) still returns the config value, with a FutureWarning pointing to
+`scheduler.config.num_train_timesteps` (`deprecated_config_attribute`).
 
 Refused fields: diffusers' classes take config fields for features minidiff does not implement
 (a UNet's `encoder_hid_dim`, ...). A class lists them once, as data, in `_refused_config`
@@ -96,7 +105,8 @@ def register_to_config(init):
         values = {p.name: given.get(p.name, p.default) for p in parameters if p.name in names}
         values.update({key: refused.get(key, supported) for key, supported in refused_fields.items()})
         defaulted = [name for name in names if name not in given] + [key for key in refused_fields if key not in refused]
-        config = {**private, **values}
+        bookkeeping = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_CONFIG_VERSION}
+        config = {**bookkeeping, **private, **values}
         if defaulted:
             config["_use_default_values"] = defaulted
         self.register_to_config(**config)
@@ -182,6 +192,26 @@ def _check_type(cls, key: str, value: Any, default: Any) -> None:
 CONFIG_CLASSES: dict[str, type] = {}
 
 
+def is_deprecated_config_attribute(instance, name: str) -> bool:
+    """Whether `instance.name` is a deprecated read of a config key: a key of its config that is not a real
+    attribute (diffusers' rule; methods, properties and class attributes are found before this is asked)."""
+    config = instance.__dict__.get("_internal_dict")
+    return config is not None and name in config and name not in instance.__dict__
+
+
+def deprecated_config_attribute(instance, name: str, example_owner: str, stacklevel: int):
+    """The config value `instance.config[name]`, with diffusers' FutureWarning (same text) for reading it
+    as an attribute. `example_owner` names the object in the suggestion: "scheduler" or "unet"."""
+    cls_name = type(instance).__name__
+    warnings.warn(
+        f"Accessing config attribute `{name}` directly via '{cls_name}' object attribute is deprecated. Please "
+        f"access '{name}' over '{cls_name}'s config object instead, e.g. '{example_owner}.config.{name}'.",
+        FutureWarning,
+        stacklevel=stacklevel,
+    )
+    return instance.__dict__["_internal_dict"][name]
+
+
 class ConfigMixin:
     """Gives a class `config`, `from_config`, `save_config`, `load_config` and `from_pretrained` for its config.
 
@@ -189,6 +219,9 @@ class ConfigMixin:
     """
 
     config_name: str = "config.json"
+    # Old init arguments that diffusers' from_config still hands to an `__init__(**kwargs)` which turns them into a
+    # deprecation warning. diffusers' scheduler classes have none, and neither do minidiff's classes.
+    _deprecated_kwargs: list[str] = []
     # Fields of diffusers' class that minidiff does not implement: {field: the only value it supports}.
     _refused_config: dict[str, Any] = {}
     # Keys written by other libraries' tools that carry no meaning for the object; never reported.
@@ -201,6 +234,18 @@ class ConfigMixin:
     @property
     def config(self) -> FrozenConfig:
         return self.__dict__["_internal_dict"]
+
+    def __getattr__(self, name: str) -> Any:
+        """Only called when normal lookup fails: a config key read as an attribute (deprecated, see the
+        module docstring), else an AttributeError."""
+        if is_deprecated_config_attribute(self, name):
+            return deprecated_config_attribute(self, name, "scheduler", stacklevel=3)
+        raise AttributeError(
+            f"'{type(self).__name__}' object has no attribute '{name}', and '{name}' is not a key of its config "
+            f"either (config values are read as `.config.<key>`)",
+            name=name,
+            obj=self,
+        )
 
     def register_to_config(self, **kwargs) -> None:
         previous = self.__dict__.get("_internal_dict", {})
@@ -278,7 +323,7 @@ class ConfigMixin:
                 f"be ignored. Please verify your {cls.config_name} configuration file.",
                 stacklevel=3,
             )
-        hidden = {key: value for key, value in original.items() if key not in init_kwargs}
+        hidden = {key: value for key, value in original.items() if key not in init_kwargs and key != "_minidiff_version"}
         return init_kwargs, hidden
 
     @classmethod
@@ -327,8 +372,12 @@ class ConfigMixin:
         config["_minidiff_version"] = __version__
         return json.dumps(_json_ready(config), indent=2, sort_keys=True) + "\n"
 
-    def save_config(self, folder: str | os.PathLike) -> Path:
-        """Writes `config_name` into `folder` (created if needed) and returns the file's path."""
+    def save_config(self, folder: str | os.PathLike, push_to_hub: bool = False, **push_to_hub_kwargs) -> Path:
+        """Writes `config_name` into `folder` (created if needed) and returns the file's path.
+
+        `push_to_hub` and its keyword arguments are diffusers' signature; minidiff never uploads (refused).
+        """
+        check_no_push_to_hub(push_to_hub, push_to_hub_kwargs)
         folder = Path(folder)
         if folder.is_file():
             raise ValueError(f"save_config needs a folder, but {folder} is a file")
@@ -339,6 +388,24 @@ class ConfigMixin:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"
+
+
+# The keyword arguments diffusers' save_config/save_pretrained pass on to its upload.
+PUSH_TO_HUB_KWARGS = ("repo_id", "commit_message", "private", "token", "create_pr", "subfolder")
+
+
+def check_no_push_to_hub(push_to_hub: bool, push_to_hub_kwargs: dict) -> None:
+    """Refuse `push_to_hub=True` (minidiff works offline), and keyword arguments that are not push_to_hub's
+    (diffusers ignores those silently, so a misspelt argument would go unnoticed)."""
+    unknown = sorted(set(push_to_hub_kwargs) - set(PUSH_TO_HUB_KWARGS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; besides the folder, only push_to_hub and its "
+                        f"arguments {list(PUSH_TO_HUB_KWARGS)} are accepted, as in diffusers")
+    if push_to_hub:
+        raise NotImplementedError(
+            "push_to_hub=True is not supported: minidiff never uploads anything. Save without it, then upload the "
+            "folder yourself, e.g. `huggingface_hub.upload_folder(folder_path=folder, repo_id=...)`"
+        )
 
 
 def _json_ready(value):

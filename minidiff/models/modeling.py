@@ -31,7 +31,7 @@ from minidiff.checkpoints.single_file_layout import (
     key_map_for,
     stored_keys,
 )
-from minidiff.configuration import ConfigMixin
+from minidiff.configuration import ConfigMixin, deprecated_config_attribute, is_deprecated_config_attribute
 from minidiff.utils.cpu import skip_init
 from minidiff.utils.torch_utils import resolve_dtype
 
@@ -47,6 +47,13 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
 
     def __init__(self):
         super().__init__()
+
+    def __getattr__(self, name: str):
+        """torch's lookup of parameters, buffers and submodules, after diffusers' deprecated reading of a
+        config key as an attribute (`unet.in_channels`: the value, with a FutureWarning; see configuration.py)."""
+        if is_deprecated_config_attribute(self, name):
+            return deprecated_config_attribute(self, name, "unet", stacklevel=3)
+        return super().__getattr__(name)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -285,6 +285,7 @@ class UNet2DModel(ModelMixin):
         num_train_timesteps: int | None = None,
     ):
         super().__init__()
+        self.sample_size = sample_size  # a plain attribute as in diffusers (read without the deprecation warning)
         self._check_config(down_block_types, up_block_types, block_out_channels, mid_block_type, time_embedding_type,
                            downsample_type, upsample_type, resnet_time_scale_shift, class_embed_type,
                            num_train_timesteps)

@@ -219,6 +219,7 @@ class UNet2DConditionModel(ModelMixin):
         conv_out_kernel: int = 3,
     ):
         super().__init__()
+        self.sample_size = sample_size  # a plain attribute as in diffusers (read without the deprecation warning)
         num_blocks = len(block_out_channels)
         _check_block_types(down_block_types, up_block_types, mid_block_type, block_out_channels, norm_num_groups)
         if num_attention_heads is not None:

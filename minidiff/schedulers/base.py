@@ -309,6 +309,16 @@ class SchedulerMixin(ConfigMixin):
     config_name = "scheduler_config.json"
     _compatibles = KARRAS_DIFFUSION_SCHEDULERS
     order = 1
+    # Whether `step` needs `set_timesteps` first. DDPM, Euler, Euler Ancestral and LMS set False: as in
+    # diffusers, a fresh one steps through all num_train_timesteps of training (T-1, ..., 0).
+    requires_set_timesteps = True
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **push_to_hub_kwargs):
+        """Writes `scheduler_config.json` into `save_directory` (created if needed), for `from_pretrained`.
+
+        As diffusers' signature; `push_to_hub=True` is refused (minidiff never uploads). Returns the file's path.
+        """
+        return self.save_config(save_directory, push_to_hub=push_to_hub, **push_to_hub_kwargs)
 
     @_ClassAndInstanceProperty
     def compatibles(cls) -> list[type]:
@@ -383,7 +393,7 @@ class SchedulerMixin(ConfigMixin):
         return velocity_vp(self.alphas_cumprod, sample, noise, timesteps)
 
     def _check_timesteps_set(self) -> None:
-        if getattr(self, "num_inference_steps", None) is None:
+        if self.requires_set_timesteps and getattr(self, "num_inference_steps", None) is None:
             raise ValueError(
                 f"{type(self).__name__}.step was called before set_timesteps; "
                 "call `scheduler.set_timesteps(num_inference_steps)` first"

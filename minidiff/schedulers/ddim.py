@@ -108,6 +108,9 @@ class DDIMScheduler(SchedulerMixin):
         alpha_bar_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
         return posterior_variance(self.alphas_cumprod[timestep], alpha_bar_prev)
 
+    def _clip_range(self) -> float | None:
+        return self.config.clip_sample_range if self.config.clip_sample else None
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -133,7 +136,7 @@ class DDIMScheduler(SchedulerMixin):
         alpha_t, sigma_t = vp_from_alpha_bar(alpha_bar_t)
 
         prediction_type = self.config.prediction_type  # the model's prediction as x_0 and as eps (eq. 12)
-        x0_pred = limit_x0(to_x0(model_output, sample, alpha_t, sigma_t, prediction_type), self.config)
+        x0_pred = limit_x0(to_x0(model_output, sample, alpha_t, sigma_t, prediction_type), self.config, self._clip_range())
         eps = to_eps(model_output, sample, alpha_t, sigma_t, prediction_type)
         if use_clipped_model_output:
             eps = eps_from_x0(x0_pred, sample, alpha_t, sigma_t)

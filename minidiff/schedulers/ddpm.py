@@ -16,6 +16,7 @@ The variance noise_std^2 is chosen by `variance_type`, from beta~_t = (1 - alpha
 - fixed_small_log:  the same, computed as noise_std = exp(log(beta~_t) / 2)
 - fixed_large:      noise_std^2 = beta_step    (the upper bound, §3.2)
 - fixed_large_log:  the same, computed as noise_std = exp(log(beta_step) / 2)
+- None:             (a DPM-Solver config) as fixed_small, as diffusers does
 - learned:          the model outputs noise_std^2 in extra channels (model_output has 2C channels)
 - learned_range:    the model outputs v in [-1, 1] in extra channels and
                     log noise_std^2 = (v+1)/2 log(beta_step) + (1 - (v+1)/2) log(beta~_t)
@@ -62,6 +63,7 @@ class DDPMScheduler(SchedulerMixin):
     """DDPM ancestral sampling (Ho et al. 2020, eq. 6/7/15): predict x_0, then sample the posterior q(x_prev | x_t, x_0)."""
 
     order = 1
+    requires_set_timesteps = False  # steps on the training schedule (T-1, ..., 0) until set_timesteps
 
     @register_to_config
     def __init__(
@@ -82,7 +84,7 @@ class DDPMScheduler(SchedulerMixin):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
-        check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        check_choice("variance_type", variance_type, (None, *VARIANCE_TYPES))  # None (a DPM-Solver config): fixed_small
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         self.betas = make_betas(
@@ -92,6 +94,7 @@ class DDPMScheduler(SchedulerMixin):
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # alpha_bar_t, t = 0..T-1
         self.one = torch.tensor(1.0)  # alpha_bar_prev after the last timestep
         self.init_noise_sigma = 1.0  # x_T ~ N(0, I)
+        self.variance_type = variance_type  # a plain attribute as in diffusers (no deprecation warning)
 
         self.num_inference_steps = None
         self.custom_timesteps = False
@@ -142,16 +145,19 @@ class DDPMScheduler(SchedulerMixin):
         """DDPM feeds x_t to the model as it is."""
         return sample
 
-    def previous_timestep(self, timestep) -> int:
-        """The timestep after `timestep` in `timesteps` (-1 after the last one)."""
+    def previous_timestep(self, timestep) -> int | torch.Tensor:
+        """The timestep after `timestep` in `timesteps` (-1 after the last one), typed as diffusers returns it:
+        a 0-dim int64 tensor after set_timesteps; before it (every training step), `timestep - 1` (int or tensor)."""
         t = integer_timestep(timestep, "DDPMScheduler")
+        if self.num_inference_steps is None and 0 <= t < self.config.num_train_timesteps:
+            return timestep - 1
         matches = (self.timesteps == t).nonzero()
         if len(matches) == 0:
             raise ValueError(
                 f"timestep {t} is not one of this scheduler's timesteps; pass the values of `scheduler.timesteps`"
             )
         index = matches[0].item()
-        return int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1
+        return self.timesteps[index + 1] if index + 1 < len(self.timesteps) else torch.tensor(-1)
 
     def _get_variance(self, t: int, predicted_variance: torch.Tensor | None = None) -> torch.Tensor:
         """What `variance_type` says about the noise at t: noise_std^2, noise_std or log noise_std^2 (module docstring)."""
@@ -161,7 +167,7 @@ class DDPMScheduler(SchedulerMixin):
         beta_step = 1 - alpha_bar_t / alpha_bar_prev  # DDPM's beta_t between prev and t
         beta_tilde = posterior_variance(alpha_bar_t, alpha_bar_prev).clamp(min=1e-20)  # eq. 7
 
-        variance_type = self.config.variance_type
+        variance_type = self.config.variance_type or "fixed_small"
         if variance_type == "fixed_small":
             return beta_tilde
         if variance_type == "fixed_small_log":
@@ -183,6 +189,9 @@ class DDPMScheduler(SchedulerMixin):
         if self.config.variance_type in ("fixed_large_log", "learned_range"):
             return torch.exp(0.5 * variance)
         return variance**0.5
+
+    def _clip_range(self) -> float | None:
+        return self.config.clip_sample_range if self.config.clip_sample else None
 
     def step(
         self,
@@ -214,7 +223,7 @@ class DDPMScheduler(SchedulerMixin):
         alpha_bar_t = self.alphas_cumprod[t]
         alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
         alpha_t, sigma_t = vp_from_alpha_bar(alpha_bar_t)
-        x0_pred = limit_x0(to_x0(model_output, sample, alpha_t, sigma_t, self.config.prediction_type), self.config)  # eq. 15
+        x0_pred = limit_x0(to_x0(model_output, sample, alpha_t, sigma_t, self.config.prediction_type), self.config, self._clip_range())  # eq. 15
         prev_sample = ddpm_posterior_mean(x0_pred, sample, alpha_bar_t, alpha_bar_prev)  # mu~_t(x_t, x_0), eq. 7
 
         if t > 0:  # eq. 6: x_prev ~ N(mu, noise_std^2 I); no noise on the last step to x_0

@@ -49,13 +49,13 @@ Config fields (diffusers' names and defaults):
   step is first order) or "sigma_min" (the smallest training sigma).
 - timestep_spacing, steps_offset: N + 1 points spaced over the training timesteps, the last one dropped
   (`multistep_timesteps`).
-- use_karras_sigmas / use_exponential_sigmas / use_lu_lambdas: replace the spaced sigmas by a Karras
-  ramp (rho = 7), an exponential ramp, or steps uniform in lambda (Lu et al.); the timesteps then come
-  from those sigmas (`base.sigma_to_t`).
+- use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas / use_lu_lambdas: replace the spaced sigmas
+  by a Karras ramp (rho = 7), an exponential ramp, Beta(0.6, 0.6) quantiles (`base.beta_sigmas`), or steps
+  uniform in lambda (Lu et al.); the timesteps then come from those sigmas (`base.sigma_to_t`).
 - lambda_min_clipped: timesteps whose lambda is below this are never visited (for the cosine schedule).
 - variance_type: "learned" / "learned_range" for models that also output a variance: only the first
-  half of the channels (the mean) is used.
-- use_beta_sigmas, use_flow_sigmas, flow_shift, use_dynamic_shifting, time_shift_type: accepted so
+  half of the channels (the mean) is used. DDPM's other types (a DDPM config) change nothing, as None.
+- use_flow_sigmas, flow_shift, use_dynamic_shifting, time_shift_type: accepted so
   configs read, but minidiff implements only the VP (SD 1.x) form: turning them on raises ValueError.
 """
 
@@ -72,6 +72,7 @@ from minidiff.schedulers.base import (
     TIMESTEP_SPACINGS,
     SchedulerMixin,
     SchedulerOutput,
+    beta_sigmas,
     check_choice,
     check_num_inference_steps,
     exponential_sigmas,
@@ -108,7 +109,9 @@ from minidiff.schedulers.update_rules import (
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 DPM_SOLVER_TYPES = ("midpoint", "heun")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
-VARIANCE_TYPES = (None, "learned", "learned_range")
+# "learned"/"learned_range": the model also outputs a variance (dropped). DDPM's fixed types (a DDPM config)
+# mean it does not, as None does.
+VARIANCE_TYPES = (None, "learned", "learned_range", "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 
 
 # ----- shared by the multistep solvers (DPM-Solver, UniPC) ----------------------------------------
@@ -137,7 +140,7 @@ def multistep_timesteps(
 def schedule_sigmas(scheduler, timesteps: np.ndarray, num_inference_steps: int, ramp: str | None) -> tuple[np.ndarray, np.ndarray]:
     """(sigmas, timesteps) of a multistep solver, before the final sigma is appended.
 
-    ramp None: sigma interpolated at each spaced timestep. "karras" / "exponential" / "lu": a ramp of
+    ramp None: sigma interpolated at each spaced timestep. "karras" / "exponential" / "beta" / "lu": a ramp of
     N sigmas from the largest to the smallest training sigma (or the config's sigma_max / sigma_min
     when set), and the (fractional) timesteps those sigmas correspond to.
     """
@@ -154,6 +157,8 @@ def schedule_sigmas(scheduler, timesteps: np.ndarray, num_inference_steps: int, 
         sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps)
     elif ramp == "exponential":
         sigmas = exponential_sigmas(sigma_min, sigma_max, num_inference_steps)
+    elif ramp == "beta":
+        sigmas = beta_sigmas(sigma_min, sigma_max, num_inference_steps)
     else:  # "lu": uniform steps in lambda. Here lambda = -log(sigma), so log sigma is a linear ramp (as exponential,
         # but written as diffusers writes it: a float32 ulp in sigma matters when x0 = (x - sigma_t eps) / alpha_t)
         log_sigma_min, log_sigma_max = log_sigmas[0].item(), log_sigmas[-1].item()
@@ -195,7 +200,7 @@ def check_steps_left(scheduler) -> None:
 
 
 def check_vp_only(prediction_type: str, **flags) -> None:
-    """Refuse the flow-matching and beta-sigma options diffusers also has: minidiff implements SD 1.x's VP form."""
+    """Refuse the flow-matching options diffusers also has: minidiff implements SD 1.x's VP form."""
     if prediction_type == "flow_prediction":
         raise ValueError(
             "prediction_type 'flow_prediction' is for flow-matching models (SD3, Flux), which minidiff does not "
@@ -205,7 +210,7 @@ def check_vp_only(prediction_type: str, **flags) -> None:
         if value:
             raise ValueError(
                 f"{name}=True is not implemented in minidiff (it supports the VP noise schedule of SD 1.x); "
-                "set it to False, and use use_karras_sigmas or use_exponential_sigmas for another sigma ramp"
+                "set it to False, and use use_karras_sigmas, use_exponential_sigmas or use_beta_sigmas for another sigma ramp"
             )
 
 
@@ -270,14 +275,9 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
 
     def _check_config(self, algorithm_type: str, solver_type: str) -> None:
         config = self.config
-        check_vp_only(
-            config.prediction_type,
-            use_beta_sigmas=config.use_beta_sigmas,
-            use_flow_sigmas=config.use_flow_sigmas,
-            use_dynamic_shifting=config.use_dynamic_shifting,
-        )
+        check_vp_only(config.prediction_type, use_flow_sigmas=config.use_flow_sigmas, use_dynamic_shifting=config.use_dynamic_shifting)
         if config.use_exponential_sigmas + config.use_karras_sigmas + config.use_beta_sigmas > 1:
-            raise ValueError("use_karras_sigmas and use_exponential_sigmas cannot both be True; choose one sigma ramp")
+            raise ValueError("use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas: set at most one; choose one sigma ramp")
         check_choice("prediction_type", config.prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", config.timestep_spacing, TIMESTEP_SPACINGS)
         check_choice("final_sigmas_type", config.final_sigmas_type, FINAL_SIGMAS_TYPES)
@@ -336,12 +336,14 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         self._begin_index = None
 
     def _sigma_ramp(self) -> str | None:
-        """The sigma ramp that replaces the spaced sigmas, in diffusers' precedence: Karras, Lu, exponential."""
+        """The sigma ramp that replaces the spaced sigmas, in diffusers' precedence: Karras, Lu, exponential, beta."""
         if self.config.use_karras_sigmas:
             return "karras"
         if self.config.use_lu_lambdas:
             return "lu"
-        return "exponential" if self.config.use_exponential_sigmas else None
+        if self.config.use_exponential_sigmas:
+            return "exponential"
+        return "beta" if self.config.use_beta_sigmas else None
 
     def _spaced_timesteps(self, num_inference_steps, mu, timesteps) -> np.ndarray:
         config = self.config
@@ -351,7 +353,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps to set_timesteps")
         if timesteps is not None:
-            for flag in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas"):
+            for flag in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas"):
                 if config[flag]:
                     raise ValueError(f"custom timesteps cannot be used with {flag}=True: the sigma ramp chooses the timesteps")
             timesteps = np.array(timesteps).astype(np.int64)
@@ -382,7 +384,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
 
     def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """What the solver integrates: x0_pred for DPM-Solver++, eps for DPM-Solver, at the current step."""
-        if self.config.variance_type is not None:
+        if self.config.variance_type in ("learned", "learned_range"):
             model_output = model_output[:, : sample.shape[1]]  # (B, 2C, ...) -> (B, C, ...): the mean, not the variance
         alpha_t, sigma_t, _ = self._alpha_sigma_lambda(self.step_index)
         prediction_type = self.config.prediction_type
@@ -444,7 +446,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         prev_sample = prev_sample.to(m0.dtype)
         self._step_index += 1
         output = SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
-        return output if return_dict else output.to_tuple()
+        return output if return_dict else (prev_sample,)  # diffusers' tuple; pred_original_sample is a minidiff extra
 
     def _x0_from_eps(self, eps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         alpha_t, sigma_t, _ = self._alpha_sigma_lambda(self.step_index)

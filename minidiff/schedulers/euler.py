@@ -75,6 +75,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
     """Euler steps in sigma (Karras et al. 2022, Algorithm 2), with optional churn noise."""
 
     order = 1
+    requires_set_timesteps = False  # steps on the training schedule (T-1, ..., 0) until set_timesteps
 
     @register_to_config
     def __init__(
@@ -117,6 +118,10 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, sigma at t = 0..T-1
         self.log_train_sigmas = np.log(self.train_sigmas)  # float32, as diffusers' sigma_to_t sees them
 
+        # plain attributes as in diffusers (read without the deprecation warning); the schedule reads the config
+        self.use_karras_sigmas = use_karras_sigmas
+        self.use_exponential_sigmas = use_exponential_sigmas
+        self.use_beta_sigmas = use_beta_sigmas
         # Until `set_timesteps`: every training timestep, noisiest first, then sigma = 0.
         self.num_inference_steps = None
         self.sigmas = torch.cat([torch.from_numpy(self.train_sigmas).flip(0), torch.zeros(1)])

@@ -57,6 +57,7 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
     """Euler ancestral ("Euler a"): an Euler step to sigma_down, then noise of std sigma_up."""
 
     order = 1
+    requires_set_timesteps = False  # steps on the training schedule (T-1, ..., 0) until set_timesteps
 
     @register_to_config
     def __init__(
@@ -85,7 +86,7 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
         # Until `set_timesteps`: every training timestep, noisiest first, then sigma = 0.
         self.num_inference_steps = None
         self.sigmas = torch.cat([torch.from_numpy(self.train_sigmas).flip(0), torch.zeros(1)])
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.float32)
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.float64)  # float64 here, as diffusers
         self.is_scale_input_called = False
         self._step_index = None
         self._begin_index = None

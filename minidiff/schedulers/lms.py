@@ -61,6 +61,7 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
     """Linear multistep in sigma: integrate the polynomial through the last `order` derivatives."""
 
     order = 1  # model evaluations per step (the multistep order is `step(..., order=4)`)
+    requires_set_timesteps = False  # steps on the training schedule (T-1, ..., 0) until set_timesteps
 
     @register_to_config
     def __init__(
@@ -90,7 +91,8 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, sigma at t = 0..T-1
         self.log_train_sigmas = np.log(self.train_sigmas)  # float32, as diffusers' sigma_to_t sees them
 
-        # Until `set_timesteps`: every training timestep, noisiest first, then sigma = 0.
+        self.use_karras_sigmas = use_karras_sigmas  # a plain attribute as in diffusers (no deprecation warning)
+        # The plain schedule: every training timestep, noisiest first, then sigma = 0 (replaced just below).
         self.num_inference_steps = None
         self.sigmas = torch.cat([torch.from_numpy(self.train_sigmas).flip(0), torch.zeros(1)])
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.float32)
@@ -98,6 +100,13 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         self.is_scale_input_called = False
         self._step_index = None
         self._begin_index = None
+        # As diffusers, a new LMS is set for all T training timesteps, so `step` works before set_timesteps (with
+        # use_karras_sigmas etc., their T noise levels). A T-step schedule that repeats a noise level ("leading"
+        # with steps_offset=1) is refused by set_timesteps: that one keeps the plain schedule above until then.
+        try:
+            self.set_timesteps(num_train_timesteps)
+        except ValueError:
+            self.num_inference_steps = None
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """The N timesteps to visit and their sigmas (interpolated, or Karras/exponential/beta), then sigma = 0.

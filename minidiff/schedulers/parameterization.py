@@ -34,7 +34,7 @@ Functions (stable names; the update rules in `update_rules.py` take their result
     to_x0_ve(model_output, sample, sigma, prediction_type)           -> x0   (VE frame, x = x_0 + sigma eps)
     to_eps_ve(model_output, sample, sigma, prediction_type)          -> eps  (VE frame)
     dynamic_threshold(x0, ratio, max_value)              -> x0 in range (Imagen §2.3)
-    limit_x0(x0, config)                                 -> thresholding or clip_sample, as the config says
+    limit_x0(x0, config, clip_range)                     -> thresholding, or clip_sample's clamp
     add_noise_vp(x0, noise, alpha_t, sigma_t)            -> x_t = alpha_t x_0 + sigma_t eps
     add_noise_ve(x0, noise, sigma)                       -> x = x_0 + sigma eps
     velocity(x0, noise, alpha_t, sigma_t)                -> v = alpha_t eps - sigma_t x_0
@@ -146,13 +146,16 @@ def dynamic_threshold(x0_pred: torch.Tensor, ratio: float = 0.995, max_value: fl
     return (torch.clamp(flat, -s, s) / s).reshape(batch, *rest).to(dtype)
 
 
-def limit_x0(x0_pred: torch.Tensor, config) -> torch.Tensor:
-    """Dynamic thresholding when `config.thresholding`; else, for configs that have `clip_sample` (DDPM, DDIM),
-    a clamp to [-clip_sample_range, clip_sample_range]; else x0_pred unchanged."""
+def limit_x0(x0_pred: torch.Tensor, config, clip_range: float | None = None) -> torch.Tensor:
+    """Dynamic thresholding when `config.thresholding`; else a clamp to [-clip_range, clip_range] when the caller
+    gives one (DDPM and DDIM, from their clip_sample fields); else x0_pred unchanged.
+
+    The clip range is an argument, not read from the config: a config may carry another class's `clip_sample`
+    as a hidden key (a DPM-Solver built from a DDPM config keeps DDPM's clip_sample=True), which must not act."""
     if config.thresholding:
         return dynamic_threshold(x0_pred, config.dynamic_thresholding_ratio, config.sample_max_value)
-    if config.get("clip_sample", False):
-        return x0_pred.clamp(-config.clip_sample_range, config.clip_sample_range)
+    if clip_range is not None:
+        return x0_pred.clamp(-clip_range, clip_range)
     return x0_pred
 
 

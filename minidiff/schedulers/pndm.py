@@ -175,7 +175,7 @@ class PNDMScheduler(SchedulerMixin):
         prev_sample, x0_pred = self._get_prev_sample(self.cur_sample, t, prev_t, model_output)
         self.counter += 1
         if not return_dict:
-            return (prev_sample, x0_pred)
+            return (prev_sample,)  # diffusers' tuple; pred_original_sample is a minidiff extra of the output object
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
 
     def step_plms(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True) -> SchedulerOutput | tuple:
@@ -208,7 +208,7 @@ class PNDMScheduler(SchedulerMixin):
         prev_sample, x0_pred = self._get_prev_sample(sample, t, prev_t, e)
         self.counter += 1
         if not return_dict:
-            return (prev_sample, x0_pred)
+            return (prev_sample,)  # diffusers' tuple; pred_original_sample is a minidiff extra of the output object
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
 
     def _get_prev_sample(self, sample: torch.Tensor, t: int, prev_t: int, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

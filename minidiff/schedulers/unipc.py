@@ -43,10 +43,10 @@ Config fields (diffusers' names and defaults):
 - solver_p: another scheduler to use as the predictor instead of UniP (UniC then corrects its output).
 - thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen's dynamic thresholding of x0_pred.
 - timestep_spacing, steps_offset: as DPM-Solver (`multistep_timesteps`: N + 1 points, the last dropped).
-- use_karras_sigmas / use_exponential_sigmas, sigma_min, sigma_max: a Karras or exponential sigma ramp
-  (between sigma_min and sigma_max when set, else the training range).
+- use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas, sigma_min, sigma_max: a Karras, exponential
+  or Beta(0.6, 0.6)-quantile sigma ramp (between sigma_min and sigma_max when set, else the training range).
 - final_sigmas_type: "zero" or "sigma_min", the noise level after the last step.
-- use_beta_sigmas, use_flow_sigmas, flow_shift, use_dynamic_shifting, time_shift_type, shift_terminal:
+- use_flow_sigmas, flow_shift, use_dynamic_shifting, time_shift_type, shift_terminal:
   accepted so configs read, but minidiff implements only the VP (SD 1.x) form: turning them on raises.
 """
 
@@ -141,16 +141,11 @@ class UniPCMultistepScheduler(SchedulerMixin):
 
     def _check_config(self, solver_type: str) -> None:
         config = self.config
-        check_vp_only(
-            config.prediction_type,
-            use_beta_sigmas=config.use_beta_sigmas,
-            use_flow_sigmas=config.use_flow_sigmas,
-            use_dynamic_shifting=config.use_dynamic_shifting,
-        )
+        check_vp_only(config.prediction_type, use_flow_sigmas=config.use_flow_sigmas, use_dynamic_shifting=config.use_dynamic_shifting)
         if config.shift_terminal is not None:
             raise ValueError("shift_terminal is only used with use_flow_sigmas (flow-matching models); leave it None")
-        if config.use_exponential_sigmas and config.use_karras_sigmas:
-            raise ValueError("use_karras_sigmas and use_exponential_sigmas cannot both be True; choose one sigma ramp")
+        if config.use_exponential_sigmas + config.use_karras_sigmas + config.use_beta_sigmas > 1:
+            raise ValueError("use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas: set at most one; choose one sigma ramp")
         check_choice("prediction_type", config.prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", config.timestep_spacing, TIMESTEP_SPACINGS)
         check_choice("final_sigmas_type", config.final_sigmas_type, FINAL_SIGMAS_TYPES)
@@ -178,10 +173,11 @@ class UniPCMultistepScheduler(SchedulerMixin):
         config = self.config
         check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
         timesteps = multistep_timesteps(config.timestep_spacing, num_inference_steps, config.num_train_timesteps, config.steps_offset)
-        ramp = "karras" if config.use_karras_sigmas else "exponential" if config.use_exponential_sigmas else None
+        ramps = {"karras": config.use_karras_sigmas, "exponential": config.use_exponential_sigmas, "beta": config.use_beta_sigmas}
+        ramp = next((name for name, on in ramps.items() if on), None)
         sigmas, timesteps = schedule_sigmas(self, timesteps, num_inference_steps, ramp)
         if ramp == "karras":
-            timesteps = timesteps.round()  # exponential keeps fractional t, cast (truncated) to int below
+            timesteps = timesteps.round()  # exponential and beta keep fractional t, cast (truncated) to int below
 
         if config.final_sigmas_type == "zero":
             sigma_last = 0.0
@@ -296,7 +292,7 @@ class UniPCMultistepScheduler(SchedulerMixin):
         self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
         self._step_index += 1
         output = SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
-        return output if return_dict else output.to_tuple()
+        return output if return_dict else (prev_sample,)  # diffusers' tuple; pred_original_sample is a minidiff extra
 
     def _x0_from_eps(self, eps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         alpha_t, sigma_t, _ = self._alpha_sigma_lambda(self.step_index, sample.device)
