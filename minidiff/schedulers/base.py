@@ -7,9 +7,10 @@ The forward (noising) process of DDPM (Ho et al. 2020, arXiv 2006.11239, eq. 4) 
 Every scheduler starts from the same betas -> alphas_cumprod (alpha_bar) of training. The sigma
 schedulers (Karras et al. 2022, "EDM", arXiv 2206.00364) rewrite it as x = x_0 + sigma eps with
 
-    sigma_t = sqrt( (1 - alpha_bar_t) / alpha_bar_t )
+    sigma = sqrt( (1 - alpha_bar_t) / alpha_bar_t )
 
-The algorithms themselves (how to take one step) live one per file next to this one.
+(the names of the two frames are set out in `parameterization.py`). The update rules are pure functions in
+`update_rules.py`; each scheduler class (one per file) picks the noise levels, keeps the state and calls them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 from minidiff.configuration import ConfigMixin
+from minidiff.schedulers import parameterization
+from minidiff.schedulers.parameterization import PREDICTION_TYPES, dynamic_threshold, vp_from_alpha_bar  # noqa: F401
 from minidiff.utils.outputs import BaseOutput
 from minidiff.utils.torch_utils import randn_tensor  # noqa: F401  (re-exported: old import path)
 
@@ -45,7 +48,6 @@ KARRAS_DIFFUSION_SCHEDULERS = [
 ]
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 
 
@@ -123,7 +125,7 @@ def make_betas(
 
 
 def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> np.ndarray:
-    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for every training timestep t, as float32 numpy.
+    """sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t) (VE) for every training timestep t, as float32 numpy.
 
     Computed in float32, as diffusers does: Karras/exponential timesteps come from `sigma_to_t` on
     `np.log` of these values, and float64 sigmas shift those timesteps by a float32 ulp often enough
@@ -268,25 +270,6 @@ def regularized_incomplete_beta(x: float, a: float, b: float) -> float:
     return front * fraction
 
 
-# ----- keeping the predicted x_0 in range -------------------------------------------------------
-
-
-def dynamic_threshold(x0_pred: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
-    """Dynamic thresholding (Saharia et al. 2022, "Imagen", arXiv 2205.11487, §2.3), per sample:
-
-    s = clamp( quantile(|x0_pred|, ratio), 1, max_value ),   x0_pred <- clamp(x0_pred, -s, s) / s
-
-    With s clamped to 1 this is plain clipping to [-1, 1]. Meant for pixel-space models, not SD latents.
-    """
-    dtype = x0_pred.dtype
-    batch, *rest = x0_pred.shape
-    flat = x0_pred.reshape(batch, -1)  # (B, C*H*W)
-    if dtype not in (torch.float32, torch.float64):
-        flat = flat.float()  # quantile needs float32/64
-    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)  # (B, 1)
-    return (torch.clamp(flat, -s, s) / s).reshape(batch, *rest).to(dtype)
-
-
 # ----- the forward process ----------------------------------------------------------------------
 
 
@@ -298,15 +281,15 @@ def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def add_noise_vp(alphas_cumprod: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (DDPM eq. 4), per sample's timestep."""
-    alpha_bar = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[timesteps.to(x0.device).long()]
-    return _broadcast(alpha_bar**0.5, x0) * x0 + _broadcast((1 - alpha_bar) ** 0.5, x0) * noise
+    """x_t = alpha_t x_0 + sigma_t eps (DDPM eq. 4) at each sample's timestep (`parameterization.add_noise_vp`)."""
+    alpha_bar = _broadcast(alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[timesteps.to(x0.device).long()], x0)
+    return parameterization.add_noise_vp(x0, noise, *vp_from_alpha_bar(alpha_bar))
 
 
 def velocity_vp(alphas_cumprod: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0  (Salimans & Ho 2022, arXiv 2202.00512, §4)."""
-    alpha_bar = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[timesteps.to(x0.device).long()]
-    return _broadcast(alpha_bar**0.5, x0) * noise - _broadcast((1 - alpha_bar) ** 0.5, x0) * x0
+    """v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022, arXiv 2202.00512, §4) at each sample's timestep."""
+    alpha_bar = _broadcast(alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[timesteps.to(x0.device).long()], x0)
+    return parameterization.velocity(x0, noise, *vp_from_alpha_bar(alpha_bar))
 
 
 class _ClassAndInstanceProperty:
@@ -369,7 +352,7 @@ class SchedulerMixin(ConfigMixin):
 
     def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
         """Position of `timestep` in the schedule; when it occurs twice, the second one (so a
-        run that starts mid-schedule does not skip a noise level, diffusers #5687)."""
+        run that starts mid-schedule does not skip a noise level)."""
         schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
         if isinstance(timestep, torch.Tensor):
             timestep = timestep.to(schedule_timesteps.device)
@@ -397,6 +380,10 @@ class SchedulerMixin(ConfigMixin):
         if self.step_index is not None:
             return [self.step_index] * len(timesteps)
         return [self.begin_index] * len(timesteps)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = alpha_t x_0 + sigma_t eps (DDPM eq. 4), for each sample's timestep."""
+        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The v-prediction target v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (`sample` is x_0)."""
@@ -432,6 +419,14 @@ class SigmaSchedulerMixin(SchedulerMixin):
         sigma = self.sigmas[self.step_index]
         self.is_scale_input_called = True
         return sample / ((sigma**2 + 1) ** 0.5)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x = x_0 + sigma eps, with sigma the schedule's noise level at each timestep in `timesteps`."""
+        device = original_samples.device
+        sigmas = self.sigmas.to(device=device, dtype=original_samples.dtype)
+        step_indices = self._add_noise_step_indices(timesteps.to(device), self.timesteps.to(device))
+        sigma = _broadcast(sigmas[step_indices], original_samples)  # (B, 1, 1, 1)
+        return parameterization.add_noise_ve(original_samples, noise, sigma)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The v-prediction target v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022, §4),

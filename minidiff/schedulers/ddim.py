@@ -2,15 +2,17 @@
 
 DDIM samples a model trained as a DDPM in far fewer steps. At each step it predicts x_0 from x_t,
 then jumps to the earlier timestep `prev = t - T // N` along a path with the same marginals
-q(x_t | x_0) as training (eq. 12 of the paper, with sigma_t from eq. 16):
+q(x_t | x_0) as training (eq. 12 of the paper, with the noise std from eq. 16, which the paper calls sigma_t;
+here `noise_std`, since sigma_t is the VP sqrt(1 - alpha_bar_t), see `parameterization.py`):
 
-    x0_pred = ( x_t - sqrt(1 - alpha_bar_t) eps ) / sqrt(alpha_bar_t)                         "predicted x_0"
-    sigma_t = eta sqrt( (1 - alpha_bar_prev) / (1 - alpha_bar_t) ) sqrt( 1 - alpha_bar_t / alpha_bar_prev )
-    x_prev  = sqrt(alpha_bar_prev) x0_pred
-            + sqrt(1 - alpha_bar_prev - sigma_t^2) eps                                       "direction pointing to x_t"
-            + sigma_t z,    z ~ N(0, I)                                                      "random noise"
+    x0_pred   = ( x_t - sqrt(1 - alpha_bar_t) eps ) / sqrt(alpha_bar_t)                       "predicted x_0"
+    noise_std = eta sqrt( (1 - alpha_bar_prev) / (1 - alpha_bar_t) ) sqrt( 1 - alpha_bar_t / alpha_bar_prev )
+    x_prev    = sqrt(alpha_bar_prev) x0_pred
+              + sqrt(1 - alpha_bar_prev - noise_std^2) eps                                   "direction pointing to x_t"
+              + noise_std z,    z ~ N(0, I)                                                  "random noise"
 
-eta = 0 is the deterministic DDIM sampler; eta = 1 has DDPM's posterior variance.
+eta = 0 is the deterministic DDIM sampler; eta = 1 has DDPM's posterior variance. `step` converts the model
+output (`parameterization.to_x0`, `to_eps`) and calls `update_rules.ddim_step`.
 
 Config fields (diffusers' names and defaults):
 - num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training noise
@@ -18,7 +20,7 @@ Config fields (diffusers' names and defaults):
 - rescale_betas_zero_snr: shift alpha_bar so alpha_bar_{T-1} = 0 (Lin et al. 2023, arXiv 2305.08891).
   Then x_{T-1} is pure noise and eps cannot give x_0: use it with prediction_type "v_prediction".
 - timestep_spacing, steps_offset: which N of the T training timesteps to visit (`base.spaced_timesteps`).
-  Whatever the spacing, `prev = t - T // N` uses a fixed stride, as diffusers does (diffusers #9261).
+  Whatever the spacing, `prev = t - T // N` uses a fixed stride, as diffusers does.
 - prediction_type: what the model outputs: "epsilon" (eps), "sample" (x_0 itself) or
   "v_prediction" (v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0, Salimans & Ho 2022).
 - clip_sample, clip_sample_range: clamp x0_pred to [-range, range] before the direction term.
@@ -39,15 +41,15 @@ from minidiff.schedulers.base import (
     TIMESTEP_SPACINGS,
     SchedulerMixin,
     SchedulerOutput,
-    add_noise_vp,
     check_choice,
     check_num_inference_steps,
-    dynamic_threshold,
     integer_timestep,
     make_betas,
     randn_tensor,
     spaced_timesteps,
 )
+from minidiff.schedulers.parameterization import eps_from_x0, limit_x0, to_eps, to_x0, vp_from_alpha_bar
+from minidiff.schedulers.update_rules import ddim_noise_std, ddim_step, posterior_variance
 
 
 class DDIMScheduler(SchedulerMixin):
@@ -102,10 +104,9 @@ class DDIMScheduler(SchedulerMixin):
         return sample
 
     def _get_variance(self, timestep: int, prev_timestep: int) -> torch.Tensor:
-        """sigma_t^2 at eta = 1 (eq. 16): (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)."""
-        alpha_bar_t = self.alphas_cumprod[timestep]
+        """The variance of eq. 16 at eta = 1, DDPM's beta~_t between `timestep` and `prev_timestep`."""
         alpha_bar_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
-        return (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
+        return posterior_variance(self.alphas_cumprod[timestep], alpha_bar_prev)
 
     def step(
         self,
@@ -127,48 +128,26 @@ class DDIMScheduler(SchedulerMixin):
         self._check_timesteps_set()
         t = integer_timestep(timestep, "DDIMScheduler")
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps  # fixed stride
-
         alpha_bar_t = self.alphas_cumprod[t]
         alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
-        beta_bar_t = 1 - alpha_bar_t
+        alpha_t, sigma_t = vp_from_alpha_bar(alpha_bar_t)
 
-        # the model's prediction, both as x_0 (eq. 12, "predicted x_0") and as eps
-        if self.config.prediction_type == "epsilon":
-            x0_pred = (sample - beta_bar_t**0.5 * model_output) / alpha_bar_t**0.5
-            eps = model_output
-        elif self.config.prediction_type == "sample":
-            x0_pred = model_output
-            eps = (sample - alpha_bar_t**0.5 * x0_pred) / beta_bar_t**0.5
-        else:  # v_prediction: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0
-            x0_pred = alpha_bar_t**0.5 * sample - beta_bar_t**0.5 * model_output
-            eps = alpha_bar_t**0.5 * model_output + beta_bar_t**0.5 * sample
-
-        if self.config.thresholding:
-            x0_pred = dynamic_threshold(x0_pred, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-        elif self.config.clip_sample:
-            x0_pred = x0_pred.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
-
-        sigma_t = eta * self._get_variance(t, prev_t) ** 0.5  # eq. 16
+        prediction_type = self.config.prediction_type  # the model's prediction as x_0 and as eps (eq. 12)
+        x0_pred = limit_x0(to_x0(model_output, sample, alpha_t, sigma_t, prediction_type), self.config)
+        eps = to_eps(model_output, sample, alpha_t, sigma_t, prediction_type)
         if use_clipped_model_output:
-            eps = (sample - alpha_bar_t**0.5 * x0_pred) / beta_bar_t**0.5
+            eps = eps_from_x0(x0_pred, sample, alpha_t, sigma_t)
 
-        direction = (1 - alpha_bar_prev - sigma_t**2) ** 0.5 * eps  # eq. 12, "direction pointing to x_t"
-        prev_sample = alpha_bar_prev**0.5 * x0_pred + direction  # eq. 12
-
-        if eta > 0:  # eq. 12, "random noise"
+        noise_std = ddim_noise_std(alpha_bar_t, alpha_bar_prev, eta)  # eq. 16
+        noise = None
+        if eta > 0:
             if variance_noise is not None and generator is not None:
                 raise ValueError("pass either `generator` or `variance_noise` to DDIMScheduler.step, not both")
-            if variance_noise is None:
-                variance_noise = randn_tensor(
-                    model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
-                )
-            prev_sample = prev_sample + sigma_t * variance_noise
+            noise = variance_noise
+            if noise is None:
+                noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        prev_sample = ddim_step(x0_pred, eps, alpha_bar_prev, noise_std, noise)  # eq. 12
 
         if not return_dict:
             return (prev_sample, x0_pred)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4), for each sample's timestep."""
-        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
-

@@ -2,22 +2,26 @@
 
 Ancestral sampling: predict x_0 from x_t, then draw x_prev from the forward process posterior
 q(x_prev | x_t, x_0) (eq. 6 and 7 of the paper). With `prev` the next entry of `timesteps` (t - 1 when
-all T steps are run), alpha_t = alpha_bar_t / alpha_bar_prev and beta_t = 1 - alpha_t:
+all T steps are run), the paper's one-step alpha_t and beta_t are here alpha_step = alpha_bar_t / alpha_bar_prev
+and beta_step = 1 - alpha_step (`alpha_t, sigma_t` are the VP pair of `parameterization.py`), and the paper's
+sigma_t, the std of the added noise, is `noise_std`:
 
-    x0_pred = ( x_t - sqrt(1 - alpha_bar_t) eps ) / sqrt(alpha_bar_t)                       (eq. 15)
-    mu      = sqrt(alpha_bar_prev) beta_t / (1 - alpha_bar_t) x0_pred
-            + sqrt(alpha_t) (1 - alpha_bar_prev) / (1 - alpha_bar_t) x_t                    (eq. 7)
-    x_prev  = mu + sigma_t z,   z ~ N(0, I), only when t > 0                                 (eq. 6)
+    x0_pred = ( x_t - sqrt(1 - alpha_bar_t) eps ) / sqrt(alpha_bar_t)                              (eq. 15)
+    mu      = sqrt(alpha_bar_prev) beta_step / (1 - alpha_bar_t) x0_pred
+            + sqrt(alpha_step) (1 - alpha_bar_prev) / (1 - alpha_bar_t) x_t                         (eq. 7)
+    x_prev  = mu + noise_std z,   z ~ N(0, I), only when t > 0                                      (eq. 6)
 
-The variance sigma_t^2 is chosen by `variance_type`, from beta~_t = (1 - alpha_bar_prev) / (1 - alpha_bar_t) beta_t:
-- fixed_small:      sigma_t^2 = beta~_t        (the true posterior variance, eq. 7)
-- fixed_small_log:  the same, computed as sigma_t = exp(log(beta~_t) / 2)
-- fixed_large:      sigma_t^2 = beta_t         (the upper bound, §3.2)
-- fixed_large_log:  the same, computed as sigma_t = exp(log(beta_t) / 2)
-- learned:          the model outputs sigma_t^2 in extra channels (model_output has 2C channels)
+The variance noise_std^2 is chosen by `variance_type`, from beta~_t = (1 - alpha_bar_prev) / (1 - alpha_bar_t) beta_step:
+- fixed_small:      noise_std^2 = beta~_t      (the true posterior variance, eq. 7)
+- fixed_small_log:  the same, computed as noise_std = exp(log(beta~_t) / 2)
+- fixed_large:      noise_std^2 = beta_step    (the upper bound, §3.2)
+- fixed_large_log:  the same, computed as noise_std = exp(log(beta_step) / 2)
+- learned:          the model outputs noise_std^2 in extra channels (model_output has 2C channels)
 - learned_range:    the model outputs v in [-1, 1] in extra channels and
-                    log sigma_t^2 = (v+1)/2 log(beta_t) + (1 - (v+1)/2) log(beta~_t)
+                    log noise_std^2 = (v+1)/2 log(beta_step) + (1 - (v+1)/2) log(beta~_t)
                     (Nichol & Dhariwal 2021, arXiv 2102.09672, eq. 15)
+
+`step` converts the model output (`parameterization.to_x0`) and calls `update_rules.ddpm_posterior_mean`.
 
 Other config fields (diffusers' names and defaults):
 - num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr:
@@ -41,15 +45,15 @@ from minidiff.schedulers.base import (
     TIMESTEP_SPACINGS,
     SchedulerMixin,
     SchedulerOutput,
-    add_noise_vp,
     check_choice,
     check_num_inference_steps,
-    dynamic_threshold,
     integer_timestep,
     make_betas,
     randn_tensor,
     spaced_timesteps,
 )
+from minidiff.schedulers.parameterization import limit_x0, to_x0, vp_from_alpha_bar
+from minidiff.schedulers.update_rules import ddpm_posterior_mean, posterior_variance
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
@@ -150,29 +154,29 @@ class DDPMScheduler(SchedulerMixin):
         return int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1
 
     def _get_variance(self, t: int, predicted_variance: torch.Tensor | None = None) -> torch.Tensor:
-        """What `variance_type` says about the noise at t: sigma_t^2, sigma_t or log sigma_t^2 (see the module docstring)."""
+        """What `variance_type` says about the noise at t: noise_std^2, noise_std or log noise_std^2 (module docstring)."""
         prev_t = self.previous_timestep(t)
         alpha_bar_t = self.alphas_cumprod[t]
         alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
-        beta_t = 1 - alpha_bar_t / alpha_bar_prev
-        posterior_variance = ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t).clamp(min=1e-20)  # beta~_t, eq. 7
+        beta_step = 1 - alpha_bar_t / alpha_bar_prev  # DDPM's beta_t between prev and t
+        beta_tilde = posterior_variance(alpha_bar_t, alpha_bar_prev).clamp(min=1e-20)  # eq. 7
 
         variance_type = self.config.variance_type
         if variance_type == "fixed_small":
-            return posterior_variance
+            return beta_tilde
         if variance_type == "fixed_small_log":
-            return torch.exp(0.5 * torch.log(posterior_variance))  # sigma_t, not sigma_t^2
+            return torch.exp(0.5 * torch.log(beta_tilde))  # noise_std, not noise_std^2
         if variance_type == "fixed_large":
-            return beta_t
+            return beta_step
         if variance_type == "fixed_large_log":
-            return torch.log(beta_t)  # log sigma_t^2
+            return torch.log(beta_step)  # log noise_std^2
         if variance_type == "learned":
             return predicted_variance
-        fraction = (predicted_variance + 1) / 2  # learned_range: log sigma_t^2, iDDPM eq. 15
-        return fraction * torch.log(beta_t) + (1 - fraction) * torch.log(posterior_variance)
+        fraction = (predicted_variance + 1) / 2  # learned_range: log noise_std^2, iDDPM eq. 15
+        return fraction * torch.log(beta_step) + (1 - fraction) * torch.log(beta_tilde)
 
     def _noise_scale(self, t: int, predicted_variance: torch.Tensor | None) -> torch.Tensor:
-        """sigma_t, the standard deviation of the noise added at t."""
+        """noise_std, the standard deviation of the noise added at t."""
         variance = self._get_variance(t, predicted_variance)
         if self.config.variance_type == "fixed_small_log":
             return variance
@@ -209,35 +213,14 @@ class DDPMScheduler(SchedulerMixin):
 
         alpha_bar_t = self.alphas_cumprod[t]
         alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
-        beta_bar_t, beta_bar_prev = 1 - alpha_bar_t, 1 - alpha_bar_prev
-        alpha_t = alpha_bar_t / alpha_bar_prev  # one step from prev to t (the paper's alpha_t when prev = t - 1)
-        beta_t = 1 - alpha_t
+        alpha_t, sigma_t = vp_from_alpha_bar(alpha_bar_t)
+        x0_pred = limit_x0(to_x0(model_output, sample, alpha_t, sigma_t, self.config.prediction_type), self.config)  # eq. 15
+        prev_sample = ddpm_posterior_mean(x0_pred, sample, alpha_bar_t, alpha_bar_prev)  # mu~_t(x_t, x_0), eq. 7
 
-        if self.config.prediction_type == "epsilon":
-            x0_pred = (sample - beta_bar_t**0.5 * model_output) / alpha_bar_t**0.5  # eq. 15
-        elif self.config.prediction_type == "sample":
-            x0_pred = model_output
-        else:  # v_prediction: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0
-            x0_pred = alpha_bar_t**0.5 * sample - beta_bar_t**0.5 * model_output
-
-        if self.config.thresholding:
-            x0_pred = dynamic_threshold(x0_pred, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-        elif self.config.clip_sample:
-            x0_pred = x0_pred.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
-
-        x0_coeff = alpha_bar_prev**0.5 * beta_t / beta_bar_t  # eq. 7
-        xt_coeff = alpha_t**0.5 * beta_bar_prev / beta_bar_t  # eq. 7
-        prev_sample = x0_coeff * x0_pred + xt_coeff * sample  # mu~_t(x_t, x_0), eq. 7
-
-        if t > 0:  # eq. 6: x_prev ~ N(mu, sigma_t^2 I); no noise on the last step to x_0
+        if t > 0:  # eq. 6: x_prev ~ N(mu, noise_std^2 I); no noise on the last step to x_0
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
             prev_sample = prev_sample + self._noise_scale(t, predicted_variance) * noise
 
         if not return_dict:
             return (prev_sample, x0_pred)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (eq. 4), for each sample's timestep."""
-        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
-

@@ -49,13 +49,14 @@ from minidiff.schedulers.base import (
     TIMESTEP_SPACINGS,
     SchedulerMixin,
     SchedulerOutput,
-    add_noise_vp,
     check_choice,
     check_num_inference_steps,
     integer_timestep,
     make_betas,
     spaced_timesteps,
 )
+from minidiff.schedulers.parameterization import to_eps, vp_from_alpha_bar, x0_from_eps
+from minidiff.schedulers.update_rules import plms_eps, pndm_transfer
 
 PNDM_PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -192,12 +193,8 @@ class PNDMScheduler(SchedulerMixin):
         elif len(self.ets) == 1 and self.counter == 1:  # warm-up, second call: trapezoid (e_0 + e_prev) / 2
             e = (model_output + self.ets[-1]) / 2
             sample, self.cur_sample = self.cur_sample, None
-        elif len(self.ets) == 2:
-            e = (3 * self.ets[-1] - self.ets[-2]) / 2
-        elif len(self.ets) == 3:
-            e = (23 * self.ets[-1] - 16 * self.ets[-2] + 5 * self.ets[-3]) / 12
-        else:
-            e = 1 / 24 * (55 * self.ets[-1] - 59 * self.ets[-2] + 37 * self.ets[-3] - 9 * self.ets[-4])
+        else:  # Adams-Bashforth of order len(ets) (PNDM eq. 12)
+            e = plms_eps(self.ets)
 
         prev_sample, x0_pred = self._get_prev_sample(sample, t, prev_t, e)
         self.counter += 1
@@ -207,20 +204,10 @@ class PNDMScheduler(SchedulerMixin):
 
     def _get_prev_sample(self, sample: torch.Tensor, t: int, prev_t: int, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The transfer part phi(x_t, e, t, prev), formula (9); also the x0 this e implies (DDPM eq. 15),
-        x0 = (x_t - sqrt(1 - alpha_bar_t) e) / sqrt(alpha_bar_t), which diffusers' PNDM does not return."""
+        which diffusers' PNDM does not return."""
         alpha_bar_t = self.alphas_cumprod[t]
         alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
-        beta_bar_t, beta_bar_prev = 1 - alpha_bar_t, 1 - alpha_bar_prev
+        alpha_t, sigma_t = vp_from_alpha_bar(alpha_bar_t)
+        eps = to_eps(e, sample, alpha_t, sigma_t, self.config.prediction_type)
+        return pndm_transfer(sample, eps, alpha_bar_t, alpha_bar_prev), x0_from_eps(eps, sample, alpha_t, sigma_t)
 
-        if self.config.prediction_type == "v_prediction":  # v -> eps
-            e = alpha_bar_t**0.5 * e + beta_bar_t**0.5 * sample
-
-        sample_coeff = (alpha_bar_prev / alpha_bar_t) ** 0.5
-        e_denominator = alpha_bar_t * beta_bar_prev**0.5 + (alpha_bar_t * beta_bar_t * alpha_bar_prev) ** 0.5
-        prev_sample = sample_coeff * sample - (alpha_bar_prev - alpha_bar_t) * e / e_denominator  # formula (9)
-        x0_pred = torch.add(sample, e, alpha=-float(beta_bar_t**0.5)) / float(alpha_bar_t**0.5)
-        return prev_sample, x0_pred
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4), for each sample's timestep."""
-        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
