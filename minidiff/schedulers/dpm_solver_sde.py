@@ -72,29 +72,10 @@ from minidiff.schedulers.base import (
     spaced_timesteps,
 )
 from minidiff.schedulers.brownian import BrownianTreeNoiseSampler
+from minidiff.schedulers.parameterization import to_x0_ve
+from minidiff.schedulers.update_rules import dpm_solver_pp_sde_stage, euler_step, log_sigma_time, sigma_at
 
 MIDPOINT_RATIO = 0.5  # r_1 of 2211.01095 Algorithm 1 (k-diffusion's r)
-
-
-def log_sigma_time(sigma: torch.Tensor) -> torch.Tensor:
-    """t = -log(sigma): the time variable of the solver (larger t = less noise)."""
-    return sigma.log().neg()
-
-
-def sigma_at(t: torch.Tensor) -> torch.Tensor:
-    """sigma = e^-t, the inverse of `log_sigma_time`."""
-    return t.neg().exp()
-
-
-def ancestral_dpm_solver_pp_step(sample, x0_pred, t, t_to, noise, s_noise: float = 1.0) -> torch.Tensor:
-    """One ancestral DPM-Solver++(1) step from log-sigma time `t` to `t_to` (see the module docstring), with
-    `noise` ~ N(0, I) scaled by s_noise * sigma_up. t and t_to are 0-dim tensors; diffusers' order of operations."""
-    sigma, sigma_to = sigma_at(t), sigma_at(t_to)
-    sigma_up = min(sigma_to, (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5)
-    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-    t_down = log_sigma_time(sigma_down)
-    deterministic = (sigma_at(t_down) / sigma) * sample - (t - t_down).expm1() * x0_pred
-    return deterministic + noise * s_noise * sigma_up
 
 
 class DPMSolverSDEScheduler(SigmaSchedulerMixin):
@@ -229,39 +210,21 @@ class DPMSolverSDEScheduler(SigmaSchedulerMixin):
         t, t_next = log_sigma_time(sigma), log_sigma_time(sigma_next)
         t_midpoint = t + (t_next - t) * MIDPOINT_RATIO
         sigma_model = sigma if first_stage else sigma_at(t_midpoint)  # where the model output was computed
-        x0_pred = self._predict_x0(model_output, sample, sigma_model)
+        x0_pred = to_x0_ve(model_output, sample, sigma_model, self.config.prediction_type)  # D(x; sigma_model)
 
         if sigma_next == 0:  # the last step: Euler to sigma = 0
-            prev_sample = sample + (sample - x0_pred) / sigma * (sigma_next - sigma)
+            prev_sample = euler_step(sample, x0_pred, sigma, sigma_next)
         else:
             start = sample if first_stage else self.sample  # both stages start from x_i
             t_to = t_midpoint if first_stage else t_next
             noise = self.noise_sampler(sigma_at(t), sigma_at(t_to))
-            prev_sample = ancestral_dpm_solver_pp_step(start, x0_pred, t, t_to, noise, s_noise)
+            prev_sample = dpm_solver_pp_sde_stage(start, x0_pred, t, t_to, noise, s_noise)
             self.sample, self.mid_point_sigma = (start, sigma_at(t_to)) if first_stage else (None, None)
 
         self._step_index += 1
         if not return_dict:
             return prev_sample, x0_pred
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
-
-    def _predict_x0(self, model_output, sample, sigma) -> torch.Tensor:
-        prediction_type = self.config.prediction_type
-        if prediction_type == "epsilon":
-            return sample - sigma * model_output  # x0 = x - sigma eps
-        if prediction_type == "v_prediction":  # x0 = c_skip x + c_out v, c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(.)
-            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        return model_output  # "sample": the model predicts x0
-
-    # ----- the forward process ------------------------------------------------------------------
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = x_0 + sigma eps, with sigma = `sigmas` at each timestep's entry of `timesteps` (as diffusers)."""
-        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        device = original_samples.device
-        step_indices = self._add_noise_step_indices(timesteps.to(device), self.timesteps.to(device))
-        sigma = _broadcast(sigmas[step_indices], original_samples)  # (B, 1, 1, 1)
-        return original_samples + noise * sigma
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The v-prediction target v = (eps - sigma x_0) / sqrt(sigma^2 + 1) (Salimans & Ho 2022, arXiv 2202.00512,
