@@ -19,8 +19,8 @@ sigma_i to sigma_{i+1} takes two model calls:
     stage 2 (from sigma_i to sigma_{i+1}, x0 = D(x_s; sigma_s)):
         x_{i+1} = A(x_i, x0, sigma_i -> sigma_{i+1}) + sigma_up z_2
 
-    where the ancestral DPM-Solver++(1) step A from sigma to sigma_to is
-        sigma_up   = min(sigma_to, sqrt(sigma_to^2 (sigma^2 - sigma_to^2) / sigma^2))
+    where the ancestral DPM-Solver++(1) step A from sigma to sigma_to is (`update_rules.dpm_solver_pp_sde_stage`)
+        sigma_up   = sqrt(sigma_to^2 (sigma^2 - sigma_to^2) / sigma^2)        (`update_rules.ancestral_sigmas`)
         sigma_down = sqrt(sigma_to^2 - sigma_up^2)
         A          = (sigma_down / sigma) x - expm1(t - t_down) x0,   t_down = -log(sigma_down)
                    = (sigma_down / sigma) x + (1 - sigma_down / sigma) x0        (2211.01095 eq. 8, k = 1)
@@ -43,8 +43,10 @@ Config fields (diffusers' names and defaults):
 - use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas (at most one): replace the N sigmas by the
   Karras rho = 7 ramp, a ramp even in log-sigma, or Beta(0.6, 0.6) quantiles, between the ends of the
   spaced schedule; timesteps then come from `sigma_to_t`.
-- noise_sampler_seed: the seed of the Brownian path (None: one drawn from torch's global generator
-  at the first `step`, as diffusers). The same seed gives diffusers' noise, bit for bit.
+- noise_sampler_seed: the seed of the Brownian path, or a list of seeds, one path per batch item (None: one
+  drawn from torch's global generator at the first `step`, as diffusers). The same seed gives diffusers'
+  noise bit for bit (its torchsde BrownianInterval); `scheduler.noise_sampler` can also be replaced after
+  `set_timesteps` by any callable (sigma, sigma_next) -> N(0, I) noise of the sample's shape.
 - timestep_spacing ("linspace", "leading", "trailing") and steps_offset: which training timesteps to visit.
 """
 
