@@ -37,7 +37,7 @@ import torch
 
 from minidiff.models.gaussian_mixture import GaussianMixtureDenoiser
 
-# Stable Diffusion 1.5's scheduler_config.json (see reference/scheduler_facts.md, section 1).
+# Stable Diffusion 1.5's scheduler_config.json (see docs/schedulers.md §1).
 SD15_SCHEDULER_CONFIG = {
     "_class_name": "PNDMScheduler",
     "beta_end": 0.012,

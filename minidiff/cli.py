@@ -23,7 +23,7 @@ SCHEDULERS = {
     "euler": ("EulerDiscreteScheduler", False, 1, "Euler's method on the probability-flow ODE (Karras et al.)"),
     "euler_a": ("EulerAncestralDiscreteScheduler", True, 1, "Euler step plus fresh noise each step"),
     "dpm": ("DPMSolverMultistepScheduler", False, 2, "DPM-Solver++ 2M: second-order multistep, good at 20 steps"),
-    "unipc": ("UniPCMultistepScheduler", False, 2, "unified predictor-corrector, good at 10-20 steps"),
+    "unipc": ("UniPCMultistepScheduler", False, 3, "unified predictor-corrector (UniP-2 + UniC: order 3), good at 10-20 steps"),
 }
 DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # auto: fastest_cpu_dtype()
 

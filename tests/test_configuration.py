@@ -20,7 +20,7 @@ SCHEDULERS = [
 ]
 STOCHASTIC = [minidiff.DDPMScheduler, minidiff.EulerAncestralDiscreteScheduler]
 
-# SD 1.5's scheduler/scheduler_config.json, as published (scheduler_facts.md §1): note, no timestep_spacing.
+# SD 1.5's scheduler/scheduler_config.json, as published (docs/schedulers.md §1): note, no timestep_spacing.
 SD15_SCHEDULER_CONFIG = {
     "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012, "beta_schedule": "scaled_linear",
     "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,

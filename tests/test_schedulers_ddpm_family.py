@@ -316,7 +316,7 @@ def test_config_round_trip_and_diffusers_files(cls, tmp_path):
     assert torch.equal(from_theirs.timesteps, their_from_ours.timesteps)
 
 
-SD15_SCHEDULER_CONFIG = {  # HDRJ-One/runwayml-stable-diffusion-v1-5: scheduler/scheduler_config.json (scheduler_facts §1)
+SD15_SCHEDULER_CONFIG = {  # HDRJ-One/runwayml-stable-diffusion-v1-5: scheduler/scheduler_config.json (docs/schedulers.md §1)
     "_class_name": "PNDMScheduler",
     "_diffusers_version": "0.6.0",
     "beta_end": 0.012,
@@ -379,7 +379,7 @@ def test_no_duplicate_timesteps_at_n_equals_t():
 
 
 # ----- diffusers' published full-loop numbers, rebuilt without the oracle -------------------------
-# From diffusers' tests/schedulers/test_scheduler_{ddim,pndm,ddpm}.py (scheduler_facts.md §3), with
+# From diffusers' tests/schedulers/test_scheduler_{ddim,pndm,ddpm}.py (docs/schedulers.md §5), with
 # their tolerances: |sum - expected| < 1e-2 and |mean - expected| < 1e-3.
 
 TEST_CONFIG = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")

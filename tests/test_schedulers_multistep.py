@@ -160,7 +160,7 @@ def test_dpm_sigma_ramps_and_options(config, n):
 
 
 def test_dpm_sd15_karras_duplicate_timesteps():
-    """SD 1.5, 50 Karras steps: rounding gives ..., 2, 1, 1, 0 (scheduler_facts.md §2); the loop still matches."""
+    """SD 1.5, 50 Karras steps: rounding gives ..., 2, 1, 1, 0 (docs/schedulers.md §2); the loop still matches."""
     config = dict(SD15, use_karras_sigmas=True)
     ours = DPMSolverMultistepScheduler(**config)
     ours.set_timesteps(50)

@@ -10,7 +10,6 @@ is diffusers', so the same weights, prompt and seed give the same image.
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,14 +203,15 @@ class StableDiffusionPipeline:
         return latents.to(self.device) * self.scheduler.init_noise_sigma
 
     def step_kwargs(self, generator, eta: float) -> dict:
-        """`eta` (DDIM) and `generator` (stochastic schedulers) go to `step` only when the scheduler takes them."""
-        accepted = inspect.signature(self.scheduler.step).parameters
-        kwargs = {}
-        if "eta" in accepted:
-            kwargs["eta"] = eta
-        if "generator" in accepted:
-            kwargs["generator"] = generator
-        return kwargs
+        """Every scheduler's `step` takes `generator` (the deterministic ones ignore it); `eta` is DDIM's (eq. 16)."""
+        if eta == 0:
+            return {"generator": generator}
+        if not isinstance(self.scheduler, schedulers.DDIMScheduler):
+            raise ValueError(
+                f"eta={eta} is the noise weight of DDIM (Song et al. 2020, eq. 16); {type(self.scheduler).__name__} "
+                "has no eta. Leave eta=0, or use DDIMScheduler"
+            )
+        return {"generator": generator, "eta": eta}
 
     def denoising_loop(self, latents, timesteps, text_embeddings, guidance_scale: float, step_kwargs: dict):
         """The loop of the tutorial. Yields a DenoisingStep after each scheduler step."""

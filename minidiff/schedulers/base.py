@@ -168,7 +168,7 @@ def spaced_timesteps(spacing: str, num_inference_steps: int, num_train_timesteps
     leading:  t_i = i * (T // N) + steps_offset, i = N-1..0       (DDIM paper; never reaches T-1)
     linspace: t_i = linspace(0, T-1, N), reversed                   (not rounded here)
     trailing: t_i = round(T - i * T/N) - 1, i = 0..N-1              (Lin et al. 2023, Table 2; starts at T-1)
-    See `scheduler_facts.md` §2 for the examples these reproduce (e.g. trailing, 4 steps: 999, 749, 499, 249).
+    See docs/schedulers.md §2 for the examples these reproduce (e.g. trailing, 4 steps: 999, 749, 499, 249).
     """
     check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
     T, N = num_train_timesteps, num_inference_steps

@@ -25,7 +25,7 @@ Config fields (diffusers' names and defaults):
   "v_prediction" (v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0, Salimans & Ho 2022).
 - clip_sample, clip_sample_range: clamp x0_pred to [-range, range] before the direction term.
 - thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen's dynamic thresholding of
-  x0_pred instead of the clamp (`base.dynamic_threshold`).
+  x0_pred instead of the clamp (`parameterization.dynamic_threshold`).
 - set_alpha_to_one: alpha_bar_prev on the last step (prev < 0): 1 when true, alpha_bar_0 when false
   (SD 1.5 uses false).
 """

@@ -31,7 +31,7 @@ Other config fields (diffusers' names and defaults):
 - prediction_type: "epsilon" (eps), "sample" (x_0) or "v_prediction" (v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0).
 - clip_sample, clip_sample_range: clamp x0_pred to [-range, range].
 - thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen's dynamic thresholding of x0_pred
-  instead of the clamp (`base.dynamic_threshold`).
+  instead of the clamp (`parameterization.dynamic_threshold`).
 """
 
 from __future__ import annotations

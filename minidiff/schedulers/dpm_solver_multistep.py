@@ -74,7 +74,6 @@ from minidiff.schedulers.base import (
     SchedulerOutput,
     check_choice,
     check_num_inference_steps,
-    dynamic_threshold,
     exponential_sigmas,
     karras_sigmas,
     make_betas,
@@ -82,6 +81,28 @@ from minidiff.schedulers.base import (
     sigma_to_t,
     sigmas_from_alphas_cumprod,
     spaced_timesteps,
+)
+from minidiff.schedulers.parameterization import (
+    add_noise_vp,
+    eps_from_x0,
+    limit_x0,
+    to_eps,
+    to_x0,
+    vp_from_sigma,
+    x0_from_eps,
+)
+from minidiff.schedulers.update_rules import (
+    dpm_solver_first_order,
+    dpm_solver_pp_first_order,
+    dpm_solver_pp_second_order,
+    dpm_solver_pp_third_order,
+    dpm_solver_second_order,
+    dpm_solver_third_order,
+    sde_dpm_solver_first_order,
+    sde_dpm_solver_pp_first_order,
+    sde_dpm_solver_pp_second_order,
+    sde_dpm_solver_pp_third_order,
+    sde_dpm_solver_second_order,
 )
 
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
@@ -99,7 +120,7 @@ def multistep_timesteps(
     """The N integer timesteps of DPM-Solver and UniPC, from noisiest to cleanest.
 
     Unlike DDIM, N + 1 points are spaced and the last one (t = 0) is dropped, since the solver steps
-    *to* the next noise level: linspace with 20 steps gives 999, 949, ..., 50 (scheduler_facts.md §2).
+    *to* the next noise level: linspace with 20 steps gives 999, 949, ..., 50 (docs/schedulers.md §2).
     leading:  the stride is last_timestep // (N + 1), then + steps_offset
     trailing: the stride is T / N, starting from last_timestep - 1
     `last_timestep` (default T) is lowered by `lambda_min_clipped`.
@@ -111,14 +132,6 @@ def multistep_timesteps(
         return timesteps[timesteps >= 0]  # no t = -1 from float round-off (see base.spaced_timesteps)
     points = spaced_timesteps(spacing, N + 1, last_timestep, steps_offset)  # (N + 1,), descending
     return points.round()[:-1].astype(np.int64)
-
-
-def vp_alpha_sigma_lambda(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From a noise level sigma to the VP form: alpha_t = 1/sqrt(sigma^2+1), sigma_t = sigma alpha_t, lambda_t."""
-    alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
-    sigma_t = sigma * alpha_t
-    lambda_t = torch.log(alpha_t) - torch.log(sigma_t)  # half log-SNR; +inf when sigma = 0
-    return alpha_t, sigma_t, lambda_t
 
 
 def schedule_sigmas(scheduler, timesteps: np.ndarray, num_inference_steps: int, ramp: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +173,15 @@ def noise_step_indices(scheduler, timesteps: torch.Tensor) -> list[int]:
         return [scheduler.index_for_timestep(t, schedule) for t in timesteps]
     index = scheduler.step_index if scheduler.step_index is not None else scheduler.begin_index
     return [index] * timesteps.shape[0]
+
+
+def add_noise_at_sigmas(scheduler, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """x_t = alpha_t x_0 + sigma_t eps, with the VP pair of the schedule's sigma at each timestep."""
+    sigmas = scheduler.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
+    sigma = sigmas[noise_step_indices(scheduler, timesteps.to(original_samples.device))].flatten()  # (B,)
+    sigma = sigma.reshape(-1, *[1] * (original_samples.ndim - 1))  # (B, 1, 1, 1)
+    alpha_t, sigma_t, _ = vp_from_sigma(sigma)
+    return add_noise_vp(original_samples, noise, alpha_t, sigma_t)
 
 
 def check_steps_left(scheduler) -> None:
@@ -356,7 +378,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
     # ----- one step -----
 
     def _alpha_sigma_lambda(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return vp_alpha_sigma_lambda(self.sigmas[index])
+        return vp_from_sigma(self.sigmas[index])
 
     def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """What the solver integrates: x0_pred for DPM-Solver++, eps for DPM-Solver, at the current step."""
@@ -365,28 +387,12 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         alpha_t, sigma_t, _ = self._alpha_sigma_lambda(self.step_index)
         prediction_type = self.config.prediction_type
         if self.config.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
-            if prediction_type == "epsilon":
-                x0_pred = (sample - sigma_t * model_output) / alpha_t
-            elif prediction_type == "sample":
-                x0_pred = model_output
-            else:  # v = alpha_t eps - sigma_t x_0
-                x0_pred = alpha_t * sample - sigma_t * model_output
-            if self.config.thresholding:
-                x0_pred = self._threshold(x0_pred)
-            return x0_pred
-        if prediction_type == "epsilon":
-            eps = model_output
-        elif prediction_type == "sample":
-            eps = (sample - alpha_t * model_output) / sigma_t
-        else:
-            eps = alpha_t * model_output + sigma_t * sample
+            return limit_x0(to_x0(model_output, sample, alpha_t, sigma_t, prediction_type), self.config)
+        eps = to_eps(model_output, sample, alpha_t, sigma_t, prediction_type)
         if self.config.thresholding:  # threshold x0_pred, then go back to eps
-            x0_pred = self._threshold((sample - sigma_t * eps) / alpha_t)
-            eps = (sample - alpha_t * x0_pred) / sigma_t
+            x0_pred = limit_x0(x0_from_eps(eps, sample, alpha_t, sigma_t), self.config)
+            eps = eps_from_x0(x0_pred, sample, alpha_t, sigma_t)
         return eps
-
-    def _threshold(self, x0_pred: torch.Tensor) -> torch.Tensor:
-        return dynamic_threshold(x0_pred, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
 
     def _order_of_this_step(self) -> int:
         """Warm-up (order <= number of outputs seen) and the optional lower-order final steps."""
@@ -442,7 +448,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
 
     def _x0_from_eps(self, eps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         alpha_t, sigma_t, _ = self._alpha_sigma_lambda(self.step_index)
-        return (sample - sigma_t * eps) / alpha_t
+        return x0_from_eps(eps, sample, alpha_t, sigma_t)
 
     def _sde_noise(self, like: torch.Tensor, generator, variance_noise) -> torch.Tensor | None:
         """z ~ N(0, I) in float32 for the SDE variants, drawn on every step (even a first-order one)."""
@@ -456,23 +462,14 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         """DPM-Solver-1 (= DDIM): the exact solution with the model output held constant over the step."""
         alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(self.step_index + 1)
         alpha_s0, sigma_s0, lambda_s0 = self._alpha_sigma_lambda(self.step_index)
-        h = lambda_t - lambda_s0
         algorithm = self.config.algorithm_type
-        if algorithm == "dpmsolver++":  # 2211.01095 eq. 8, k = 1
-            return (sigma_t / sigma_s0) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * m0
-        if algorithm == "dpmsolver":  # 2206.00927 eq. 3.7
-            return (alpha_t / alpha_s0) * sample - (sigma_t * (torch.exp(h) - 1.0)) * m0
+        if algorithm == "dpmsolver++":
+            return dpm_solver_pp_first_order(sample, m0, alpha_t, sigma_t, sigma_s0, lambda_t, lambda_s0)
+        if algorithm == "dpmsolver":
+            return dpm_solver_first_order(sample, m0, alpha_t, sigma_t, alpha_s0, lambda_t, lambda_s0)
         if algorithm == "sde-dpmsolver++":
-            return (
-                (sigma_t / sigma_s0 * torch.exp(-h)) * sample
-                + (alpha_t * (1 - torch.exp(-2.0 * h))) * m0
-                + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
-            )
-        return (  # sde-dpmsolver
-            (alpha_t / alpha_s0) * sample
-            - 2.0 * (sigma_t * (torch.exp(h) - 1.0)) * m0
-            + sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise
-        )
+            return sde_dpm_solver_pp_first_order(sample, m0, alpha_t, sigma_t, sigma_s0, lambda_t, lambda_s0, noise)
+        return sde_dpm_solver_first_order(sample, m0, alpha_t, sigma_t, alpha_s0, lambda_t, lambda_s0, noise)
 
     def multistep_dpm_solver_second_order_update(self, model_outputs: list, sample: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """Multistep order 2: the model output is linear in lambda through the last two outputs."""
@@ -480,33 +477,14 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         alpha_s0, sigma_s0, lambda_s0 = self._alpha_sigma_lambda(self.step_index)
         _, _, lambda_s1 = self._alpha_sigma_lambda(self.step_index - 1)
         m0, m1 = model_outputs[-1], model_outputs[-2]
-        h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
-        r0 = h_0 / h
-        D0, D1 = m0, (1.0 / r0) * (m0 - m1)  # value and (scaled) first difference
-        algorithm, midpoint = self.config.algorithm_type, self.config.solver_type == "midpoint"
-        if algorithm == "dpmsolver++":  # 2211.01095 Algorithm 2 (midpoint)
-            x_t = (sigma_t / sigma_s0) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * D0
-            if midpoint:
-                return x_t - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1
-            return x_t + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1
-        if algorithm == "dpmsolver":  # 2206.00927 §3.3, multistep form
-            x_t = (alpha_t / alpha_s0) * sample - (sigma_t * (torch.exp(h) - 1.0)) * D0
-            if midpoint:
-                return x_t - 0.5 * (sigma_t * (torch.exp(h) - 1.0)) * D1
-            return x_t - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * D1
+        lambdas, algorithm, solver_type = (lambda_t, lambda_s0, lambda_s1), self.config.algorithm_type, self.config.solver_type
+        if algorithm == "dpmsolver++":
+            return dpm_solver_pp_second_order(sample, m0, m1, alpha_t, sigma_t, sigma_s0, *lambdas, solver_type)
+        if algorithm == "dpmsolver":
+            return dpm_solver_second_order(sample, m0, m1, alpha_t, sigma_t, alpha_s0, *lambdas, solver_type)
         if algorithm == "sde-dpmsolver++":
-            x_t = (sigma_t / sigma_s0 * torch.exp(-h)) * sample + (alpha_t * (1 - torch.exp(-2.0 * h))) * D0
-            if midpoint:
-                x_t = x_t + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * D1
-            else:
-                x_t = x_t + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1
-            return x_t + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
-        x_t = (alpha_t / alpha_s0) * sample - 2.0 * (sigma_t * (torch.exp(h) - 1.0)) * D0  # sde-dpmsolver
-        if midpoint:
-            x_t = x_t - (sigma_t * (torch.exp(h) - 1.0)) * D1
-        else:
-            x_t = x_t - 2.0 * (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * D1
-        return x_t + sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise
+            return sde_dpm_solver_pp_second_order(sample, m0, m1, alpha_t, sigma_t, sigma_s0, *lambdas, noise, solver_type)
+        return sde_dpm_solver_second_order(sample, m0, m1, alpha_t, sigma_t, alpha_s0, *lambdas, noise, solver_type)
 
     def multistep_dpm_solver_third_order_update(self, model_outputs: list, sample: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """Multistep order 3: the model output is quadratic in lambda through the last three outputs."""
@@ -515,41 +493,16 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         _, _, lambda_s1 = self._alpha_sigma_lambda(self.step_index - 1)
         _, _, lambda_s2 = self._alpha_sigma_lambda(self.step_index - 2)
         m0, m1, m2 = model_outputs[-1], model_outputs[-2], model_outputs[-3]
-        h, h_0, h_1 = lambda_t - lambda_s0, lambda_s0 - lambda_s1, lambda_s1 - lambda_s2
-        r0, r1 = h_0 / h, h_1 / h
-        D1_0, D1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
-        D0 = m0
-        D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)  # first derivative, second-order accurate
-        D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1)  # second derivative
-        algorithm = self.config.algorithm_type
+        lambdas, algorithm = (lambda_t, lambda_s0, lambda_s1, lambda_s2), self.config.algorithm_type
         if algorithm == "dpmsolver++":
-            return (
-                (sigma_t / sigma_s0) * sample
-                - (alpha_t * (torch.exp(-h) - 1.0)) * D0
-                + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1
-                - (alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5)) * D2
-            )
-        if algorithm == "dpmsolver":  # 2206.00927 §3.3
-            return (
-                (alpha_t / alpha_s0) * sample
-                - (sigma_t * (torch.exp(h) - 1.0)) * D0
-                - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * D1
-                - (sigma_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5)) * D2
-            )
-        return (  # sde-dpmsolver++ (sde-dpmsolver has no third order: refused in __init__)
-            (sigma_t / sigma_s0 * torch.exp(-h)) * sample
-            + (alpha_t * (1.0 - torch.exp(-2.0 * h))) * D0
-            + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1
-            + (alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * D2
-            + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
-        )
+            return dpm_solver_pp_third_order(sample, m0, m1, m2, alpha_t, sigma_t, sigma_s0, *lambdas)
+        if algorithm == "dpmsolver":
+            return dpm_solver_third_order(sample, m0, m1, m2, alpha_t, sigma_t, alpha_s0, *lambdas)
+        # sde-dpmsolver++ (sde-dpmsolver has no third order: refused in __init__)
+        return sde_dpm_solver_pp_third_order(sample, m0, m1, m2, alpha_t, sigma_t, sigma_s0, *lambdas, noise)
 
     # ----- the forward process -----
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = alpha_t x_0 + sigma_t eps at the schedule's sigma for each timestep (img2img's first latent)."""
-        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        sigma = sigmas[noise_step_indices(self, timesteps.to(original_samples.device))].flatten()  # (B,)
-        sigma = sigma.reshape(-1, *[1] * (original_samples.ndim - 1))  # (B, 1, 1, 1)
-        alpha_t, sigma_t, _ = vp_alpha_sigma_lambda(sigma)
-        return alpha_t * original_samples + sigma_t * noise
+        return add_noise_at_sigmas(self, original_samples, noise, timesteps)

@@ -5,7 +5,7 @@ Generative Models" (EDM), arXiv 2206.00364, Algorithm 2 without its second-order
 This is k-diffusion's `sample_euler` and A1111's "Euler".
 
 SD's DDPM-trained model is read as a denoiser of x = x_0 + sigma eps ("variance exploding" form),
-with sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t). The model is fed x / sqrt(sigma^2 + 1), the
+with sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t). The model is fed x / sqrt(sigma^2 + 1), the
 scale it saw in training (`scale_model_input`). One step from sigma_i to sigma_{i+1}:
 
     gamma     = min(s_churn / N, sqrt(2) - 1)  if s_tmin <= sigma_i <= s_tmax, else 0
@@ -17,10 +17,11 @@ scale it saw in training (`scale_model_input`). One step from sigma_i to sigma_{
 
 With s_churn = 0 (the default) this is the plain Euler method on dx/dsigma = (x - x0_pred) / sigma.
 As in diffusers, the model output handed to `step` was computed at x_i, not at x_hat.
+`step` calls `parameterization.to_x0_ve` and `update_rules.churn`, `update_rules.euler_step`.
 
 Config fields (diffusers' names and defaults):
 - num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training schedule
-  alpha_bar_t, hence sigma_t.
+  alpha_bar_t, hence sigma.
 - rescale_betas_zero_snr: zero terminal SNR (Lin et al. 2023, arXiv 2305.08891); alpha_bar_{T-1} is
   then set to 2^-24 so that sigma_max stays finite.
 - prediction_type: "epsilon": x0 = x - sigma eps; "v_prediction": x0 = x / (sigma^2+1) - v sigma / sqrt(sigma^2+1);
@@ -50,7 +51,6 @@ from minidiff.schedulers.base import (
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
     SchedulerOutput,
-    _broadcast,
     beta_sigmas,
     check_choice,
     check_float_timestep,
@@ -63,6 +63,8 @@ from minidiff.schedulers.base import (
     sigmas_from_alphas_cumprod,
     spaced_timesteps,
 )
+from minidiff.schedulers.parameterization import to_x0_ve
+from minidiff.schedulers.update_rules import churn, euler_step
 
 INTERPOLATION_TYPES = ("linear", "log_linear")
 TIMESTEP_TYPES = ("discrete", "continuous")
@@ -112,7 +114,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         if rescale_betas_zero_snr:
             self.alphas_cumprod[-1] = 2**-24  # zero SNR would make sigma_{T-1} infinite
-        self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, sigma_t for t = 0..T-1
+        self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, sigma at t = 0..T-1
         self.log_train_sigmas = np.log(self.train_sigmas)  # float32, as diffusers' sigma_to_t sees them
 
         # Until `set_timesteps`: every training timestep, noisiest first, then sigma = 0.
@@ -239,31 +241,14 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         sigma_hat = sigma * (gamma + 1)  # Alg. 2: t_hat = t_i + gamma_i t_i
         if gamma > 0:
             z = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
-            sample = sample + z * s_noise * (sigma_hat**2 - sigma**2) ** 0.5  # Alg. 2: x_hat
-        x0_pred = self._predict_x0(model_output, sample, sigma, sigma_hat)  # D(x_hat; sigma_hat)
-        derivative = (sample - x0_pred) / sigma_hat  # EDM eq. 3: d = (x - D(x; sigma)) / sigma
-        prev_sample = sample + derivative * (sigma_next - sigma_hat)  # Euler step to sigma_{i+1}
+            sample = churn(sample, sigma, sigma_hat, s_noise, z)  # Alg. 2: x_hat
+        # D(x_hat; sigma_hat); as diffusers, v_prediction converts at sigma, not sigma_hat
+        sigma_of_output = sigma_hat if self.config.prediction_type == "epsilon" else sigma
+        x0_pred = to_x0_ve(model_output, sample, sigma_of_output, self.config.prediction_type)
+        prev_sample = euler_step(sample, x0_pred, sigma_hat, sigma_next)  # Alg. 2: x_{i+1}
 
         prev_sample = prev_sample.to(model_output.dtype)
         self._step_index += 1
         if not return_dict:
             return prev_sample, x0_pred
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
-
-    def _predict_x0(self, model_output, sample, sigma, sigma_hat) -> torch.Tensor:
-        prediction_type = self.config.prediction_type
-        if prediction_type == "epsilon":
-            return sample - sigma_hat * model_output  # x0 = x - sigma eps
-        if prediction_type == "v_prediction":  # x0 = c_skip x + c_out v, c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(.)
-            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        return model_output  # "sample": the model predicts x0
-
-    # ----- the forward process ------------------------------------------------------------------
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = x_0 + sigma_t eps, with sigma_t the schedule's noise level at each timestep in `timesteps`."""
-        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        device = original_samples.device
-        step_indices = self._add_noise_step_indices(timesteps.to(device), self.timesteps.to(device))
-        sigma = _broadcast(sigmas[step_indices], original_samples)  # (B, 1, 1, 1)
-        return original_samples + noise * sigma

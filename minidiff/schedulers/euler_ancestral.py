@@ -4,7 +4,7 @@ Source: k-diffusion's `sample_euler_ancestral` (Katherine Crowson), the "Euler a
 the step splits each move from sigma_from to sigma_to as in ancestral sampling of DDPM
 (Ho et al. 2020, arXiv 2006.11239), written in the sigma form of Karras et al. 2022 (arXiv 2206.00364).
 
-With x = x_0 + sigma eps (sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)), one step from
+With x = x_0 + sigma eps (sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t), the VE noise level of `parameterization.py`), one step from
 sigma_from = sigma_i to sigma_to = sigma_{i+1} is
 
     sigma_up   = sqrt( sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2 )   the noise to add back
@@ -15,7 +15,8 @@ sigma_from = sigma_i to sigma_to = sigma_{i+1} is
 
 so x_{i+1} has noise level sqrt(sigma_down^2 + sigma_up^2) = sigma_to. Noise is drawn on every step,
 the last one included (where sigma_to = 0, so sigma_up = 0), as diffusers does, so a seed gives the
-same images.
+same images. `step` calls `parameterization.to_x0_ve`, then `update_rules.ancestral_sigmas` and
+`update_rules.euler_ancestral_step`.
 
 Config fields (diffusers' names and defaults):
 - num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training schedule alpha_bar_t.
@@ -40,7 +41,6 @@ from minidiff.schedulers.base import (
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
     SchedulerOutput,
-    _broadcast,
     check_choice,
     check_float_timestep,
     check_num_inference_steps,
@@ -49,6 +49,8 @@ from minidiff.schedulers.base import (
     sigmas_from_alphas_cumprod,
     spaced_timesteps,
 )
+from minidiff.schedulers.parameterization import to_x0_ve
+from minidiff.schedulers.update_rules import ancestral_sigmas, euler_ancestral_step
 
 
 class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
@@ -78,7 +80,7 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         if rescale_betas_zero_snr:
             self.alphas_cumprod[-1] = 2**-24  # zero SNR would make sigma_{T-1} infinite
-        self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, sigma_t for t = 0..T-1
+        self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, sigma at t = 0..T-1
 
         # Until `set_timesteps`: every training timestep, noisiest first, then sigma = 0.
         self.num_inference_steps = None
@@ -121,34 +123,13 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
 
         sigma_from, sigma_to = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
         sample = sample.to(torch.float32)  # the update in fp32; cast back at the end
-        x0_pred = self._predict_x0(model_output, sample, sigma_from)
-
-        sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-        # clamp: when sigma_to << sigma_from, fp32 round-off can make this sqrt(< 0) (diffusers then gives NaN)
-        sigma_down = (sigma_to**2 - sigma_up**2).clamp(min=0) ** 0.5
-        derivative = (sample - x0_pred) / sigma_from  # Karras eq. 3: d = (x - D(x; sigma)) / sigma
-        prev_sample = sample + derivative * (sigma_down - sigma_from)  # Euler step down to sigma_down
+        x0_pred = to_x0_ve(model_output, sample, sigma_from, self.config.prediction_type)
+        sigma_down, sigma_up = ancestral_sigmas(sigma_from, sigma_to)
         z = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
-        prev_sample = prev_sample + z * sigma_up  # noise back up to sigma_to
+        prev_sample = euler_ancestral_step(sample, x0_pred, sigma_from, sigma_down, sigma_up, z)
 
         prev_sample = prev_sample.to(model_output.dtype)
         self._step_index += 1
         if not return_dict:
             return prev_sample, x0_pred
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
-
-    def _predict_x0(self, model_output, sample, sigma) -> torch.Tensor:
-        prediction_type = self.config.prediction_type
-        if prediction_type == "epsilon":
-            return sample - sigma * model_output  # x0 = x - sigma eps
-        if prediction_type == "v_prediction":  # x0 = c_skip x + c_out v, c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(.)
-            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        return model_output  # "sample": the model predicts x0
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = x_0 + sigma_t eps, with sigma_t the schedule's noise level at each timestep in `timesteps`."""
-        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        device = original_samples.device
-        step_indices = self._add_noise_step_indices(timesteps.to(device), self.timesteps.to(device))
-        sigma = _broadcast(sigmas[step_indices], original_samples)  # (B, 1, 1, 1)
-        return original_samples + noise * sigma

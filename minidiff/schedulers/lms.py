@@ -4,7 +4,7 @@ Source: k-diffusion's `sample_lms` (Katherine Crowson), after Karras et al. 2022
 whose ODE it integrates; the multistep method itself is the classical Adams-Bashforth family with
 non-uniform steps (Hairer, Norsett & Wanner, "Solving ODEs I", §III.1).
 
-With x = x_0 + sigma eps (sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)), the ODE is
+With x = x_0 + sigma eps (sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t), the VE noise level of `parameterization.py`), the ODE is
 dx/dsigma = d(x, sigma) = (x - x0_pred) / sigma (Karras eq. 3). LMS keeps the last derivatives
 d_i, d_{i-1}, ..., d_{i-q+1} and steps
 
@@ -15,7 +15,8 @@ d_i, d_{i-1}, ..., d_{i-q+1} and steps
 i.e. d is replaced by the polynomial through the q stored points (sigma_{i-k}, d_{i-k}) (Lagrange form)
 and that polynomial is integrated over the step. q = min(step_index + 1, order), order = 4 by default,
 so the first step is plain Euler. The integrand is a polynomial of degree q - 1 <= 3, which minidiff
-integrates exactly (diffusers uses scipy.integrate.quad).
+integrates exactly (diffusers uses scipy.integrate.quad). `step` calls `update_rules.to_d`, `lms_coefficients`
+and `lms_step`.
 
 Config fields (diffusers' names and defaults):
 - num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training schedule alpha_bar_t.
@@ -41,7 +42,6 @@ from minidiff.schedulers.base import (
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
     SchedulerOutput,
-    _broadcast,
     beta_sigmas,
     check_choice,
     check_float_timestep,
@@ -53,20 +53,8 @@ from minidiff.schedulers.base import (
     sigmas_from_alphas_cumprod,
     spaced_timesteps,
 )
-
-
-def lagrange_basis_integral(nodes: list[float], j: int, start: float, end: float) -> float:
-    """integral from `start` to `end` of L_j(tau) = prod_{k != j} (tau - nodes[k]) / (nodes[j] - nodes[k]), exactly.
-
-    L_j is the Lagrange basis polynomial that is 1 at nodes[j] and 0 at the other nodes.
-    """
-    numerator, denominator = np.polynomial.Polynomial([1.0]), 1.0
-    for k, node in enumerate(nodes):
-        if k != j:
-            numerator = numerator * np.polynomial.Polynomial([-node, 1.0])  # times (tau - nodes[k])
-            denominator *= nodes[j] - node
-    antiderivative = numerator.integ()
-    return float(antiderivative(end) - antiderivative(start)) / denominator
+from minidiff.schedulers.parameterization import to_x0_ve
+from minidiff.schedulers.update_rules import lagrange_basis_integral, lms_coefficients, lms_step, to_d  # noqa: F401
 
 
 class LMSDiscreteScheduler(SigmaSchedulerMixin):
@@ -99,7 +87,7 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         self.betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, sigma_t for t = 0..T-1
+        self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, sigma at t = 0..T-1
         self.log_train_sigmas = np.log(self.train_sigmas)  # float32, as diffusers' sigma_to_t sees them
 
         # Until `set_timesteps`: every training timestep, noisiest first, then sigma = 0.
@@ -152,8 +140,8 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         return sigmas, sigma_to_t(sigmas, self.log_train_sigmas)
 
     def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
-        """c_j for j = `current_order` of a q = `order` step at index `t`: the integral from sigma_t to
-        sigma_{t+1} of the Lagrange basis polynomial of node sigma_{t-j} over the nodes sigma_t, ..., sigma_{t-q+1}."""
+        """c_j for j = `current_order` of a q = `order` step at index i = `t` (`update_rules.lms_coefficients`): the
+        integral from sigma_i to sigma_{i+1} of the Lagrange basis polynomial of node sigma_{i-j} over sigma_i .. sigma_{i-q+1}."""
         nodes = [float(self.sigmas[t - k]) for k in range(order)]
         return lagrange_basis_integral(nodes, current_order, float(self.sigmas[t]), float(self.sigmas[t + 1]))
 
@@ -164,8 +152,11 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         sample: torch.Tensor,
         order: int = 4,
         return_dict: bool = True,
+        generator: torch.Generator | None = None,
     ) -> SchedulerOutput | tuple:
-        """One linear multistep step of order min(step_index + 1, order); see the module docstring."""
+        """One linear multistep step of order min(step_index + 1, order); see the module docstring.
+
+        LMS is deterministic: `generator` is accepted for a uniform scheduler API and not used."""
         check_float_timestep(timestep, f"{type(self).__name__}.step")
         self._check_timesteps_set()
         if not self.is_scale_input_called:
@@ -174,36 +165,19 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
             self._init_step_index(timestep)
 
         sigma = self.sigmas[self.step_index]
-        x0_pred = self._predict_x0(model_output, sample, sigma)
-        derivative = (sample - x0_pred) / sigma  # Karras eq. 3: d_i = (x_i - D(x_i; sigma_i)) / sigma_i
-        self.derivatives.append(derivative)
+        x0_pred = to_x0_ve(model_output, sample, sigma, self.config.prediction_type)
+        self.derivatives.append(to_d(sample, x0_pred, sigma))  # d_i = (x_i - D(x_i; sigma_i)) / sigma_i
         if len(self.derivatives) > order:
             self.derivatives.pop(0)
 
         # q = min(i + 1, order) counts steps since index 0, not stored derivatives: after
         # set_begin_index (img2img) fewer may be stored, and zip keeps as many terms as there are (as diffusers).
         q = min(self.step_index + 1, order)
-        coefficients = [self.get_lms_coefficient(q, self.step_index, j) for j in range(q)]  # c_0 .. c_{q-1}
-        # x_{i+1} = x_i + sum_j c_j d_{i-j}
-        prev_sample = sample + sum(c_j * d for c_j, d in zip(coefficients, reversed(self.derivatives)))
+        nodes = [float(self.sigmas[self.step_index - k]) for k in range(q)]  # sigma_i, sigma_{i-1}, ...
+        coefficients = lms_coefficients(nodes, float(self.sigmas[self.step_index + 1]))  # c_0 .. c_{q-1}
+        prev_sample = lms_step(sample, list(reversed(self.derivatives)), coefficients)
 
         self._step_index += 1
         if not return_dict:
             return prev_sample, x0_pred
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
-
-    def _predict_x0(self, model_output, sample, sigma) -> torch.Tensor:
-        prediction_type = self.config.prediction_type
-        if prediction_type == "epsilon":
-            return sample - sigma * model_output  # x0 = x - sigma eps
-        if prediction_type == "v_prediction":  # x0 = c_skip x + c_out v, c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(.)
-            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        return model_output  # "sample": the model predicts x0
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = x_0 + sigma_t eps, with sigma_t the schedule's noise level at each timestep in `timesteps`."""
-        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        device = original_samples.device
-        step_indices = self._add_noise_step_indices(timesteps.to(device), self.timesteps.to(device))
-        sigma = _broadcast(sigmas[step_indices], original_samples)  # (B, 1, 1, 1)
-        return original_samples + noise * sigma

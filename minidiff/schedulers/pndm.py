@@ -133,8 +133,17 @@ class PNDMScheduler(SchedulerMixin):
         """PNDM feeds x_t to the model as it is."""
         return sample
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True) -> SchedulerOutput | tuple:
-        """Take the next model call's output: a PRK stage while PRK timesteps remain, else a PLMS step."""
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        return_dict: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> SchedulerOutput | tuple:
+        """Take the next model call's output: a PRK stage while PRK timesteps remain, else a PLMS step.
+
+        PNDM is deterministic: `generator` is accepted for a uniform scheduler API and not used."""
         self._check_timesteps_set()
         if not self.config.skip_prk_steps and self.counter < len(self.prk_timesteps):
             return self.step_prk(model_output, timestep, sample, return_dict)

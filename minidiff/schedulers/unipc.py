@@ -17,10 +17,13 @@ its output m_t refines that same x_t, so the corrector needs no extra model eval
     x_t^c = (sigma_t / sigma_s0) x_s0 - alpha_t (e^-h - 1) m_s0
             - alpha_t B(h) ( sum_k c_k D_k + c_p (m_t - m_s0) )                                        (§3.1, UniC)
 
-The coefficients solve the order conditions R a = phi / B(h) (§3.2): R[i, k] = r_k^i (with r_p = 1),
-phi[i] = i! h phi_{i+1}(h) built from e^h - 1 by the phi-function recurrence. Two cases are fixed
-instead of solved: a_1 = 0.5 for the order-2 predictor and c_1 = 0.5 for the order-1 corrector.
-B(h) is the free function of the "B(h)" variant: h for "bh1", e^h - 1 for "bh2".
+The coefficients solve the order conditions of §3.2, one row per i = 1 .. p (r_p = 1):
+
+    sum_k r_k^(i-1) a_k = i! h phi_{i+1}(h) / B(h),    h phi_1(h) = e^h - 1,  h phi_{k+1}(h) = h phi_k(h) / h - 1/k!
+
+(`update_rules.unipc_bh_coefficients`). Two cases are fixed instead of solved: a_1 = 0.5 for the order-2
+predictor and c_1 = 0.5 for the order-1 corrector. B(h) is the free function of the "B(h)" variant: h for
+"bh1", e^h - 1 for "bh2". The predictor and corrector are `update_rules.uni_p_update` and `uni_c_update`.
 
 `step` therefore does, in order: convert the model output; correct the sample it was computed at
 (UniC, skipped on the first step and for indices in `disable_corrector`); then predict the next sample
@@ -60,18 +63,18 @@ from minidiff.schedulers.base import (
     SchedulerOutput,
     check_choice,
     check_num_inference_steps,
-    dynamic_threshold,
     make_betas,
 )
 from minidiff.schedulers.dpm_solver_multistep import (
     FINAL_SIGMAS_TYPES,
+    add_noise_at_sigmas,
     check_steps_left,
     check_vp_only,
     multistep_timesteps,
-    noise_step_indices,
     schedule_sigmas,
-    vp_alpha_sigma_lambda,
 )
+from minidiff.schedulers.parameterization import limit_x0, to_eps, to_x0, vp_from_sigma, x0_from_eps
+from minidiff.schedulers.update_rules import uni_c_update, uni_p_update, unipc_bh_coefficients, unipc_differences
 
 UNIPC_SOLVER_TYPES = ("bh1", "bh2")
 
@@ -212,80 +215,34 @@ class UniPCMultistepScheduler(SchedulerMixin):
     # ----- one step -----
 
     def _alpha_sigma_lambda(self, index: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return vp_alpha_sigma_lambda(self.sigmas[index].to(device))
+        return vp_from_sigma(self.sigmas[index].to(device))
 
     def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """What UniPC integrates at the current step: x0_pred when predict_x0, else eps."""
+        """What UniPC integrates at the current step: x0_pred when predict_x0, else eps (not thresholded, as diffusers)."""
         alpha_t, sigma_t, _ = self._alpha_sigma_lambda(self.step_index, sample.device)
-        prediction_type = self.config.prediction_type
         if self.predict_x0:
-            if prediction_type == "epsilon":
-                x0_pred = (sample - sigma_t * model_output) / alpha_t
-            elif prediction_type == "sample":
-                x0_pred = model_output
-            else:  # v = alpha_t eps - sigma_t x_0
-                x0_pred = alpha_t * sample - sigma_t * model_output
-            if self.config.thresholding:
-                x0_pred = dynamic_threshold(x0_pred, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-            return x0_pred
-        if prediction_type == "epsilon":
-            return model_output
-        if prediction_type == "sample":
-            return (sample - alpha_t * model_output) / sigma_t
-        return alpha_t * model_output + sigma_t * sample
+            return limit_x0(to_x0(model_output, sample, alpha_t, sigma_t, self.config.prediction_type), self.config)
+        return to_eps(model_output, sample, alpha_t, sigma_t, self.config.prediction_type)
 
-    def _bh_coefficients(self, h: torch.Tensor, rks: torch.Tensor, order: int):
-        """h phi_1, B(h), and the order-condition system R (order x order), b (order,) of §3.2."""
-        hh = -h if self.predict_x0 else h
-        h_phi_1 = torch.expm1(hh)  # h phi_1(h) = e^h - 1
-        B_h = hh if self.config.solver_type == "bh1" else torch.expm1(hh)
-        h_phi_k = h_phi_1 / hh - 1  # h phi_2(h) / h ... built up by the phi recurrence
-        factorial_i = 1
-        R, b = [], []
-        for i in range(1, order + 1):
-            R.append(torch.pow(rks, i - 1))  # row i: r_k^(i-1)
-            b.append(h_phi_k * factorial_i / B_h)  # (i-1)! h phi_{i+1}(h) / B(h)
-            factorial_i *= i + 1
-            h_phi_k = h_phi_k / hh - 1 / factorial_i
-        return h_phi_1, B_h, torch.stack(R), torch.stack(b)
-
-    def _differences(self, m0: torch.Tensor, lambda_s0: torch.Tensor, h: torch.Tensor, order: int, first: int, device):
-        """r_k and D_k = (m_sk - m_s0) / r_k for the order - 1 previous outputs; sigma of s_k is sigmas[first - k]."""
-        rks, D1s = [], []
-        for k in range(1, order):
-            _, _, lambda_sk = self._alpha_sigma_lambda(first - k, device)
-            rk = (lambda_sk - lambda_s0) / h
-            rks.append(rk)
-            D1s.append((self.model_outputs[-(k + 1)] - m0) / rk)
-        rks.append(torch.ones((), device=device))
-        D1s = torch.stack(D1s, dim=1) if D1s else None  # (B, order - 1, C, H, W)
-        return torch.stack(rks), D1s
+    def _levels(self, index_t: int, index_s0: int, order: int, device):
+        """VP pairs at the target and the current level, h, and r_k, D_k of the order - 1 previous outputs."""
+        alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(index_t, device)
+        alpha_s0, sigma_s0, lambda_s0 = self._alpha_sigma_lambda(index_s0, device)
+        h = lambda_t - lambda_s0
+        previous_outputs = [self.model_outputs[-(k + 1)] for k in range(1, order)]  # m_s1, m_s2, ...
+        previous_lambdas = [self._alpha_sigma_lambda(index_s0 - k, device)[2] for k in range(1, order)]
+        rks, D1s = unipc_differences(self.model_outputs[-1], previous_outputs, previous_lambdas, lambda_s0, h)
+        return (alpha_t, sigma_t, alpha_s0, sigma_s0), h, rks, D1s
 
     def multistep_uni_p_bh_update(self, model_output: torch.Tensor, sample: torch.Tensor, order: int) -> torch.Tensor:
         """UniP-p: predict x_t at the next noise level from the current sample and the last `order` outputs."""
         if self.solver_p:  # another scheduler predicts; it takes the raw model output
             return self.solver_p.step(model_output, self.timestep_list[-1], sample).prev_sample
-        device, m0, x = sample.device, self.model_outputs[-1], sample
         if self.sigmas[self.step_index + 1] == 0:  # final_sigmas_type "zero": lambda_t = inf, see `_step_to_sigma_zero`
-            return self._step_to_sigma_zero(m0, sample)
-        alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(self.step_index + 1, device)
-        alpha_s0, sigma_s0, lambda_s0 = self._alpha_sigma_lambda(self.step_index, device)
-        h = lambda_t - lambda_s0
-        rks, D1s = self._differences(m0, lambda_s0, h, order, self.step_index, device)
-        h_phi_1, B_h, R, b = self._bh_coefficients(h, rks, order)
-        if D1s is None:
-            pred_res = 0
-        else:
-            if order == 2:
-                rhos_p = torch.ones(1, dtype=x.dtype, device=device) * 0.5  # fixed, not solved
-            else:
-                rhos_p = torch.linalg.solve(R[:-1, :-1], b[:-1]).to(device).to(x.dtype)
-            pred_res = torch.einsum("k,bkc...->bc...", rhos_p, D1s)  # sum_k a_k D_k
-        if self.predict_x0:
-            x_t = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0 - alpha_t * B_h * pred_res  # UniP
-        else:
-            x_t = alpha_t / alpha_s0 * x - sigma_t * h_phi_1 * m0 - sigma_t * B_h * pred_res
-        return x_t.to(x.dtype)
+            return self._step_to_sigma_zero(self.model_outputs[-1], sample)
+        vp, h, rks, D1s = self._levels(self.step_index + 1, self.step_index, order, sample.device)
+        h_phi_1, B_h, R, b = unipc_bh_coefficients(h, rks, order, self.predict_x0, self.config.solver_type)
+        return uni_p_update(sample, self.model_outputs[-1], D1s, R, b, h_phi_1, B_h, *vp, order, self.predict_x0)
 
     def _step_to_sigma_zero(self, m0: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """The step to sigma = 0 (h = inf) lands on the current x0_pred: the limit of UniP's first-order term.
@@ -301,23 +258,9 @@ class UniPCMultistepScheduler(SchedulerMixin):
         self, this_model_output: torch.Tensor, last_sample: torch.Tensor, this_sample: torch.Tensor, order: int
     ) -> torch.Tensor:
         """UniC-p: correct `this_sample` (predicted from `last_sample`) with the model output at it, m_t."""
-        device, m0, x, m_t = this_sample.device, self.model_outputs[-1], last_sample, this_model_output
-        alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(self.step_index, device)
-        alpha_s0, sigma_s0, lambda_s0 = self._alpha_sigma_lambda(self.step_index - 1, device)
-        h = lambda_t - lambda_s0
-        rks, D1s = self._differences(m0, lambda_s0, h, order, self.step_index - 1, device)
-        h_phi_1, B_h, R, b = self._bh_coefficients(h, rks, order)
-        if order == 1:
-            rhos_c = torch.ones(1, dtype=x.dtype, device=device) * 0.5  # fixed, not solved
-        else:
-            rhos_c = torch.linalg.solve(R, b).to(device).to(x.dtype)
-        corr_res = 0 if D1s is None else torch.einsum("k,bkc...->bc...", rhos_c[:-1], D1s)  # sum_k c_k D_k
-        D1_t = m_t - m0
-        if self.predict_x0:
-            x_t = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0 - alpha_t * B_h * (corr_res + rhos_c[-1] * D1_t)  # UniC
-        else:
-            x_t = alpha_t / alpha_s0 * x - sigma_t * h_phi_1 * m0 - sigma_t * B_h * (corr_res + rhos_c[-1] * D1_t)
-        return x_t.to(x.dtype)
+        vp, h, rks, D1s = self._levels(self.step_index, self.step_index - 1, order, this_sample.device)
+        h_phi_1, B_h, R, b = unipc_bh_coefficients(h, rks, order, self.predict_x0, self.config.solver_type)
+        return uni_c_update(last_sample, self.model_outputs[-1], this_model_output, D1s, R, b, h_phi_1, B_h, *vp, order, self.predict_x0)
 
     def step(
         self,
@@ -357,14 +300,10 @@ class UniPCMultistepScheduler(SchedulerMixin):
 
     def _x0_from_eps(self, eps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         alpha_t, sigma_t, _ = self._alpha_sigma_lambda(self.step_index, sample.device)
-        return (sample - sigma_t * eps) / alpha_t
+        return x0_from_eps(eps, sample, alpha_t, sigma_t)
 
     # ----- the forward process -----
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = alpha_t x_0 + sigma_t eps at the schedule's sigma for each timestep (img2img's first latent)."""
-        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        sigma = sigmas[noise_step_indices(self, timesteps.to(original_samples.device))].flatten()  # (B,)
-        sigma = sigma.reshape(-1, *[1] * (original_samples.ndim - 1))  # (B, 1, 1, 1)
-        alpha_t, sigma_t, _ = vp_alpha_sigma_lambda(sigma)
-        return alpha_t * original_samples + sigma_t * noise
+        return add_noise_at_sigmas(self, original_samples, noise, timesteps)
