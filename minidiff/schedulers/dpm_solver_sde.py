@@ -192,11 +192,14 @@ class DPMSolverSDEScheduler(SigmaSchedulerMixin):
         sample: torch.Tensor,
         return_dict: bool = True,
         s_noise: float = 1.0,
+        generator: torch.Generator | None = None,
     ) -> SchedulerOutput | tuple:
         """Stage 1 or stage 2 of a DPM-Solver++ SDE step (see the module docstring); `s_noise` scales the noise.
 
         The noise comes from `self.noise_sampler(sigma, sigma_next)` (standard normal for that step): the
-        Brownian path of `noise_sampler_seed`, built at the first call, unless you set your own beforehand."""
+        Brownian path of `noise_sampler_seed`, built at the first call, unless you set your own beforehand.
+        `generator` is accepted for a uniform scheduler API and not used: as in diffusers, the path is fixed
+        by `noise_sampler_seed` (or, when that is None, by torch's global generator)."""
         check_float_timestep(timestep, f"{type(self).__name__}.step")
         if self.step_index is None:
             self._init_step_index(timestep)
