@@ -8,7 +8,7 @@
 - The scheduler: timesteps equal exactly (float64, as diffusers), sigmas and every `step` output within
   |ours - theirs| <= 1e-6 + 1e-5 |theirs| (`scheduler_parity.RTOL` / `ATOL`; in practice they are bit-equal),
   over spacings, steps_offset, prediction types, Karras / exponential / beta sigmas, beta schedules,
-  noise_sampler_seed and step counts 1 .. 120. Beta sigmas: timesteps within 1e-12 relative (minidiff's Beta
+  noise_sampler_seed and step counts 1 .. 101. Beta sigmas: timesteps within 1e-12 relative (minidiff's Beta
   quantiles are a bisection, scipy's a different method: they differ in the last float64 bits).
 - diffusers' own published full-loop sums (CPU) are reproduced without any oracle.
 - The tiny SD 1.5 pipeline gives diffusers' image with this scheduler, to 1e-4 (as tests/test_pipelines.py).
@@ -105,7 +105,7 @@ def test_seed_none_draws_the_entropy_from_torch_global_generator():
 
 # ----- the Brownian interval: the law of the noise (no oracle) ------------------------------------------
 
-N_PATHS = 200_000  # one path of this many independent coordinates; 5-sigma bounds below
+N_PATHS = 100_000  # one path of this many independent coordinates; 5-sigma bounds below
 T0, T1 = 0.03, 14.6
 
 
@@ -190,12 +190,9 @@ def test_parity_grid(config, n):
     assert run_parity(DPMSolverSDEScheduler, diffusers.DPMSolverSDEScheduler, config, n) == max(2 * n - 1, 1)
 
 
-@pytest.mark.parametrize("config, n", [
-    (dict(SD15, noise_sampler_seed=0), 120),
-    (dict(SD15, use_karras_sigmas=True, prediction_type="v_prediction", timestep_spacing="trailing", noise_sampler_seed=2**40), 101),
-])
-def test_parity_long(config, n):
-    run_parity(DPMSolverSDEScheduler, diffusers.DPMSolverSDEScheduler, config, n)
+def test_parity_long():
+    config = dict(SD15, use_karras_sigmas=True, prediction_type="v_prediction", timestep_spacing="trailing", noise_sampler_seed=2**40)
+    run_parity(DPMSolverSDEScheduler, diffusers.DPMSolverSDEScheduler, config, 101)
 
 
 def test_parity_s_noise():
@@ -224,11 +221,9 @@ def assert_loops_close(ours: list, theirs: list, what: str) -> None:
         assert_close(a, b, f"{what}, output {i}")
 
 
-@pytest.mark.parametrize("config, n", [
-    (dict(SD15, use_beta_sigmas=True, noise_sampler_seed=4), 7),
-    (dict(use_beta_sigmas=True, timestep_spacing="leading", steps_offset=1, prediction_type="v_prediction", noise_sampler_seed=5), 1),
-])
-def test_parity_beta_sigmas(config, n):
+def test_parity_beta_sigmas():
+    config = dict(SD15, use_beta_sigmas=True, timestep_spacing="leading", steps_offset=1, prediction_type="v_prediction", noise_sampler_seed=4)
+    n = 7
     ours, theirs = DPMSolverSDEScheduler(**config), diffusers.DPMSolverSDEScheduler(**config)
     ours.set_timesteps(n)
     theirs.set_timesteps(n)
