@@ -14,6 +14,7 @@ from minidiff.schedulers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     DPMSolverSDEScheduler,
+    HeunDiscreteScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LMSDiscreteScheduler,
@@ -28,7 +29,7 @@ __all__ = [
     "ConfigMixin", "FrozenConfig", "register_to_config",
     "CLIPTokenizer", "CLIPTextModel", "UNet2DConditionModel", "AutoencoderKL", "UNet2DModel", "GaussianMixtureDenoiser",
     "SchedulerMixin", "SchedulerOutput", "PNDMScheduler", "DDIMScheduler", "DDPMScheduler", "LMSDiscreteScheduler",
-    "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler",
+    "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "HeunDiscreteScheduler",
     "UniPCMultistepScheduler",
     "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "DDPMPipeline", "DiffusionPipeline",
 ]

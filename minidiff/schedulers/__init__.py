@@ -9,6 +9,7 @@ from minidiff.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from minidiff.schedulers.lms import LMSDiscreteScheduler
 from minidiff.schedulers.dpm_solver_multistep import DPMSolverMultistepScheduler
 from minidiff.schedulers.dpm_solver_sde import DPMSolverSDEScheduler
+from minidiff.schedulers.heun import HeunDiscreteScheduler
 from minidiff.schedulers.unipc import UniPCMultistepScheduler
 
-__all__ = ["SchedulerMixin", "SchedulerOutput", "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "UniPCMultistepScheduler"]
+__all__ = ["SchedulerMixin", "SchedulerOutput", "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler"]

@@ -206,6 +206,34 @@ def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return t.reshape(np.shape(sigma))
 
 
+def spaced_sigmas(config, train_sigmas: np.ndarray, log_train_sigmas: np.ndarray, num_inference_steps: int,
+                  num_train_timesteps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, sigmas) of N steps for the k-diffusion schedulers (Heun, DPM-Solver-2, ...): the spaced
+    timesteps, sigma interpolated linearly between training timesteps, then, if the config asks, Karras /
+    exponential / beta noise levels between the two ends of that schedule (timesteps from `sigma_to_t`)."""
+    timesteps = spaced_timesteps(config.timestep_spacing, num_inference_steps, num_train_timesteps, config.steps_offset)
+    timesteps = timesteps.astype(np.float32)  # as diffusers: sigma is interpolated at the float32 timesteps
+    sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)  # (N,) float64
+    sigma_min, sigma_max = float(sigmas[-1]), float(sigmas[0])
+    if config.use_karras_sigmas:
+        sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps)
+    elif config.use_exponential_sigmas:
+        sigmas = exponential_sigmas(sigma_min, sigma_max, num_inference_steps)
+    elif config.use_beta_sigmas:
+        sigmas = beta_sigmas(sigma_min, sigma_max, num_inference_steps)
+    else:
+        return timesteps, sigmas
+    return sigma_to_t(sigmas, log_train_sigmas), sigmas
+
+
+def check_one_noise_schedule(use_karras_sigmas: bool, use_exponential_sigmas: bool, use_beta_sigmas: bool) -> None:
+    if sum(map(bool, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas))) > 1:
+        raise ValueError(
+            "use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas each replace the noise levels; "
+            "set at most one of them to True"
+        )
+
+
 def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
     ramp = np.linspace(0, 1, num_inference_steps)

@@ -410,3 +410,12 @@ def dpm_solver_pp_sde_stage(sample, x0_pred, t, t_to, noise: torch.Tensor, s_noi
     t_down = log_sigma_time(sigma_down)
     deterministic = (sigma_at(t_down) / sigma) * sample - (t - t_down).expm1() * x0_pred
     return deterministic + noise * s_noise * sigma_up
+
+
+# ----- Heun (Karras et al. 2022) -----
+
+
+def heun_correction(sample: torch.Tensor, derivative: torch.Tensor, derivative_next: torch.Tensor, dt) -> torch.Tensor:
+    """x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (d_i + d'_i) / 2: Heun's trapezoidal correction of an Euler step,
+    with d'_i the slope at the Euler step's end (Karras et al. 2022, arXiv 2206.00364, Algorithm 1, line 8)."""
+    return sample + (derivative + derivative_next) / 2 * dt
