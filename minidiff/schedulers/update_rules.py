@@ -419,3 +419,14 @@ def heun_correction(sample: torch.Tensor, derivative: torch.Tensor, derivative_n
     """x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (d_i + d'_i) / 2: Heun's trapezoidal correction of an Euler step,
     with d'_i the slope at the Euler step's end (Karras et al. 2022, arXiv 2206.00364, Algorithm 1, line 8)."""
     return sample + (derivative + derivative_next) / 2 * dt
+
+
+# ----- DPM-Solver-2 in sigma (k-diffusion's sample_dpm_2 and sample_dpm_2_ancestral) -----
+
+
+def dpm_solver_2_step(sample: torch.Tensor, sample_mid: torch.Tensor, x0_mid: torch.Tensor, sigma, sigma_mid,
+                      sigma_next) -> torch.Tensor:
+    """x_{i+1} = x_i + (sigma_next - sigma_i) d_mid, with d_mid = (x_mid - D(x_mid; sigma_mid)) / sigma_mid the slope
+    at the midpoint (DPM-Solver-2, Lu et al. 2022, arXiv 2206.00927, Algorithm 1 with r_1 = 1/2, in sigma as
+    k-diffusion's `sample_dpm_2`). `sigma_next` is sigma_down for the ancestral variant."""
+    return sample + to_d(sample_mid, x0_mid, sigma_mid) * (sigma_next - sigma)
