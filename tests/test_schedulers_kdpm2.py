@@ -25,21 +25,22 @@ PAIRS = [(KDPM2DiscreteScheduler, diffusers.KDPM2DiscreteScheduler, None),
 @pytest.mark.parametrize("pair", PAIRS, ids=["KDPM2", "KDPM2 ancestral"])
 @pytest.mark.parametrize(
     "spacing, noise_levels, prediction_type",
-    list(itertools.product(["linspace", "leading", "trailing"], [{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}],
-                           ["epsilon", "v_prediction"])),
+    [(spacing, levels, "epsilon") for spacing, levels in itertools.product(
+        ["linspace", "leading", "trailing"], [{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}])]
+    + [(spacing, {}, "v_prediction") for spacing in ("linspace", "leading", "trailing")],
 )
 def test_matches_diffusers_on_a_grid(pair, spacing, noise_levels, prediction_type):
     ours, theirs, seed = pair
     config = dict(SD15, timestep_spacing=spacing, prediction_type=prediction_type, steps_offset=1 if spacing == "leading" else 0,
                   **noise_levels)
-    for steps in (1, 2, 7, 10):
+    for steps in (1, 2, 7):
         run_parity(ours, theirs, config, steps, seed=seed)
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=["KDPM2", "KDPM2 ancestral"])
 def test_long_runs_beta_sigmas_and_other_beta_schedules(pair):
     ours, theirs, seed = pair
-    for steps in (25, 50, 101):
+    for steps in (10, 25, 101):
         run_parity(ours, theirs, SD15, steps, seed=seed)
     beta = [cls(**SD15, use_beta_sigmas=True) for cls in (ours, theirs)]
     for scheduler in beta:
