@@ -16,7 +16,8 @@ from minidiff.hub import HubUnavailableError
 SCHEDULERS = [
     minidiff.PNDMScheduler, minidiff.DDIMScheduler, minidiff.DDPMScheduler, minidiff.LMSDiscreteScheduler,
     minidiff.EulerDiscreteScheduler, minidiff.EulerAncestralDiscreteScheduler,
-    minidiff.DPMSolverMultistepScheduler, minidiff.UniPCMultistepScheduler,
+    minidiff.DPMSolverMultistepScheduler, minidiff.UniPCMultistepScheduler, minidiff.DPMSolverSDEScheduler,
+    minidiff.HeunDiscreteScheduler, minidiff.KDPM2DiscreteScheduler, minidiff.KDPM2AncestralDiscreteScheduler,
 ]
 STOCHASTIC = [minidiff.DDPMScheduler, minidiff.EulerAncestralDiscreteScheduler]
 
@@ -173,7 +174,7 @@ def _jsonable(value):
     return json.loads(json.dumps(value.tolist() if hasattr(value, "tolist") else value))
 
 
-def test_compatibles_lists_all_eight_from_the_class_and_the_instance():
+def test_compatibles_lists_every_scheduler_from_the_class_and_the_instance():
     for scheduler_class in SCHEDULERS:
         assert set(scheduler_class.compatibles) == set(SCHEDULERS)
         assert set(scheduler_class().compatibles) == set(SCHEDULERS)
@@ -209,6 +210,11 @@ def test_timesteps_lie_in_range_and_decrease(config, scheduler_class, fraction):
         assert (differences <= 0).all() and (differences == 0).sum() <= 1
     elif scheduler_class in (minidiff.DPMSolverMultistepScheduler, minidiff.UniPCMultistepScheduler):
         assert (differences <= 0).all()  # rounding N+1 points may collapse two (diffusers does the same)
+    elif scheduler_class is minidiff.HeunDiscreteScheduler:
+        assert (differences <= 0).all()  # each noise level but the first is visited twice: end of a step, start of the next
+    elif scheduler_class is minidiff.KDPM2AncestralDiscreteScheduler:
+        # the midpoint lies between sigma_i and sigma_down < sigma_{i+1}: only the steps' own timesteps must decrease
+        assert (np.diff(timesteps[0::2]) < 0).all()
     else:
         assert (differences < 0).all()
 
@@ -251,6 +257,7 @@ def test_trailing_spacing_never_gives_a_negative_timestep(scheduler_class):
     scheduler = quietly(scheduler_class.from_config, {"timestep_spacing": "trailing", "skip_prk_steps": True})
     scheduler.set_timesteps(61)
     expected = 62 if scheduler_class is minidiff.PNDMScheduler else 61  # PLMS adds its repeated second step
+    expected = 2 * 61 - 1 if scheduler_class.order == 2 else expected  # two model calls per step, one for the last
     assert len(scheduler.timesteps) == expected and scheduler.timesteps.min() >= 0 and scheduler.timesteps[0] == 999
 
 
@@ -265,6 +272,13 @@ def test_get_velocity_is_the_v_target_at_the_timesteps_own_noise_level(scheduler
     alpha_bar = scheduler.alphas_cumprod[timesteps.round().long()].reshape(2, 1, 1, 1)  # integer or integer-valued t
     if scheduler_class in (minidiff.LMSDiscreteScheduler, minidiff.EulerDiscreteScheduler, minidiff.EulerAncestralDiscreteScheduler):
         sigma = scheduler.sigmas[[2, 7]].reshape(2, 1, 1, 1)  # float timesteps: the interpolated noise level
+        alpha_bar = 1 / (sigma**2 + 1)
+    if scheduler_class in (minidiff.HeunDiscreteScheduler, minidiff.KDPM2DiscreteScheduler, minidiff.KDPM2AncestralDiscreteScheduler):
+        sigma = torch.stack([scheduler._model_sigma(2), scheduler._model_sigma(7)]).reshape(2, 1, 1, 1)  # entry 7: a 2nd call
+        alpha_bar = 1 / (sigma**2 + 1)
+    if scheduler_class is minidiff.DPMSolverSDEScheduler:  # entry 2: sigma_1; entry 7: the midpoint of sigma_3, sigma_4
+        sigma_1, sigma_3, sigma_4 = scheduler.sigmas[2], scheduler.sigmas[6], scheduler.sigmas[7]
+        sigma = torch.stack([sigma_1, (sigma_3 * sigma_4) ** 0.5]).reshape(2, 1, 1, 1)  # midpoint in log-sigma
         alpha_bar = 1 / (sigma**2 + 1)
     expected = alpha_bar**0.5 * eps - (1 - alpha_bar) ** 0.5 * x0
     torch.testing.assert_close(scheduler.get_velocity(x0, eps, timesteps), expected, rtol=1e-5, atol=1e-6)

@@ -17,6 +17,14 @@ DIFFUSERS_TABLE = {
     "LMS": ("LMSDiscreteScheduler", {}),
     "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
     "UniPC": ("UniPCMultistepScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "DPM2": ("KDPM2DiscreteScheduler", {}),
+    "DPM2 Karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "DPM2 a Karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    # the page says DPMSolverSinglestepScheduler; k-diffusion's sample_dpmpp_sde is DPMSolverSDEScheduler (names.py)
+    "DPM++ SDE": ("DPMSolverSDEScheduler", {}),
+    "DPM++ SDE Karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
 }
 
 

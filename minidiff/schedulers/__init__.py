@@ -8,6 +8,10 @@ from minidiff.schedulers.euler import EulerDiscreteScheduler
 from minidiff.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from minidiff.schedulers.lms import LMSDiscreteScheduler
 from minidiff.schedulers.dpm_solver_multistep import DPMSolverMultistepScheduler
+from minidiff.schedulers.dpm_solver_sde import DPMSolverSDEScheduler
+from minidiff.schedulers.heun import HeunDiscreteScheduler
+from minidiff.schedulers.kdpm2 import KDPM2DiscreteScheduler
+from minidiff.schedulers.kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from minidiff.schedulers.unipc import UniPCMultistepScheduler
 
-__all__ = ["SchedulerMixin", "SchedulerOutput", "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"]
+__all__ = ["SchedulerMixin", "SchedulerOutput", "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler"]

@@ -200,6 +200,34 @@ def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return t.reshape(np.shape(sigma))
 
 
+def spaced_sigmas(config, train_sigmas: np.ndarray, log_train_sigmas: np.ndarray, num_inference_steps: int,
+                  num_train_timesteps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, sigmas) of N steps for the k-diffusion schedulers (Heun, DPM-Solver-2, ...): the spaced
+    timesteps, sigma interpolated linearly between training timesteps, then, if the config asks, Karras /
+    exponential / beta noise levels between the two ends of that schedule (timesteps from `sigma_to_t`)."""
+    timesteps = spaced_timesteps(config.timestep_spacing, num_inference_steps, num_train_timesteps, config.steps_offset)
+    timesteps = timesteps.astype(np.float32)  # as diffusers: sigma is interpolated at the float32 timesteps
+    sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)  # (N,) float64
+    sigma_min, sigma_max = float(sigmas[-1]), float(sigmas[0])
+    if config.use_karras_sigmas:
+        sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps)
+    elif config.use_exponential_sigmas:
+        sigmas = exponential_sigmas(sigma_min, sigma_max, num_inference_steps)
+    elif config.use_beta_sigmas:
+        sigmas = beta_sigmas(sigma_min, sigma_max, num_inference_steps)
+    else:
+        return timesteps, sigmas
+    return sigma_to_t(sigmas, log_train_sigmas), sigmas
+
+
+def check_one_noise_schedule(use_karras_sigmas: bool, use_exponential_sigmas: bool, use_beta_sigmas: bool) -> None:
+    if sum(map(bool, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas))) > 1:
+        raise ValueError(
+            "use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas each replace the noise levels; "
+            "set at most one of them to True"
+        )
+
+
 def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
     ramp = np.linspace(0, 1, num_inference_steps)
@@ -423,6 +451,10 @@ class SigmaSchedulerMixin(SchedulerMixin):
         self.is_scale_input_called = True
         return sample / ((sigma**2 + 1) ** 0.5)
 
+    def _model_sigma(self, entry: int) -> torch.Tensor:
+        """The noise level the model is asked about at `timesteps[entry]` (the 2-calls-a-step schedulers override it)."""
+        return self.sigmas[entry]
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x = x_0 + sigma eps, with sigma the schedule's noise level at each timestep in `timesteps`."""
         device = original_samples.device
@@ -441,5 +473,6 @@ class SigmaSchedulerMixin(SchedulerMixin):
         check_float_timestep(timesteps, f"{type(self).__name__}.get_velocity")
         schedule_timesteps = self.timesteps.to(sample.device)
         step_indices = [self.index_for_timestep(t, schedule_timesteps) for t in timesteps.to(sample.device).reshape(-1)]
-        sigma = _broadcast(self.sigmas.to(device=sample.device, dtype=sample.dtype)[step_indices], sample)
+        sigma = torch.stack([self._model_sigma(index) for index in step_indices])
+        sigma = _broadcast(sigma.to(device=sample.device, dtype=sample.dtype), sample)
         return (noise - sigma * sample) / (sigma**2 + 1) ** 0.5

@@ -27,8 +27,12 @@ from minidiff.schedulers.base import SchedulerMixin
 from minidiff.schedulers.ddim import DDIMScheduler
 from minidiff.schedulers.ddpm import DDPMScheduler
 from minidiff.schedulers.dpm_solver_multistep import DPMSolverMultistepScheduler
+from minidiff.schedulers.dpm_solver_sde import DPMSolverSDEScheduler
 from minidiff.schedulers.euler import EulerDiscreteScheduler
 from minidiff.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
+from minidiff.schedulers.heun import HeunDiscreteScheduler
+from minidiff.schedulers.kdpm2 import KDPM2DiscreteScheduler
+from minidiff.schedulers.kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from minidiff.schedulers.lms import LMSDiscreteScheduler
 from minidiff.schedulers.pndm import PNDMScheduler
 from minidiff.schedulers.unipc import UniPCMultistepScheduler
@@ -66,6 +70,13 @@ SAMPLER_NAMES = [
     SamplerName("DPM++ 2M Karras", DPMSolverMultistepScheduler, KARRAS, False, 2, "DPM++ 2M on Karras sigmas"),
     SamplerName("DPM++ 2M SDE", DPMSolverMultistepScheduler, SDE, True, 1, "SDE-DPM-Solver++ 2M (sample_dpmpp_2m_sde)"),
     SamplerName("DPM++ 2M SDE Karras", DPMSolverMultistepScheduler, {**SDE, **KARRAS}, True, 1, "DPM++ 2M SDE on Karras sigmas"),
+    SamplerName("Heun", HeunDiscreteScheduler, {}, False, 2, "Heun's 2nd-order method (Karras et al. Alg. 1): two model calls a step"),
+    SamplerName("DPM2", KDPM2DiscreteScheduler, {}, False, 2, "DPM-Solver-2 in sigma (sample_dpm_2): two model calls a step"),
+    SamplerName("DPM2 Karras", KDPM2DiscreteScheduler, KARRAS, False, 2, "DPM2 on Karras sigmas"),
+    SamplerName("DPM2 a", KDPM2AncestralDiscreteScheduler, {}, True, 1, "ancestral DPM-Solver-2 (sample_dpm_2_ancestral)"),
+    SamplerName("DPM2 a Karras", KDPM2AncestralDiscreteScheduler, KARRAS, True, 1, "DPM2 a on Karras sigmas"),
+    SamplerName("DPM++ SDE", DPMSolverSDEScheduler, {}, True, 1, "SDE-DPM-Solver++ 2S with Brownian-tree noise (sample_dpmpp_sde)"),
+    SamplerName("DPM++ SDE Karras", DPMSolverSDEScheduler, KARRAS, True, 1, "DPM++ SDE on Karras sigmas"),
     SamplerName("UniPC", UniPCMultistepScheduler, {}, False, 3, "unified predictor-corrector (UniP-2 + UniC: order 3), good at 10-20 steps"),
 ]
 

@@ -379,3 +379,54 @@ def uni_c_update(x, m_s0, m_t, D1s, R, b, h_phi_1, B_h, alpha_t, sigma_t, alpha_
     else:
         x_t = alpha_t / alpha_s0 * x - sigma_t * h_phi_1 * m_s0 - sigma_t * B_h * (corr_res + rhos_c[-1] * D1_t)
     return x_t.to(x.dtype)
+
+
+# ----- SDE-DPM-Solver++ (Lu et al. 2022b; k-diffusion sample_dpmpp_sde) -----
+# k-diffusion's DPM++ SDE works in log-sigma time t = -log(sigma) of the VE frame (t grows as the noise falls).
+
+
+def log_sigma_time(sigma: torch.Tensor) -> torch.Tensor:
+    """t = -log(sigma), k-diffusion's `t_fn`."""
+    return sigma.log().neg()
+
+
+def sigma_at(t: torch.Tensor) -> torch.Tensor:
+    """sigma = e^-t, k-diffusion's `sigma_fn` (the inverse of `log_sigma_time`)."""
+    return t.neg().exp()
+
+
+def dpm_solver_pp_sde_stage(sample, x0_pred, t, t_to, noise: torch.Tensor, s_noise: float = 1.0) -> torch.Tensor:
+    """One stage of k-diffusion's `sample_dpmpp_sde` (eta = 1): an ancestral DPM-Solver++(1) step from
+    log-sigma time t to t_to. The step is split into a deterministic part down to sigma_down and fresh noise
+    of std sigma_up (`ancestral_sigmas`); the deterministic part is DPM-Solver++(1) (2211.01095 eq. 8, k = 1,
+    written in the VE frame, where it is exact for a constant x0_pred):
+
+        x_to = (sigma_down / sigma) x - expm1(t - t_down) x0_pred + s_noise sigma_up z,   t_down = -log(sigma_down)
+
+    Both stages of a DPM++ SDE step call this from the same x_i: stage 1 to the midpoint with D(x_i; sigma_i),
+    stage 2 to t_{i+1} with D at the midpoint (2211.01095 Algorithm 1 with r_1 = 1/2)."""
+    sigma = sigma_at(t)
+    sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_at(t_to))
+    t_down = log_sigma_time(sigma_down)
+    deterministic = (sigma_at(t_down) / sigma) * sample - (t - t_down).expm1() * x0_pred
+    return deterministic + noise * s_noise * sigma_up
+
+
+# ----- Heun (Karras et al. 2022) -----
+
+
+def heun_correction(sample: torch.Tensor, derivative: torch.Tensor, derivative_next: torch.Tensor, dt) -> torch.Tensor:
+    """x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (d_i + d'_i) / 2: Heun's trapezoidal correction of an Euler step,
+    with d'_i the slope at the Euler step's end (Karras et al. 2022, arXiv 2206.00364, Algorithm 1, line 8)."""
+    return sample + (derivative + derivative_next) / 2 * dt
+
+
+# ----- DPM-Solver-2 in sigma (k-diffusion's sample_dpm_2 and sample_dpm_2_ancestral) -----
+
+
+def dpm_solver_2_step(sample: torch.Tensor, sample_mid: torch.Tensor, x0_mid: torch.Tensor, sigma, sigma_mid,
+                      sigma_next) -> torch.Tensor:
+    """x_{i+1} = x_i + (sigma_next - sigma_i) d_mid, with d_mid = (x_mid - D(x_mid; sigma_mid)) / sigma_mid the slope
+    at the midpoint (DPM-Solver-2, Lu et al. 2022, arXiv 2206.00927, Algorithm 1 with r_1 = 1/2, in sigma as
+    k-diffusion's `sample_dpm_2`). `sigma_next` is sigma_down for the ancestral variant."""
+    return sample + to_d(sample_mid, x0_mid, sigma_mid) * (sigma_next - sigma)
