@@ -14,7 +14,7 @@ writes into the output folder
     trace.gif         for one unconditional sample through DDPMPipeline with DPM-Solver++ 2M, 20 steps
 
 The model is `GaussianMixtureDenoiser`, whose predictions are exact, so every error on show is
-the scheduler's own (see `minidiff.accuracy` for the method).
+the scheduler's own (see `minidiff.lab.accuracy` for the method).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def _run(
 
 
 def _trace(out_dir: Path, image_size: int, seed: int, progress: bool, steps: int = 20) -> tuple[Path, Path]:
-    """One sample of the picture mixture through DDPMPipeline's loop, recorded at 8 steps with minidiff.trace."""
+    """One sample of the picture mixture through DDPMPipeline's loop, recorded at 8 steps with minidiff.viz.trace."""
     model = accuracy.prototype_mixture(image_size, data_std=0.1)
     scheduler = DPMSolverMultistepScheduler.from_config(accuracy.SD15_SCHEDULER_CONFIG)
     pipeline = DDPMPipeline(model, scheduler)

@@ -21,7 +21,7 @@ gives, in closed form,
 
 `GaussianMixtureDenoiser` wraps these formulas behind the UNet's interface
 (`model(sample, timestep, class_labels=None).sample`), so every scheduler can run on a "model" with
-no training error at all: whatever error is left is the scheduler's own (see `minidiff.accuracy`).
+no training error at all: whatever error is left is the scheduler's own (see `minidiff.lab.accuracy`).
 
 The noise level of a timestep comes from the same training schedule (`alphas_cumprod`) as the
 scheduler's, so the model must be built with the scheduler's beta settings (`from_components(...,
