@@ -9,10 +9,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_run_all_bf16_only_compares_quality_against_the_best_reference(tmp_path):
     # Without an fp32 run there is no minidiff fp32 image: the quality table must fall back to diffusers' bf16 one.
+    # (The crash this guards against was in the quality section, after generation; compute is left out for time.)
     report = tmp_path / "report.md"
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--tiny", "--repeats", "1", "--skip-compile",
-         "--only", "compute,generation,quality", "--dtypes", "bf16", "--weights", str(tmp_path / "weights"),
+         "--only", "generation,quality", "--dtypes", "bf16", "--weights", str(tmp_path / "weights"),
          "--out", str(report)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )

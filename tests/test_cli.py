@@ -47,7 +47,7 @@ def test_generate_writes_the_image_and_a_trace(tiny_sd15_folder, tmp_path):
 
 
 def test_generate_takes_the_names_people_type(tiny_sd15_folder, tmp_path):
-    for name in ("DPM++ 2M Karras", "dpm++_2m_sde_karras", "EulerDiscreteScheduler"):
+    for name in ("dpm++_2m_sde_karras",):  # one run: the spellings themselves are tested in test_scheduler_names.py
         out = tmp_path / "image.png"
         result = minidiff("generate", "a cat", "--weights", tiny_sd15_folder, "--size", "64x64", "--steps", "2",
                           "--scheduler", name, "--out", out)

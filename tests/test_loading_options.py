@@ -93,7 +93,10 @@ def test_hub_options_reach_huggingface_hub(tiny_sd15_folder, monkeypatch, tmp_pa
 
     def hf_hub_download(repo_id, filename, subfolder=None, **kwargs):
         calls.append(("file", repo_id, kwargs))
-        return str(tiny_sd15_folder / (subfolder or "") / filename)
+        path = tiny_sd15_folder / (subfolder or "") / filename
+        if not path.is_file():  # as the hub answers for a file the repo does not have
+            raise FileNotFoundError(f"{repo_id} has no {filename}")
+        return str(path)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
