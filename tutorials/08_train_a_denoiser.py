@@ -79,7 +79,7 @@ net = UNet2DModel(
     in_channels=3,
     out_channels=3,
     layers_per_block=1,
-    block_out_channels=(32, 64, 64),
+    block_out_channels=(16, 32, 64),
     down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
     up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
     norm_num_groups=8,
@@ -100,9 +100,9 @@ assert 0.3e6 < num_parameters < 1.5e6
 # with: it smooths out the last steps' noise.
 
 # %%
-NUM_STEPS, BATCH_SIZE = 1500, 32
+NUM_STEPS, BATCH_SIZE = 400, 32
 optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-ema = EMAModel(net.parameters(), decay=0.995)
+ema = EMAModel(net.parameters(), decay=0.99)
 data_generator = torch.Generator().manual_seed(1)
 losses = []
 
@@ -122,7 +122,7 @@ for step in range(NUM_STEPS):
     ema.step(net.parameters())
 
     losses.append(loss.item())
-    if step % 250 == 0 or step == NUM_STEPS - 1:
+    if step % 100 == 0 or step == NUM_STEPS - 1:
         print(f"step {step:5d}  loss (mean of the last 50) {sum(losses[-50:]) / len(losses[-50:]):.4f}")
 training_seconds = time.perf_counter() - start
 print(f"{NUM_STEPS} steps of batch {BATCH_SIZE} in {training_seconds:.0f} s")
