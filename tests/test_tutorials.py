@@ -23,6 +23,8 @@ from minidiff.trace import CAPTION_HEIGHT, evenly_spaced, record, save_film_stri
 REPO = Path(__file__).resolve().parent.parent
 TUTORIALS = sorted((REPO / "tutorials").glob("0*.py"))
 TIMEOUT_SECONDS = 120  # the bar: each tutorial in under 2 minutes on 2 shared cores (they take 3-10 s)
+# Tutorials that train a network get more (at most 240 s).
+TIMEOUT_SECONDS_OF = {"08_train_a_denoiser": 240}
 
 # The pictures each tutorial must write (in <out>/<tutorial name>/).
 PICTURES = {
@@ -44,10 +46,11 @@ TRACES = {
 
 
 def run_tutorial(path: Path, out: Path, cwd: Path, **environment) -> subprocess.CompletedProcess:
+    timeout = TIMEOUT_SECONDS_OF.get(path.stem, TIMEOUT_SECONDS)
     env = {key: value for key, value in os.environ.items() if key not in ("MINIDIFF_SD15", "MINIDIFF_DDPM")}
     env.update(MINIDIFF_TUTORIAL_OUT=str(out), HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1", **environment)
     return subprocess.run(
-        [sys.executable, str(path)], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_SECONDS
+        [sys.executable, str(path)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
