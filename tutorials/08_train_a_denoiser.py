@@ -187,26 +187,36 @@ loglog_plot(
 print("wrote", OUT / "eps_error_vs_sigma.png")
 
 # %% [markdown]
-# What the curves show (the asserts below hold what was measured, with margins):
+# What the curves show (measured with 400 training steps; the asserts keep wide margins):
 #
-# - **The floor.** At large sigma the data is a small part of x_t and the noise is almost all of
-#   it: eps* recovers eps nearly exactly, the floor is low. At small sigma the picture is almost
+# - **The floor.** At large sigma the data is a small part of x_t and the noise almost all of it:
+#   eps* recovers eps nearly exactly, the floor is low (~0.04). At small sigma the picture is almost
 #   all of x_t, and the noise is a tiny perturbation of a picture which itself varies by 0.1 per
-#   pixel: the 0.1 z of the data and the sigma eps of the noise look the same, and eps* can only
-#   guess their split. The floor rises towards 1 (knowing nothing about eps).
-# - **The network.** Its error against eps* is smallest at large sigma, where eps* is almost x_t
-#   itself (a near-identity the network learns first), and largest at small sigma, where
-#   eps* = (x_t - a x0*) / b divides the small residual of the picture by a small b: to predict
-#   the noise it must know the picture to a precision of b. The training loss hardly sees that
-#   error, because there |eps_net - eps| is dominated by the floor, which no training removes.
+#   pixel: the 0.1 z of the data and the sigma eps of the noise look alike, and eps* can only guess
+#   their split. The floor rises towards 1 (knowing nothing about eps).
+# - **The network, in eps.** Its error against eps* is largest at small sigma (~0.2-0.25 for
+#   t <= 50): there eps* = (x_t - a x0*) / b divides the small residual of the picture by a small
+#   b, so to predict the noise the network must know the picture to a precision of b. The training
+#   loss hardly sees that error, because |eps_net - eps| is dominated by the floor there, which no
+#   training removes.
+# - **The network, relative to the floor.** At large sigma its error (~0.12) is 3x the floor:
+#   eps* is nearly x_t itself there, and 400 steps have not taught it that near-identity to better
+#   than ~0.1. Turned into a prediction of the picture, x0 = (x_t - b eps) / a, that error is
+#   multiplied by sigma: at t=999 the network's x0 is more than 1 per pixel off. It hurts little
+#   when sampling, because each step's update at large sigma is (x - x0) / sigma: the same
+#   division undoes it.
 
 # %%
-small, large = [t for t in timesteps_measured if t <= 25], [t for t in timesteps_measured if t >= 600]
-print(f"network error: at t <= 25 {max(error_at[t] for t in small):.3f} (worst), at t >= 600 {max(error_at[t] for t in large):.3f} (worst)")
+small, large = [t for t in timesteps_measured if t <= 50], [t for t in timesteps_measured if t >= 600]
+print(f"network error: at t <= 50 {max(error_at[t] for t in small):.3f} (worst), at t >= 600 {max(error_at[t] for t in large):.3f} (worst)")
+x0_error_at = {t: sigma * error for t, sigma, error in zip(timesteps_measured, sigmas, net_vs_exact)}  # |x0_net - x0*|
+print(f"network error in x0: at t=1 {x0_error_at[1]:.3f}, at t=999 {x0_error_at[999]:.3f}")
 
-assert all(floor_at[t] > 0.5 for t in small)  # little sigma: most of eps is unknowable
+assert all(floor_at[t] > 0.35 for t in small)  # little sigma: much of eps is unknowable
 assert all(floor_at[t] < 0.1 for t in large)  # large sigma: eps* is almost all of eps
-assert min(error_at[t] for t in small) > 2 * max(error_at[t] for t in large)  # the net fails where sigma is small
+assert max(error_at[t] for t in small) > 1.3 * max(error_at[t] for t in large)  # in eps, worst at small sigma
+assert all(error_at[t] > 1.5 * floor_at[t] for t in large)  # at large sigma, far above what is possible
+assert x0_error_at[999] > 10 * x0_error_at[1]  # in x0, worst at large sigma
 assert all(error_at[t] < 0.5 for t in timesteps_measured)  # but it learned the rough shape everywhere
 
 # %% [markdown]
