@@ -23,6 +23,8 @@ from minidiff.trace import CAPTION_HEIGHT, evenly_spaced, record, save_film_stri
 REPO = Path(__file__).resolve().parent.parent
 TUTORIALS = sorted((REPO / "tutorials").glob("0*.py"))
 TIMEOUT_SECONDS = 120  # the bar: each tutorial in under 2 minutes on 2 shared cores (they take 3-10 s)
+# Tutorials that train a network get more (at most 240 s).
+TIMEOUT_SECONDS_OF = {"08_train_a_denoiser": 240}
 
 # The pictures each tutorial must write (in <out>/<tutorial name>/).
 PICTURES = {
@@ -33,6 +35,7 @@ PICTURES = {
     "05_classifier_free_guidance": ["guidance_scales.png", "guidance_on_pictures.png"],
     "06_img2img_and_strength": ["input_and_house.png", "add_noise.png", "strength.png", "trace.png", "trace.gif"],
     "07_a_scheduler_next_to_its_paper": ["samples.png"],
+    "08_train_a_denoiser": ["data.png", "eps_error_vs_sigma.png", "samples.png"],
 }
 
 # Traces written by the tutorials: (frames recorded, frame width = height in pixels).
@@ -44,10 +47,11 @@ TRACES = {
 
 
 def run_tutorial(path: Path, out: Path, cwd: Path, **environment) -> subprocess.CompletedProcess:
+    timeout = TIMEOUT_SECONDS_OF.get(path.stem, TIMEOUT_SECONDS)
     env = {key: value for key, value in os.environ.items() if key not in ("MINIDIFF_SD15", "MINIDIFF_DDPM")}
     env.update(MINIDIFF_TUTORIAL_OUT=str(out), HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1", **environment)
     return subprocess.run(
-        [sys.executable, str(path)], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_SECONDS
+        [sys.executable, str(path)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -68,7 +72,12 @@ def test_every_tutorial_is_listed():
     assert [path.stem for path in TUTORIALS] == list(PICTURES)
 
 
-@pytest.mark.parametrize("path", TUTORIALS, ids=[path.stem for path in TUTORIALS])
+# Tutorials too slow for the default suite (they train a network): run with `pytest -m slow`.
+SLOW_TUTORIALS = {"08_train_a_denoiser"}
+RUNS = [pytest.param(path, marks=pytest.mark.slow) if path.stem in SLOW_TUTORIALS else path for path in TUTORIALS]
+
+
+@pytest.mark.parametrize("path", RUNS, ids=[path.stem for path in TUTORIALS])
 def test_tutorial_runs_offline_and_writes_its_pictures(path: Path, out_root: Path, tmp_path: Path):
     result = run_tutorial(path, out_root, cwd=tmp_path)
     assert result.returncode == 0, failure_report(result)
