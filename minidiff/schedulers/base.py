@@ -451,6 +451,16 @@ class SigmaSchedulerMixin(SchedulerMixin):
         self.is_scale_input_called = True
         return sample / ((sigma**2 + 1) ** 0.5)
 
+    def set_training_sigmas(self, beta_schedule: str, beta_start: float, beta_end: float, num_train_timesteps: int,
+                            trained_betas=None) -> None:
+        """betas -> alpha_bar_t (DDPM eq. 4) -> sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) at every training
+        timestep, float32 as diffusers computes them, and their logs (for `sigma_to_t`)."""
+        self.betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, sigma_t for t = 0..T-1
+        self.log_train_sigmas = np.log(self.train_sigmas)
+
     def _model_sigma(self, entry: int) -> torch.Tensor:
         """The noise level the model is asked about at `timesteps[entry]` (the 2-calls-a-step schedulers override it)."""
         return self.sigmas[entry]

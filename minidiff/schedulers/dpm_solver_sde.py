@@ -68,9 +68,7 @@ from minidiff.schedulers.base import (
     check_num_inference_steps,
     exponential_sigmas,
     karras_sigmas,
-    make_betas,
     sigma_to_t,
-    sigmas_from_alphas_cumprod,
     spaced_timesteps,
 )
 from minidiff.schedulers.brownian import BrownianTreeNoiseSampler
@@ -108,11 +106,7 @@ class DPMSolverSDEScheduler(SigmaSchedulerMixin):
                 "use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas each replace the noise levels; "
                 "set at most one of them to True"
             )
-        self.betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, sigma_t for t = 0..T-1
-        self.log_train_sigmas = np.log(self.train_sigmas)
+        self.set_training_sigmas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
         self.noise_sampler_seed = noise_sampler_seed
         # As diffusers: until `set_timesteps`, the schedule visits every training timestep.
         self.set_timesteps(num_train_timesteps)

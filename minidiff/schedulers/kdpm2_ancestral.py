@@ -30,9 +30,7 @@ from minidiff.schedulers.base import (
     check_choice,
     check_num_inference_steps,
     check_one_noise_schedule,
-    make_betas,
     randn_tensor,
-    sigmas_from_alphas_cumprod,
     spaced_sigmas,
 )
 from minidiff.schedulers.kdpm2 import midpoint_timesteps_float32, per_model_call
@@ -63,11 +61,7 @@ class KDPM2AncestralDiscreteScheduler(SigmaSchedulerMixin):
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         check_one_noise_schedule(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
-        self.betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32
-        self.log_train_sigmas = np.log(self.train_sigmas)
+        self.set_training_sigmas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
         self.set_timesteps(num_train_timesteps)  # as diffusers: until `set_timesteps`, every training timestep
 
     def set_timesteps(self, num_inference_steps: int, device=None, num_train_timesteps: int | None = None) -> None:
