@@ -27,7 +27,7 @@ SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 def test_heun_matches_diffusers_on_a_grid(spacing, noise_levels, prediction_type):
     config = dict(SD15, timestep_spacing=spacing, prediction_type=prediction_type, steps_offset=1 if spacing == "leading" else 0,
                   **noise_levels)
-    for steps in (1, 2, 7, 10):
+    for steps in (1, 2, 7):
         run_parity(HeunDiscreteScheduler, diffusers.HeunDiscreteScheduler, config, steps)
 
 

@@ -33,14 +33,14 @@ def test_matches_diffusers_on_a_grid(pair, spacing, noise_levels, prediction_typ
     ours, theirs, seed = pair
     config = dict(SD15, timestep_spacing=spacing, prediction_type=prediction_type, steps_offset=1 if spacing == "leading" else 0,
                   **noise_levels)
-    for steps in (1, 2, 7):
+    for steps in (1, 7):
         run_parity(ours, theirs, config, steps, seed=seed)
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=["KDPM2", "KDPM2 ancestral"])
 def test_long_runs_beta_sigmas_and_other_beta_schedules(pair):
     ours, theirs, seed = pair
-    for steps in (10, 25, 101):
+    for steps in (10, 101):
         run_parity(ours, theirs, SD15, steps, seed=seed)
     beta = [cls(**SD15, use_beta_sigmas=True) for cls in (ours, theirs)]
     for scheduler in beta:
