@@ -187,8 +187,15 @@ class DEISMultistepScheduler(SchedulerMixin):
             return 2
         return 3
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True) -> SchedulerOutput | tuple:
-        """One AB-DEIS step from the current noise level to the next."""
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        """One AB-DEIS step from the current noise level to the next (deterministic: `generator` is not used)."""
         self._check_timesteps_set()
         if self.step_index is None:
             self._init_step_index(timestep)
