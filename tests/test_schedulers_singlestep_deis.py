@@ -552,3 +552,16 @@ def test_txt2img_equals_diffusers(both_pipelines, scheduler_name):
     b = theirs(generator=torch.Generator().manual_seed(0), **kwargs).images
     assert a.shape == b.shape == (1, 64, 64, 3)
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)  # tests/test_pipelines.py's tolerance
+
+
+@pytest.mark.parametrize("target, theirs_target", [(DPMSolverMultistepScheduler, diffusers.DPMSolverMultistepScheduler), PAIRS[0]])
+def test_a_deis_config_needs_sigma_min_for_dpm_solver_as_in_diffusers(target, theirs_target):
+    """DPM-Solver reads an explicit algorithm_type "deis" as "dpmsolver++" but, as diffusers, refuses it with "zero".
+    (A DEIS config left at its defaults reads fine: defaulted fields are not passed on, `_use_default_values`.)"""
+    with pytest.raises(ValueError, match="sigma_min"):
+        target.from_config(DEISMultistepScheduler(algorithm_type="deis").config)
+    with pytest.raises(ValueError, match="sigma_min"):
+        theirs_target.from_config(TheirDEIS(algorithm_type="deis").config)
+    explicit = DEISMultistepScheduler(algorithm_type="deis").config
+    assert target.from_config(explicit, final_sigmas_type="sigma_min").config.algorithm_type == "dpmsolver++"
+    assert target.from_config(DEISMultistepScheduler().config).config.algorithm_type == "dpmsolver++"
