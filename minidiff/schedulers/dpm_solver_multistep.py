@@ -28,7 +28,9 @@ integrator; each step adds fresh noise z ~ N(0, I), drawn in float32 (2211.01095
     order 1:           x_t = (sigma_t / sigma_s0) e^-h x_s0 + alpha_t (1 - e^-2h) m0 + sigma_t sqrt(1 - e^-2h) z
 
 The first steps are lower order (warm-up: there are no previous outputs yet), and so are the last
-steps when asked (see `lower_order_final`, `euler_at_final`, `final_sigmas_type` below).
+steps when asked (see `lower_order_final`, `euler_at_final`, `final_sigmas_type` below). Each formula
+is one function of `update_rules.py` (`dpm_solver_pp_first_order`, `dpm_solver_pp_second_order`, ...);
+`step` converts the model output (`parameterization.to_x0` / `to_eps`), picks the order, and calls one.
 
 Config fields (diffusers' names and defaults):
 - num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training schedule
