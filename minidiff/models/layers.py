@@ -19,6 +19,7 @@ API (constructor signatures are kept stable; other models build on them):
                                                               # forward(x): H, W -> H/2, W/2
     Upsample2D(channels, use_conv=False, out_channels=None)  # forward(x, output_size=None): H, W -> 2H, 2W
     get_activation(name)                                     # "silu"/"swish", "gelu", "mish", "relu"
+    checkpointed(enabled, module, *args)                     # module(*args), through gradient checkpointing if enabled
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -258,3 +260,13 @@ def timesteps_for_batch(timestep, sample: torch.Tensor) -> torch.Tensor:
             f"got shape {tuple(timestep.shape)}"
         )
     return timestep.expand(batch)
+
+
+def checkpointed(enabled: bool, module: nn.Module, *args):
+    """`module(*args)`; with `enabled` and gradients on, through torch.utils.checkpoint (gradient checkpointing,
+    Chen et al. 2016, arXiv 1604.06174): the activations inside `module` are not kept for the backward pass but
+    recomputed there, trading compute for memory. The gradients are the same (dropout replays its random
+    numbers: torch saves and restores the RNG state)."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
