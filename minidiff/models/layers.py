@@ -187,9 +187,19 @@ class ResnetBlock2D(nn.Module):
             hidden_states = self.norm2(hidden_states)
 
         hidden_states = self.conv2(self.dropout(self.nonlinearity(hidden_states)))
+        return (self.shortcut(input_tensor) + hidden_states) / self.output_scale_factor
 
-        shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
-        return (shortcut + hidden_states) / self.output_scale_factor
+    def shortcut(self, input_tensor: torch.Tensor) -> torch.Tensor:
+        """The skip path: `conv_shortcut` (1x1) when the channel count changes, else the input itself.
+
+        In training the conv's input is made contiguous first, as diffusers does (distributed training warns of
+        mismatched gradient strides otherwise). The result's memory layout decides which elements the next
+        dropout's random mask falls on, so this keeps a seeded train-mode step equal to diffusers'."""
+        if self.conv_shortcut is None:
+            return input_tensor
+        if self.training:
+            input_tensor = input_tensor.contiguous()
+        return self.conv_shortcut(input_tensor)
 
 
 # ----- resampling -----------------------------------------------------------------------------------

@@ -108,8 +108,7 @@ class ResamplingResnetBlock2D(ResnetBlock2D):
         else:
             hidden_states = self.norm2(hidden_states + temb)
         hidden_states = self.conv2(self.dropout(self.nonlinearity(hidden_states)))
-        shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
-        return (shortcut + hidden_states) / self.output_scale_factor
+        return (self.shortcut(input_tensor) + hidden_states) / self.output_scale_factor
 
 
 def spatial_self_attention(channels: int, head_dim: int | None, groups: int | None, eps: float, rescale: float = 1.0):
