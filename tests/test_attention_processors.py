@@ -269,3 +269,40 @@ def test_a_bad_dict_is_refused_with_the_count_and_keys(unets):
     with pytest.raises(ValueError, match=r"unknown keys: \['down_blocks.0.attentions.0.attn2.processor'\]"):
         ours.set_attn_processor(renamed)
     assert all(type(p) is AttnProcessor for p in ours.attn_processors.values())
+
+
+# ----- one Attention layer: the helpers and a mask, against diffusers' Attention ----------------------
+
+
+def test_attention_helpers_and_masked_attention_equal_diffusers():
+    from minidiff.models.attention import Attention
+
+    torch.manual_seed(0)
+    theirs = diffusers.models.attention_processor.Attention(32, cross_attention_dim=CONTEXT_DIM, heads=4, dim_head=8)
+    ours = Attention(32, cross_attention_dim=CONTEXT_DIM, heads=4, dim_head=8)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert (ours.heads, ours.scale, ours.is_cross_attention) == (theirs.heads, theirs.scale, theirs.is_cross_attention)
+    generator = torch.Generator().manual_seed(1)
+    hidden_states = torch.randn(2, 64, 32, generator=generator)
+    text = torch.randn(2, TOKENS, CONTEXT_DIM, generator=generator)
+    mask = torch.zeros(2, 1, TOKENS)
+    mask[:, :, 10:] = -10000.0  # padding tokens after the 10th: (nearly) no attention to them
+
+    query, key = ours.head_to_batch_dim(ours.to_q(hidden_states)), ours.head_to_batch_dim(ours.to_k(text))
+    assert query.shape == (2 * 4, 64, 8)
+    assert torch.equal(query, theirs.head_to_batch_dim(theirs.to_q(hidden_states)))
+    assert torch.equal(ours.batch_to_head_dim(query), ours.to_q(hidden_states))
+    ours_mask = ours.prepare_attention_mask(mask, TOKENS, 2)
+    assert torch.equal(ours_mask, theirs.prepare_attention_mask(mask, TOKENS, 2))
+    probabilities = ours.get_attention_scores(query, key, ours_mask)  # (B*heads, N, M)
+    assert (probabilities - theirs.get_attention_scores(query, key, ours_mask)).abs().max() <= TOLERANCE
+    assert probabilities[:, :, 10:].max() < 1e-6
+
+    with torch.no_grad():
+        for their_processor in (diffusers.models.attention_processor.AttnProcessor2_0(),
+                                diffusers.models.attention_processor.AttnProcessor()):
+            theirs.set_processor(their_processor)
+            expected = theirs(hidden_states, text, attention_mask=mask)
+            assert (ours(hidden_states, text, attention_mask=mask) - expected).abs().max() <= TOLERANCE
+    with pytest.raises(ValueError, match="attention_mask covers 5 keys but the attention has 77"):
+        ours(hidden_states, text, attention_mask=mask[:, :, :5])

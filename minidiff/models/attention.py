@@ -15,6 +15,8 @@ API (constructor signatures are kept stable; other models build on them):
           heads=channels // head_dim, dim_head=head_dim, norm_num_groups=groups, bias=True,
           residual_connection=True, rescale_output_factor=..., upcast_softmax=True
         called on a (B, C, H, W) feature map.
+        set_processor(processor) / get_processor(): the function doing the attention (attention_processor.py);
+        head_to_batch_dim, batch_to_head_dim, get_attention_scores, prepare_attention_mask: diffusers' helpers.
     GEGLU(dim_in, dim_out)                                   # proj -> value * gelu(gate)
     FeedForward(dim, dim_out=None, mult=4, dropout=0.0, activation_fn="geglu")
     BasicTransformerBlock(dim, num_attention_heads, attention_head_dim, dropout=0.0,
