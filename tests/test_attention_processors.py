@@ -306,3 +306,14 @@ def test_attention_helpers_and_masked_attention_equal_diffusers():
             assert (ours(hidden_states, text, attention_mask=mask) - expected).abs().max() <= TOLERANCE
     with pytest.raises(ValueError, match="attention_mask covers 5 keys but the attention has 77"):
         ours(hidden_states, text, attention_mask=mask[:, :, :5])
+
+
+def test_the_lora_scale_key_is_taken_out_as_in_diffusers(unets):
+    """diffusers' UNet pops cross_attention_kwargs["scale"] (its LoRA scale) before the processors see it."""
+    _, ours = unets
+    latents, t, text = unet_inputs()
+    with torch.no_grad():
+        plain = ours(latents, t, text).sample
+        assert torch.equal(ours(latents, t, text, cross_attention_kwargs={"scale": 1.0}).sample, plain)
+        with pytest.warns(UserWarning, match="no LoRA layers"):
+            assert torch.equal(ours(latents, t, text, cross_attention_kwargs={"scale": 0.5}).sample, plain)

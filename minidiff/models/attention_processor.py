@@ -138,5 +138,9 @@ class AttentionMixin:
             module.set_processor(processor[f"{name}.processor"])
 
     def set_default_attn_processor(self) -> None:
-        """Back to the default processor (`AttnProcessor`: scaled_dot_product_attention) in every layer."""
+        """Back to the default processor (`AttnProcessor`: scaled_dot_product_attention) in every layer.
+
+        diffusers' method puts its non-SDPA `AttnProcessor` there (the same attention, with the probabilities
+        written out), and refuses to when a layer has a processor of a kind it does not know; this one always
+        restores minidiff's default."""
         self.set_attn_processor(AttnProcessor())

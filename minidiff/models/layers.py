@@ -31,7 +31,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-
 _ACTIVATIONS = {"swish": nn.SiLU, "silu": nn.SiLU, "gelu": nn.GELU, "mish": nn.Mish, "relu": nn.ReLU}
 
 

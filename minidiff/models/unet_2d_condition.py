@@ -39,6 +39,7 @@ HEADS of each block (8 for SD 1.5, [5, 10, 20, 20] for SD 2.x); each head has ou
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,7 @@ from torch import nn
 
 from minidiff.configuration import register_to_config
 from minidiff.models.attention import Transformer2DModel
+from minidiff.models.attention_processor import AttentionMixin
 from minidiff.models.layers import (
     Downsample2D,
     ResnetBlock2D,
@@ -56,7 +58,6 @@ from minidiff.models.layers import (
     get_activation,
     timesteps_for_batch,
 )
-from minidiff.models.attention_processor import AttentionMixin
 from minidiff.models.modeling import ModelMixin
 from minidiff.utils.outputs import BaseOutput
 
@@ -323,6 +324,7 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin):
         Returns UNet2DConditionOutput(sample=(B, out_channels, H, W)), or a 1-tuple with return_dict=False.
         """
         self._check_inputs(sample, encoder_hidden_states, class_labels)
+        cross_attention_kwargs = _without_lora_scale(cross_attention_kwargs)
         # Latents whose size is not a multiple of 2**num_upsamplers: each upsampler resizes to its skip's size.
         odd_size = any(size % 2**self.num_upsamplers != 0 for size in sample.shape[-2:])
         if self.config.center_input_sample:
@@ -372,6 +374,18 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin):
             )
         if self.class_embedding is not None and class_labels is None:
             raise ValueError("this UNet is class-conditional (num_class_embeds is set): pass class_labels (B,)")
+
+
+def _without_lora_scale(cross_attention_kwargs: dict | None) -> dict | None:
+    """diffusers' UNet takes `cross_attention_kwargs["scale"]` as the scale of its LoRA layers and does not pass
+    it on to the processors; minidiff has no LoRA layers, so it is taken out and ignored (a warning unless 1.0)."""
+    if not cross_attention_kwargs or "scale" not in cross_attention_kwargs:
+        return cross_attention_kwargs
+    cross_attention_kwargs = dict(cross_attention_kwargs)
+    if cross_attention_kwargs.pop("scale") != 1.0:
+        warnings.warn("cross_attention_kwargs['scale'] is the LoRA scale in diffusers; minidiff's UNet has no LoRA "
+                      "layers, so it is ignored", stacklevel=3)
+    return cross_attention_kwargs
 
 
 def _per_block(name: str, value, num_blocks: int) -> list:
