@@ -317,3 +317,29 @@ def test_the_lora_scale_key_is_taken_out_as_in_diffusers(unets):
         assert torch.equal(ours(latents, t, text, cross_attention_kwargs={"scale": 1.0}).sample, plain)
         with pytest.warns(UserWarning, match="no LoRA layers"):
             assert torch.equal(ours(latents, t, text, cross_attention_kwargs={"scale": 0.5}).sample, plain)
+
+
+def test_a_trainable_processor_is_a_submodule_until_replaced(unets):
+    """As in diffusers: an nn.Module processor (e.g. with its own weights) is registered in the layer, so its
+    parameters train and save with the model; a plain processor put back removes it."""
+    _, ours = unets
+
+    class ScaledOutput(torch.nn.Module, AttnProcessor):
+        def __init__(self):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.tensor(1.0))
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+            return self.gain * AttnProcessor.__call__(self, attn, hidden_states, encoder_hidden_states, attention_mask)
+
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"
+    processors = dict(ours.attn_processors)
+    processors[key] = ScaledOutput()
+    ours.set_attn_processor(processors)
+    assert f"{key}.gain" in ours.state_dict()
+    latents, t, text = unet_inputs()
+    ours(latents, t, text).sample.sum().backward()
+    assert processors[key].gain.grad is not None
+    ours.zero_grad(set_to_none=True)
+    ours.set_default_attn_processor()
+    assert f"{key}.gain" not in ours.state_dict()
