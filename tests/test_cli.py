@@ -1,5 +1,6 @@
 """The `minidiff` command, through subprocess: what it writes, and one clear line (never a traceback) on bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -74,9 +75,9 @@ def test_convert_folder_to_single_file_and_back(tiny_sd15_folder, tmp_path):
     ).read_bytes()
 
 
-@pytest.mark.parametrize(
-    "args, fragment",
-    [
+BAD_INPUT = [
+    pytest.param(*case, id=f"args{i}-{case[1]}")
+    for i, case in enumerate([
         (["generate", "x", "--scheduler", "heunn"], "unknown scheduler 'heunn'"),
         (["generate", "x", "--scheduler", "DPM++ 2M Karas"], "Did you mean 'DPM++ 2M Karras'"),
         (["generate", "x", "--size", "500x512"], "multiples of 8"),
@@ -86,10 +87,38 @@ def test_convert_folder_to_single_file_and_back(tiny_sd15_folder, tmp_path):
         (["generate", "x", "--weights", "/no/such/folder"], "no such file or folder"),
         (["generate", "x", "--out", "/proc/minidiff/out.png"], "cannot write to /proc/minidiff"),
         (["convert", "/no/such/file.safetensors", "out"], "does not exist"),
-    ],
-)
-def test_bad_input_ends_with_one_clear_line(args, fragment):
-    assert_clean_failure(minidiff(*args), fragment)
+    ])
+]
+
+
+@pytest.mark.parametrize("args, fragment", BAD_INPUT)
+def test_bad_input_ends_with_one_clear_line(args, fragment, bad_input_results):
+    assert_clean_failure(bad_input_results[tuple(args)], fragment)
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(request) -> dict:
+    """Every bad command line of the test above, run by `minidiff.cli.main` in one fresh Python process (one
+    start-up instead of nine): {args: CompletedProcess-like result with its exit code and stderr}."""
+    cases = [tuple(param.values[0]) for param in BAD_INPUT]
+    driver = (
+        "import contextlib, io, json, sys\n"
+        "from minidiff.cli import main\n"
+        "results = []\n"
+        "for args in json.loads(sys.argv[1]):\n"
+        "    stderr = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(stderr):\n"
+        "        try:\n"
+        "            code = main(args)\n"
+        "        except SystemExit as exit:\n"
+        "            code = exit.code\n"
+        "    results.append([code, stderr.getvalue()])\n"
+        "print(json.dumps(results))\n"
+    )
+    process = subprocess.run([sys.executable, "-c", driver, json.dumps(cases)], capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr
+    return {args: subprocess.CompletedProcess(args, code, "", stderr)
+            for args, (code, stderr) in zip(cases, json.loads(process.stdout.splitlines()[-1]))}
 
 
 def test_missing_weights_offline_say_so(tmp_path):

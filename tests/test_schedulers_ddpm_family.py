@@ -53,8 +53,14 @@ def accepted(config: dict, n: int, prk: bool = False) -> bool:
 
 # ----- parity: every spacing and offset at every step count -------------------------------------
 
+def long_unless(keep: bool, n: int) -> list:
+    """The `long` mark (pytest -m long) for a 1000-step run, unless it is the one kept in the default suite."""
+    return [pytest.mark.long] if n >= 1000 and not keep else []
+
+
 SPACING_CASES = [
-    pytest.param(cls, extra, spacing, offset, n, seed, id=f"{cls.__name__}-{tag}-{spacing}-{offset}-{n}")
+    pytest.param(cls, extra, spacing, offset, n, seed, id=f"{cls.__name__}-{tag}-{spacing}-{offset}-{n}",
+                 marks=long_unless((spacing, offset) == ("leading", 1), n))  # SD 1.5's spacing stays at 1000 steps
     for cls, extra, seed, tag in [
         (DDIMScheduler, {}, None, "default"),
         (DDPMScheduler, {}, 0, "default"),
@@ -123,7 +129,7 @@ PNDM_VARIANTS = {
 }
 
 VARIANT_CASES = [
-    pytest.param(cls, config, step_kwargs, seed, n, id=f"{cls.__name__}-{name}-{n}")
+    pytest.param(cls, config, step_kwargs, seed, n, id=f"{cls.__name__}-{name}-{n}", marks=long_unless(False, n))
     for cls, variants in [(DDIMScheduler, DDIM_VARIANTS), (DDPMScheduler, DDPM_VARIANTS), (PNDMScheduler, PNDM_VARIANTS)]
     for name, (config, step_kwargs, seed) in variants.items()
     for n in ([4, 27, 1000] if config.get("skip_prk_steps") is False else [1, 27, 1000])

@@ -138,8 +138,9 @@ THOUSAND_STEP_CASES = [
 
 @pytest.mark.parametrize(
     "cls, case",
-    [(cls, case) for cls in (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler) for case in THOUSAND_STEP_CASES]
-    + [(LMSDiscreteScheduler, ("linspace", 1, "epsilon", "scaled_linear"))],
+    [pytest.param(cls, case, marks=[] if case == THOUSAND_STEP_CASES[1] else [pytest.mark.long])  # SD's config by default
+     for cls in (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler) for case in THOUSAND_STEP_CASES]
+    + [pytest.param(LMSDiscreteScheduler, ("linspace", 1, "epsilon", "scaled_linear"), marks=pytest.mark.long)],
 )
 def test_parity_1000_steps(cls, case):
     spacing, offset, prediction, schedule = case
@@ -206,6 +207,7 @@ LONG_OPTION_CASES = [
 ]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("cls, config, n", LONG_OPTION_CASES)
 def test_parity_options_long(cls, config, n):
     parity(cls, config, n)

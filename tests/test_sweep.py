@@ -116,6 +116,11 @@ def test_a_bad_spec_is_refused_before_any_weights_are_loaded(tmp_path, fields, m
     spec = write_spec(tmp_path, tmp_path / "no-such-weights", **fields)  # loading would fail: the spec must fail first
     with pytest.raises(SpecError, match=re.escape(message)):
         load_spec(spec)
+
+
+def test_the_command_refuses_a_bad_spec_before_writing_anything(tmp_path):
+    message = "spec field 'size' is 500x512"  # one of the cases above, through `minidiff sweep` as a user runs it
+    spec = write_spec(tmp_path, tmp_path / "no-such-weights", size="500x512")
     result = subprocess.run(sweep_command(str(spec), "--out", str(tmp_path / "out")), env=environment(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr, result.stderr
