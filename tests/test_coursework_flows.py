@@ -102,3 +102,102 @@ def test_loss_guidance_gradients_equal_diffusers(deep_dive_parts, tiny_sd15_fold
         assert_close(grad, their_grad)
         assert grad.abs().sum() > 0  # the colour loss does reach the latents
     assert_close(final, their_final)
+
+
+# ----- diffusion-models-class, unit 1: train, sample, save, reload ---------------------------------------
+
+UNIT1_UNET = dict(  # the course's UNet2DModel, narrowed: two resolutions, one attention level
+    sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=8,
+)
+
+
+def train_unit1(model, noise_scheduler, steps=4, batch_size=4):
+    """The course's training loop: add_noise at random timesteps, predict the noise, MSE, AdamW. Returns the losses."""
+    generator = torch.Generator().manual_seed(1)
+    dataset = torch.rand(steps, batch_size, 3, 32, 32, generator=generator) * 2 - 1  # "images" in [-1, 1]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4)
+    losses = []
+    for clean_images in dataset:
+        noise = torch.randn(clean_images.shape, generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator).long()
+        noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+        noise_pred = model(noisy_images, timesteps, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(noise_pred, noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+    return losses
+
+
+def course_sampling_loop(model, scheduler, timesteps, seed=2):
+    """The course's loop, on whatever timesteps the scheduler holds: no set_timesteps call. DDPM's step draws its
+    variance noise from the global generator there (no generator= passed), so it is seeded first."""
+    torch.manual_seed(seed)
+    sample = torch.randn(2, 3, 32, 32)
+    for t in timesteps:
+        with torch.no_grad():
+            residual = model(sample, t).sample
+        sample = scheduler.step(residual, t, sample).prev_sample
+    return sample
+
+
+def test_unit1_train_sample_save_reload_equals_diffusers(tmp_path):
+    from minidiff.models.unet_2d import UNet2DModel
+    from minidiff.pipelines.ddpm import DDPMPipeline
+    from minidiff.schedulers.ddpm import DDPMScheduler
+
+    torch.manual_seed(0)
+    model = UNet2DModel(**UNIT1_UNET)
+    their_model = diffusers.UNet2DModel(**UNIT1_UNET)
+    their_model.load_state_dict(model.state_dict())  # the same starting weights on both sides
+    scheduler_config = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    noise_scheduler = DDPMScheduler(**scheduler_config)
+    their_scheduler = diffusers.DDPMScheduler(**scheduler_config)
+
+    # training: same batches, same noise, same AdamW -> same losses and weights (up to float32 kernels)
+    losses = train_unit1(model, noise_scheduler)
+    their_losses = train_unit1(their_model, their_scheduler)
+    assert_close(torch.stack(losses), torch.stack(their_losses))
+    for name, value in their_model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-3, atol=1e-5)
+    model.eval()
+
+    # the course's sampling loop on the fresh scheduler's 1000 timesteps (the first 10: each step is x_t -> x_{t-1})
+    loop = course_sampling_loop(model, noise_scheduler, noise_scheduler.timesteps[:10])
+    their_loop = course_sampling_loop(their_model.eval(), their_scheduler, their_scheduler.timesteps[:10])
+    assert torch.equal(noise_scheduler.timesteps, their_scheduler.timesteps)
+    assert_close(loop, their_loop)
+
+    # the pipeline, saved and reloaded: identical images for the same seed
+    image_pipe = DDPMPipeline(unet=model, scheduler=noise_scheduler)
+    image_pipe.set_progress_bar_config(disable=True)
+    images = image_pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=5,
+                        output_type="np").images
+    assert images.shape == (2, 32, 32, 3)
+    image_pipe.save_pretrained(tmp_path / "my_pipeline")
+    reloaded = DDPMPipeline.from_pretrained(tmp_path / "my_pipeline")
+    reloaded.set_progress_bar_config(disable=True)
+    again = reloaded(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=5, output_type="np").images
+    assert (again == images).all()
+
+    # the course's loop again, now on the 5 timesteps the pipeline left in the scheduler
+    assert noise_scheduler.timesteps.tolist() == [800, 600, 400, 200, 0]
+    loop = course_sampling_loop(model, noise_scheduler, noise_scheduler.timesteps)
+
+    # diffusers reads the folder: same UNet output, same images, same hand-written loop
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = diffusers.DDPMPipeline.from_pretrained(str(tmp_path / "my_pipeline"))
+    theirs.set_progress_bar_config(disable=True)
+    assert type(theirs.scheduler).__name__ == "DDPMScheduler"
+    assert theirs.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    sample, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)), torch.tensor([10, 900])
+    with torch.no_grad():
+        assert_close(model(sample, t).sample, theirs.unet(sample, t).sample)
+    their_images = theirs(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=5,
+                          output_type="np").images
+    torch.testing.assert_close(torch.from_numpy(images), torch.from_numpy(their_images), rtol=0, atol=1e-4)
+    assert_close(loop, course_sampling_loop(theirs.unet, theirs.scheduler, theirs.scheduler.timesteps))
