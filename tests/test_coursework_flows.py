@@ -201,3 +201,87 @@ def test_unit1_train_sample_save_reload_equals_diffusers(tmp_path):
                           output_type="np").images
     torch.testing.assert_close(torch.from_numpy(images), torch.from_numpy(their_images), rtol=0, atol=1e-4)
     assert_close(loop, course_sampling_loop(theirs.unet, theirs.scheduler, theirs.scheduler.timesteps))
+
+
+# ----- diffusers' textual inversion example: the learned embedding in a pipeline ----------------------------
+
+
+@pytest.fixture()
+def both_pipelines(tiny_sd15_folder):
+    """Fresh (minidiff, diffusers) StableDiffusionPipelines on the tiny folder: loading a concept changes them."""
+    from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = diffusers.StableDiffusionPipeline.from_pretrained(str(tiny_sd15_folder), safety_checker=None,
+                                                                   requires_safety_checker=False)
+    return StableDiffusionPipeline.from_pretrained(tiny_sd15_folder), theirs
+
+
+def assert_same_concepts(ours, theirs, prompts):
+    """Same vocabulary, same embedding table, and the same prompt_embeds for prompts naming the new tokens."""
+    assert ours.tokenizer.get_vocab() == theirs.tokenizer.get_vocab()
+    assert torch.equal(ours.text_encoder.get_input_embeddings().weight, theirs.text_encoder.get_input_embeddings().weight)
+    for prompt in prompts:
+        assert ours.maybe_convert_prompt(prompt) == theirs.maybe_convert_prompt(prompt, theirs.tokenizer)
+        ids = ours.tokenizer(ours.maybe_convert_prompt(prompt)).input_ids
+        assert ids == theirs.tokenizer(theirs.maybe_convert_prompt(prompt, theirs.tokenizer)).input_ids
+        embeds, negative = ours.encode_prompt(prompt, num_images_per_prompt=1, do_classifier_free_guidance=True,
+                                              negative_prompt=prompt)
+        their_embeds, their_negative = theirs.encode_prompt(prompt, "cpu", 1, True, negative_prompt=prompt)
+        torch.testing.assert_close(embeds, their_embeds, rtol=0, atol=1e-5)
+        torch.testing.assert_close(negative, their_negative, rtol=0, atol=1e-5)
+
+
+def test_load_textual_inversion_equals_diffusers_for_every_form(both_pipelines, tmp_path):
+    from safetensors.torch import save_file
+
+    ours, theirs = both_pipelines
+    generator = torch.Generator().manual_seed(0)
+    cat_toy = torch.randn(3, 32, generator=generator)  # a 3-vector concept, as the training script saves it
+    save_file({"<cat-toy>": cat_toy}, str(tmp_path / "learned_embeds.safetensors"))
+    a1111 = {"name": "birb", "string_to_param": {"*": torch.randn(1, 32, generator=generator)}, "step": 3000}
+    torch.save(a1111, str(tmp_path / "birb.pt"))
+    torch.save({"<pixel>": torch.randn(32, generator=generator)}, str(tmp_path / "pixel.bin"))
+    rows = torch.randn(2, 32, generator=generator)
+    calls = [
+        dict(pretrained_model_name_or_path=str(tmp_path / "learned_embeds.safetensors")),
+        dict(pretrained_model_name_or_path=str(tmp_path / "birb.pt")),
+        dict(pretrained_model_name_or_path=[str(tmp_path / "pixel.bin"), {"<dict>": torch.randn(1, 32, generator=generator)}],
+             token=["<pixel-art>", None]),
+        dict(pretrained_model_name_or_path=rows, token=["<left>", "<right>"]),
+    ]
+    for call in calls:
+        added = ours.load_textual_inversion(**call)
+        theirs.load_textual_inversion(**call)
+        assert all(name in theirs.tokenizer.added_tokens_encoder for name in added)
+    assert added == ["<left>", "<right>"]
+    assert ours.tokenizer.convert_tokens_to_ids(["<cat-toy>", "<cat-toy>_1", "<cat-toy>_2"]) == [49408, 49409, 49410]
+    assert torch.equal(ours.text_encoder.get_input_embeddings().weight[49408:49411], cat_toy)
+    assert len(ours.tokenizer) == ours.text_encoder.get_input_embeddings().num_embeddings == 49408 + 3 + 1 + 2 + 2
+    assert_same_concepts(ours, theirs, ["a <cat-toy> backpack", "birb, <pixel-art> <dict>", "<left> and <right>", ""])
+
+
+def test_load_textual_inversion_refuses_what_diffusers_refuses(both_pipelines):
+    ours, theirs = both_pipelines
+    vector = torch.randn(32)
+    for pipeline in (ours, theirs):
+        pipeline.load_textual_inversion([{"<concept>": vector}, {"<pair>_1": vector}])
+    vocabulary = dict(ours.tokenizer.get_vocab())
+    table = ours.text_encoder.get_input_embeddings().weight.clone()
+    refused = [
+        ({"<concept>": vector}, None, "already in the tokenizer's vocabulary"),  # loaded twice
+        ({"<pair>": vector}, None, "'_1' companions"),  # prompts naming <pair> would also get <pair>_1
+        ({"cat</w>": vector}, None, "already in the tokenizer's vocabulary"),  # a word of CLIP's vocabulary
+        ({"<sd2>": torch.zeros(1024)}, None, "width 1024, but this text encoder's tokens have width 32"),
+        ([{"<a>": vector}, {"<b>": torch.zeros(768)}], None, "width 768"),  # nothing added when one of a list fails
+        (vector, None, "pass token="),
+        ([{"<x>": vector}, {"<y>": vector}], ["<same>", "<same>"], "added twice"),
+    ]
+    for source, token, message in refused:
+        with pytest.raises(ValueError, match=message):
+            ours.load_textual_inversion(source, token=token)
+        with pytest.raises(ValueError):
+            theirs.load_textual_inversion(source, token=token)
+    assert ours.tokenizer.get_vocab() == vocabulary
+    assert torch.equal(ours.text_encoder.get_input_embeddings().weight, table)

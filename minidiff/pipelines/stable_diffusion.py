@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from minidiff.checkpoints.hub import HubOptions
 from minidiff.loaders.scheduler import scheduler_from_folder
 from minidiff.loaders.single_file import load_single_file
+from minidiff.loaders.textual_inversion import load_textual_inversion, maybe_convert_prompt
 from minidiff.utils.torch_utils import randn_tensor, resolve_dtype
 from minidiff.models.clip_text import CLIPTextModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
@@ -154,6 +155,32 @@ class StableDiffusionPipeline:
         parts = load_single_file(path, torch_dtype=dtype, use_ema=use_ema, config=config, memory_formats=memory_formats)
         return cls(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet, scheduler=parts.scheduler)
 
+    def load_textual_inversion(
+        self,
+        pretrained_model_name_or_path: str | os.PathLike | dict | torch.Tensor | list,
+        token: str | list[str] | None = None,
+        tokenizer=None,
+        text_encoder=None,
+        weight_name: str | None = None,
+    ) -> list[str]:
+        """Add learned concepts (Gal et al. 2022, arXiv:2208.01618) to this pipeline's tokenizer and text encoder.
+
+        As diffusers' `load_textual_inversion`: a file (learned_embeds.safetensors / .bin, or AUTOMATIC1111's
+        .pt with `string_to_param`), a folder or hub repo holding one, a state dict `{token: tensor}`, a tensor
+        with `token=`, or a list of these with a list of tokens. A concept of n vectors becomes tokens "<tok>",
+        "<tok>_1", ...; prompts naming "<tok>" get them all (`maybe_convert_prompt`, called by `encode_prompt`).
+        See minidiff/loaders/textual_inversion.py. Returns the tokens added (diffusers returns None).
+        """
+        return load_textual_inversion(tokenizer or self.tokenizer, text_encoder or self.text_encoder,
+                                      pretrained_model_name_or_path, token=token, weight_name=weight_name)
+
+    def maybe_convert_prompt(self, prompt: str | list[str], tokenizer=None) -> str | list[str]:
+        """Spell out multi-vector concepts in a prompt (or a list of prompts): "a <tok>" -> "a <tok> <tok>_1"."""
+        tokenizer = tokenizer or self.tokenizer
+        if isinstance(prompt, str):
+            return maybe_convert_prompt(prompt, tokenizer)
+        return [maybe_convert_prompt(text, tokenizer) for text in prompt]
+
     def to(self, device=None, dtype: torch.dtype | None = None, memory_format: torch.memory_format | None = None):
         """Move and/or cast every model; `memory_format` sets the conv weights' layout (see `_convolutions_channels_last`)."""
         for module in (self.vae, self.text_encoder, self.unet):
@@ -234,7 +261,7 @@ class StableDiffusionPipeline:
             raise NotImplementedError("lora_scale: minidiff has no LoRA layers; leave it None")
         if prompt_embeds is None:
             prompt = [prompt] if isinstance(prompt, str) else prompt
-            prompt_embeds = self._text_embeddings(prompt, clip_skip)
+            prompt_embeds = self._text_embeddings(self.maybe_convert_prompt(prompt), clip_skip)
         prompt_embeds = prompt_embeds.to(dtype=self.text_encoder.dtype, device=device or self.device)
         batch = prompt_embeds.shape[0]
         if do_classifier_free_guidance and negative_prompt_embeds is None:
@@ -248,6 +275,7 @@ class StableDiffusionPipeline:
                 )
             else:
                 uncond_tokens = list(negative_prompt)
+            uncond_tokens = self.maybe_convert_prompt(uncond_tokens)
             negative_prompt_embeds = self._text_embeddings(uncond_tokens, clip_skip=None, max_length=prompt_embeds.shape[1])
         if negative_prompt_embeds is not None:
             negative_prompt_embeds = negative_prompt_embeds.to(dtype=self.text_encoder.dtype, device=device or self.device)
