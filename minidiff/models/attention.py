@@ -9,32 +9,40 @@ API (constructor signatures are kept stable; other models build on them):
     Attention(query_dim, cross_attention_dim=None, heads=8, dim_head=64, dropout=0.0, bias=False,
               upcast_attention=False, upcast_softmax=False, out_bias=True, norm_num_groups=None,
               eps=1e-5, rescale_output_factor=1.0, residual_connection=False)
-        forward(hidden_states, encoder_hidden_states=None)
+        forward(hidden_states, encoder_hidden_states=None, attention_mask=None, **cross_attention_kwargs)
           tokens (B, N, query_dim) -> (B, N, query_dim), or a feature map (B, C, H, W) -> (B, C, H, W).
         The VAE / DDPM spatial attention block is this class with
           heads=channels // head_dim, dim_head=head_dim, norm_num_groups=groups, bias=True,
           residual_connection=True, rescale_output_factor=..., upcast_softmax=True
         called on a (B, C, H, W) feature map.
+        set_processor(processor) / get_processor(): the function doing the attention (attention_processor.py);
+        head_to_batch_dim, batch_to_head_dim, get_attention_scores, prepare_attention_mask: diffusers' helpers.
     GEGLU(dim_in, dim_out)                                   # proj -> value * gelu(gate)
     FeedForward(dim, dim_out=None, mult=4, dropout=0.0, activation_fn="geglu")
     BasicTransformerBlock(dim, num_attention_heads, attention_head_dim, dropout=0.0,
                           cross_attention_dim=None, activation_fn="geglu", attention_bias=False,
                           only_cross_attention=False, double_self_attention=False,
                           upcast_attention=False, norm_elementwise_affine=True, norm_eps=1e-5)
-        forward(hidden_states, encoder_hidden_states=None)
+        forward(hidden_states, encoder_hidden_states=None, cross_attention_kwargs=None)
     Transformer2DModel(num_attention_heads=16, attention_head_dim=88, in_channels=None, out_channels=None,
                        num_layers=1, dropout=0.0, norm_num_groups=32, cross_attention_dim=None,
                        attention_bias=False, activation_fn="geglu", use_linear_projection=False,
                        only_cross_attention=False, double_self_attention=False, upcast_attention=False,
                        norm_elementwise_affine=True, norm_eps=1e-5)
-        forward(hidden_states, encoder_hidden_states=None): (B, C, H, W) -> (B, C, H, W)
+        forward(hidden_states, encoder_hidden_states=None, cross_attention_kwargs=None): (B, C, H, W) -> (B, C, H, W)
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from minidiff.models.attention_processor import AttnProcessor
+from minidiff.models.layers import checkpointed
 
 
 class Attention(nn.Module):
@@ -51,7 +59,10 @@ class Attention(nn.Module):
 
     `upcast_attention` / `upcast_softmax` compute the attention itself in float32 when the weights
     are half precision (SD 2.1 overflows in fp16 otherwise); at float32 they change nothing.
-    The attention is `torch.nn.functional.scaled_dot_product_attention`.
+
+    The computation itself is done by `self.processor` (attention_processor.py; by default `AttnProcessor`,
+    torch's scaled_dot_product_attention); `set_processor` swaps it, e.g. for one that records the
+    attention maps. The helpers below are diffusers' names, for processors to build on.
     """
 
     def __init__(
@@ -73,10 +84,16 @@ class Attention(nn.Module):
         super().__init__()
         inner_dim = heads * dim_head
         self.heads = heads
-        self.upcast = upcast_attention or upcast_softmax
+        self.scale = dim_head**-0.5  # the 1 / sqrt(d_k) of eq. 1
+        self.is_cross_attention = cross_attention_dim is not None
+        self.upcast_attention = upcast_attention
+        self.upcast_softmax = upcast_softmax
         self.rescale_output_factor = rescale_output_factor
         self.residual_connection = residual_connection
         context_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
+        # diffusers' Attention options SD does not use, kept as None/False so that its processors run here unchanged
+        self.spatial_norm = self.norm_q = self.norm_k = None
+        self.norm_cross = False
 
         self.group_norm = None
         if norm_num_groups is not None:
@@ -85,39 +102,86 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner_dim, bias=bias)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim, bias=out_bias), nn.Dropout(dropout)])
+        self.processor = AttnProcessor()
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        residual = hidden_states
-        spatial_shape = None
-        if hidden_states.ndim == 4:
-            batch, channels, height, width = hidden_states.shape
-            spatial_shape = hidden_states.shape
-            hidden_states = hidden_states.reshape(batch, channels, height * width).transpose(1, 2)  # (B, H*W, C)
-        if self.group_norm is not None:
-            hidden_states = self.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)  # GroupNorm over C
+    def set_processor(self, processor) -> None:
+        """Use `processor` for this layer's attention (any callable with AttnProcessor's signature)."""
+        if not callable(processor):
+            raise TypeError(f"an attention processor must be callable as processor(attn, hidden_states, ...), got {processor!r}")
+        if "processor" in self._modules and not isinstance(processor, nn.Module):
+            del self._modules["processor"]  # a trainable (nn.Module) processor was registered as a submodule
+        self.processor = processor
 
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query = self._split_heads(self.to_q(hidden_states))  # (B, heads, N, dim_head)
-        key = self._split_heads(self.to_k(context))  # (B, heads, M, dim_head)
-        value = self._split_heads(self.to_v(context))  # (B, heads, M, dim_head)
+    def get_processor(self):
+        return self.processor
 
-        if self.upcast and query.dtype in (torch.float16, torch.bfloat16):
-            attended = F.scaled_dot_product_attention(query.float(), key.float(), value.float()).to(query.dtype)
-        else:
-            attended = F.scaled_dot_product_attention(query, key, value)  # (B, heads, N, dim_head)
-        batch, heads, tokens, dim_head = attended.shape
-        attended = attended.transpose(1, 2).reshape(batch, tokens, heads * dim_head)  # (B, N, inner_dim)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **cross_attention_kwargs,
+    ) -> torch.Tensor:
+        """tokens (B, N, query_dim) -> (B, N, query_dim), or a feature map (B, C, H, W) -> (B, C, H, W).
 
-        out = self.to_out[1](self.to_out[0](attended))  # (B, N, query_dim)
-        if spatial_shape is not None:
-            out = out.transpose(1, 2).reshape(spatial_shape)  # (B, C, H, W)
-        if self.residual_connection:
-            out = out + residual
-        return out / self.rescale_output_factor
+        `cross_attention_kwargs` go on to the processor; as in diffusers, only those its `__call__` names are
+        passed, and the others are ignored with a warning.
+        """
+        if cross_attention_kwargs:
+            accepted = inspect.signature(self.processor.__call__).parameters
+            ignored = [name for name in cross_attention_kwargs if name not in accepted]
+            if ignored:
+                warnings.warn(f"cross_attention_kwargs {ignored} are not expected by "
+                              f"{type(self.processor).__name__} and are ignored", stacklevel=2)
+            cross_attention_kwargs = {name: value for name, value in cross_attention_kwargs.items() if name in accepted}
+        return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                              attention_mask=attention_mask, **cross_attention_kwargs)
 
-    def _split_heads(self, tensor: torch.Tensor) -> torch.Tensor:
+    # ----- helpers for processors (diffusers' names and shapes) -----
+
+    def head_to_batch_dim(self, tensor: torch.Tensor, out_dim: int = 3) -> torch.Tensor:
+        """(B, N, heads * dim_head) -> (B * heads, N, dim_head), or (B, heads, N, dim_head) with out_dim=4."""
         batch, tokens, inner_dim = tensor.shape
-        return tensor.view(batch, tokens, self.heads, inner_dim // self.heads).transpose(1, 2)
+        tensor = tensor.reshape(batch, tokens, self.heads, inner_dim // self.heads).permute(0, 2, 1, 3)
+        if out_dim == 3:
+            tensor = tensor.reshape(batch * self.heads, tokens, inner_dim // self.heads)
+        return tensor
+
+    def batch_to_head_dim(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(B * heads, N, dim_head) -> (B, N, heads * dim_head): the inverse of head_to_batch_dim."""
+        batch_heads, tokens, dim_head = tensor.shape
+        tensor = tensor.reshape(batch_heads // self.heads, self.heads, tokens, dim_head).permute(0, 2, 1, 3)
+        return tensor.reshape(batch_heads // self.heads, tokens, self.heads * dim_head)
+
+    def get_attention_scores(self, query: torch.Tensor, key: torch.Tensor,
+                             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention probabilities softmax(Q K^T * scale [+ mask]) (eq. 1), each row summing to 1 over the
+        M keys: query (B * heads, N, dim_head), key (B * heads, M, dim_head) -> (B * heads, N, M).
+        Computed in float32 with upcast_attention / upcast_softmax, returned in the query's dtype."""
+        dtype = query.dtype
+        if self.upcast_attention:
+            query, key = query.float(), key.float()
+        scores = torch.bmm(query, key.transpose(-1, -2)) * self.scale  # (B * heads, N, M)
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        if self.upcast_softmax:
+            scores = scores.float()
+        return scores.softmax(dim=-1).to(dtype)
+
+    def prepare_attention_mask(self, attention_mask: torch.Tensor | None, target_length: int, batch_size: int,
+                               out_dim: int = 3) -> torch.Tensor | None:
+        """An additive mask (B, 1 or N, M) repeated for the heads: (B * heads, 1 or N, M), or with out_dim=4
+        (B, heads, 1 or N, M). None stays None."""
+        if attention_mask is None:
+            return None
+        if attention_mask.shape[-1] != target_length:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} keys but the attention has "
+                             f"{target_length}; give a mask of shape (B, 1 or N, {target_length})")
+        if out_dim == 4:
+            return attention_mask.unsqueeze(1).repeat_interleave(self.heads, dim=1)
+        if attention_mask.shape[0] < batch_size * self.heads:
+            attention_mask = attention_mask.repeat_interleave(self.heads, dim=0)
+        return attention_mask
 
 
 class GEGLU(nn.Module):
@@ -194,11 +258,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
         self.ff = FeedForward(dim, dropout=dropout, activation_fn=activation_fn)
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                cross_attention_kwargs: dict | None = None) -> torch.Tensor:
+        kwargs = cross_attention_kwargs or {}  # handed to both attention layers' processors, as in diffusers
         self_context = encoder_hidden_states if self.only_cross_attention else None
-        hidden_states = self.attn1(self.norm1(hidden_states), self_context) + hidden_states
+        hidden_states = self.attn1(self.norm1(hidden_states), self_context, **kwargs) + hidden_states
         if self.attn2 is not None:
-            hidden_states = self.attn2(self.norm2(hidden_states), encoder_hidden_states) + hidden_states
+            hidden_states = self.attn2(self.norm2(hidden_states), encoder_hidden_states, **kwargs) + hidden_states
         return self.ff(self.norm3(hidden_states)) + hidden_states
 
 
@@ -264,8 +330,10 @@ class Transformer2DModel(nn.Module):
             self.proj_out = nn.Linear(inner_dim, out_channels)
         else:
             self.proj_out = nn.Conv2d(inner_dim, out_channels, kernel_size=1, stride=1, padding=0)
+        self.gradient_checkpointing = False  # set by the model's enable_gradient_checkpointing()
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                cross_attention_kwargs: dict | None = None) -> torch.Tensor:
         residual = hidden_states
         batch, _, height, width = hidden_states.shape
         hidden_states = self.norm(hidden_states)
@@ -276,7 +344,8 @@ class Transformer2DModel(nn.Module):
             hidden_states = self.proj_in(hidden_states)  # (B, H*W, C) -> (B, H*W, inner)
 
         for block in self.transformer_blocks:
-            hidden_states = block(hidden_states, encoder_hidden_states)
+            hidden_states = checkpointed(self.gradient_checkpointing, block, hidden_states, encoder_hidden_states,
+                                         cross_attention_kwargs)
 
         if self.use_linear_projection:
             hidden_states = self.proj_out(hidden_states)  # (B, H*W, inner) -> (B, H*W, C_out)

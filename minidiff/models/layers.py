@@ -19,6 +19,7 @@ API (constructor signatures are kept stable; other models build on them):
                                                               # forward(x): H, W -> H/2, W/2
     Upsample2D(channels, use_conv=False, out_channels=None)  # forward(x, output_size=None): H, W -> 2H, 2W
     get_activation(name)                                     # "silu"/"swish", "gelu", "mish", "relu"
+    checkpointed(enabled, module, *args)                     # module(*args), through gradient checkpointing if enabled
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
-
 
 _ACTIVATIONS = {"swish": nn.SiLU, "silu": nn.SiLU, "gelu": nn.GELU, "mish": nn.Mish, "relu": nn.ReLU}
 
@@ -185,9 +186,19 @@ class ResnetBlock2D(nn.Module):
             hidden_states = self.norm2(hidden_states)
 
         hidden_states = self.conv2(self.dropout(self.nonlinearity(hidden_states)))
+        return (self.shortcut(input_tensor) + hidden_states) / self.output_scale_factor
 
-        shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
-        return (shortcut + hidden_states) / self.output_scale_factor
+    def shortcut(self, input_tensor: torch.Tensor) -> torch.Tensor:
+        """The skip path: `conv_shortcut` (1x1) when the channel count changes, else the input itself.
+
+        In training the conv's input is made contiguous first, as diffusers does (distributed training warns of
+        mismatched gradient strides otherwise). The result's memory layout decides which elements the next
+        dropout's random mask falls on, so this keeps a seeded train-mode step equal to diffusers'."""
+        if self.conv_shortcut is None:
+            return input_tensor
+        if self.training:
+            input_tensor = input_tensor.contiguous()
+        return self.conv_shortcut(input_tensor)
 
 
 # ----- resampling -----------------------------------------------------------------------------------
@@ -258,3 +269,13 @@ def timesteps_for_batch(timestep, sample: torch.Tensor) -> torch.Tensor:
             f"got shape {tuple(timestep.shape)}"
         )
     return timestep.expand(batch)
+
+
+def checkpointed(enabled: bool, module: nn.Module, *args):
+    """`module(*args)`; with `enabled` and gradients on, through torch.utils.checkpoint (gradient checkpointing,
+    Chen et al. 2016, arXiv 1604.06174): the activations inside `module` are not kept for the backward pass but
+    recomputed there, trading compute for memory. The gradients are the same (dropout replays its random
+    numbers: torch saves and restores the RNG state)."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+    return module(*args)

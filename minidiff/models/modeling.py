@@ -55,6 +55,34 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
             return deprecated_config_attribute(self, name, "unet", stacklevel=3)
         return super().__getattr__(name)
 
+    # ----- training -----
+
+    _supports_gradient_checkpointing = False  # True on the models whose blocks can recompute their activations
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether gradient checkpointing is on (`enable_gradient_checkpointing`)."""
+        return any(getattr(module, "gradient_checkpointing", False) for module in self.modules())
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the activations of each resnet and transformer block (VAE: each encoder/decoder block) in
+        the backward pass instead of storing them (layers.checkpointed): less memory for training, about one
+        more forward pass of compute, the same gradients. As diffusers' ModelMixin."""
+        self._set_gradient_checkpointing(True)
+
+    def disable_gradient_checkpointing(self) -> None:
+        """Store the activations again (the default)."""
+        if self._supports_gradient_checkpointing:
+            self._set_gradient_checkpointing(False)
+
+    def _set_gradient_checkpointing(self, enabled: bool) -> None:
+        blocks = [module for module in self.modules() if hasattr(module, "gradient_checkpointing")]
+        if not self._supports_gradient_checkpointing or not blocks:
+            raise ValueError(f"{type(self).__name__} does not support gradient checkpointing; "
+                             "UNet2DModel, UNet2DConditionModel and AutoencoderKL do")
+        for module in blocks:
+            module.gradient_checkpointing = enabled
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype

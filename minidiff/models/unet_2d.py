@@ -34,7 +34,16 @@ from torch import nn
 
 from minidiff.configuration import check_choice, register_to_config
 from minidiff.models.attention import Attention
-from minidiff.models.layers import Downsample2D, ResnetBlock2D, TimestepEmbedding, Timesteps, Upsample2D, timesteps_for_batch
+from minidiff.models.attention_processor import AttentionMixin
+from minidiff.models.layers import (
+    Downsample2D,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Timesteps,
+    Upsample2D,
+    checkpointed,
+    timesteps_for_batch,
+)
 from minidiff.models.modeling import ModelMixin
 from minidiff.utils.outputs import BaseOutput
 
@@ -99,8 +108,7 @@ class ResamplingResnetBlock2D(ResnetBlock2D):
         else:
             hidden_states = self.norm2(hidden_states + temb)
         hidden_states = self.conv2(self.dropout(self.nonlinearity(hidden_states)))
-        shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
-        return (shortcut + hidden_states) / self.output_scale_factor
+        return (self.shortcut(input_tensor) + hidden_states) / self.output_scale_factor
 
 
 def spatial_self_attention(channels: int, head_dim: int | None, groups: int | None, eps: float, rescale: float = 1.0):
@@ -143,11 +151,12 @@ class DownBlock2D(nn.Module):
         elif add_downsample:
             self.downsamplers = nn.ModuleList([Downsample2D(
                 out_channels, use_conv=True, out_channels=out_channels, padding=downsample_padding)])
+        self.gradient_checkpointing = False  # set by the model's enable_gradient_checkpointing()
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         skips = ()
         for i, resnet in enumerate(self.resnets):
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states = checkpointed(self.gradient_checkpointing, resnet, hidden_states, temb)
             if self.attentions is not None:
                 hidden_states = self.attentions[i](hidden_states)
             skips += (hidden_states,)
@@ -176,11 +185,12 @@ class UNetMidBlock2D(nn.Module):
                                    resnet["output_scale_factor"]) if add_attention else nn.Identity()
             for _ in range(num_layers)
         )
+        self.gradient_checkpointing = False
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.resnets[0](hidden_states, temb)
+        hidden_states = checkpointed(self.gradient_checkpointing, self.resnets[0], hidden_states, temb)
         for attention, resnet in zip(self.attentions, self.resnets[1:]):
-            hidden_states = resnet(attention(hidden_states), temb)
+            hidden_states = checkpointed(self.gradient_checkpointing, resnet, attention(hidden_states), temb)
         return hidden_states
 
 
@@ -213,11 +223,12 @@ class UpBlock2D(nn.Module):
                 in_channels=out_channels, out_channels=out_channels, temb_channels=temb_channels, up=True, **resnet)])
         elif add_upsample:
             self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)])
+        self.gradient_checkpointing = False
 
     def forward(self, hidden_states: torch.Tensor, skips: tuple[torch.Tensor, ...], temb: torch.Tensor) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             hidden_states = torch.cat([hidden_states, skips[-1 - i]], dim=1)  # (B, C + C_skip, H, W)
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states = checkpointed(self.gradient_checkpointing, resnet, hidden_states, temb)
             if self.attentions is not None:
                 hidden_states = self.attentions[i](hidden_states)
         if self.upsamplers is not None:
@@ -235,7 +246,7 @@ DOWN_BLOCK_TYPES = {"DownBlock2D": False, "AttnDownBlock2D": True}  # name -> wi
 UP_BLOCK_TYPES = {"UpBlock2D": False, "AttnUpBlock2D": True}
 
 
-class UNet2DModel(ModelMixin):
+class UNet2DModel(ModelMixin, AttentionMixin):
     """The DDPM UNet: eps_theta(x_t, t) (or x_0 / v, as its scheduler's prediction_type says), in pixel space.
 
         unet = UNet2DModel.from_pretrained("path/to/ddpm-cat-256")
@@ -251,6 +262,8 @@ class UNet2DModel(ModelMixin):
       resnet_time_scale_shift        "default" (temb added) or "scale_shift" (temb scales and shifts norm2)
       class_embed_type, num_class_embeds   optional class conditioning, added to temb
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -312,6 +325,7 @@ class UNet2DModel(ModelMixin):
 
         # contracting path; skip_channels records the channels of every activation it saves
         self.down_blocks = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()  # filled below; registered before mid_block, as in diffusers (module order)
         skip_channels = [channels[0]]
         for level, block_type in enumerate(down_block_types):
             is_last = level == len(channels) - 1
@@ -330,7 +344,6 @@ class UNet2DModel(ModelMixin):
                 attention_head_dim, attention_groups, add_attention)
 
         # expanding path: each level takes layers_per_block + 1 skips, deepest first
-        self.up_blocks = nn.ModuleList()
         reversed_channels = channels[::-1]
         for level, block_type in enumerate(up_block_types):
             is_last = level == len(channels) - 1

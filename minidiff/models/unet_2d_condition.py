@@ -39,6 +39,7 @@ HEADS of each block (8 for SD 1.5, [5, 10, 20, 20] for SD 2.x); each head has ou
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,12 +47,14 @@ from torch import nn
 
 from minidiff.configuration import register_to_config
 from minidiff.models.attention import Transformer2DModel
+from minidiff.models.attention_processor import AttentionMixin
 from minidiff.models.layers import (
     Downsample2D,
     ResnetBlock2D,
     TimestepEmbedding,
     Timesteps,
     Upsample2D,
+    checkpointed,
     get_activation,
     timesteps_for_batch,
 )
@@ -95,12 +98,13 @@ class DownBlock(nn.Module):
             self.downsamplers = nn.ModuleList(
                 [Downsample2D(out_channels, use_conv=True, out_channels=out_channels, padding=downsample_padding)]
             )
+        self.gradient_checkpointing = False  # set by the model's enable_gradient_checkpointing()
 
-    def forward(self, hidden_states, temb, encoder_hidden_states, skips: list[torch.Tensor]):
+    def forward(self, hidden_states, temb, encoder_hidden_states, skips: list[torch.Tensor], cross_attention_kwargs=None):
         for i, resnet in enumerate(self.resnets):
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states = checkpointed(self.gradient_checkpointing, resnet, hidden_states, temb)
             if self.attentions is not None:
-                hidden_states = self.attentions[i](hidden_states, encoder_hidden_states)
+                hidden_states = self.attentions[i](hidden_states, encoder_hidden_states, cross_attention_kwargs)
             skips.append(hidden_states)
         if self.downsamplers is not None:
             hidden_states = self.downsamplers[0](hidden_states)  # (B, C, H, W) -> (B, C, H/2, W/2)
@@ -119,12 +123,13 @@ class MidBlock(nn.Module):
             for _ in range(len(layers) + 1)
         )
         self.attentions = spatial_transformers(channels, layers, **transformer)
+        self.gradient_checkpointing = False
 
-    def forward(self, hidden_states, temb, encoder_hidden_states):
-        hidden_states = self.resnets[0](hidden_states, temb)
+    def forward(self, hidden_states, temb, encoder_hidden_states, cross_attention_kwargs=None):
+        hidden_states = checkpointed(self.gradient_checkpointing, self.resnets[0], hidden_states, temb)
         for attention, resnet in zip(self.attentions, self.resnets[1:]):
-            hidden_states = attention(hidden_states, encoder_hidden_states)
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states = attention(hidden_states, encoder_hidden_states, cross_attention_kwargs)
+            hidden_states = checkpointed(self.gradient_checkpointing, resnet, hidden_states, temb)
         return hidden_states
 
 
@@ -144,13 +149,15 @@ class UpBlock(nn.Module):
         self.upsamplers = None
         if add_upsample:
             self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)])
+        self.gradient_checkpointing = False
 
-    def forward(self, hidden_states, temb, encoder_hidden_states, skips: list[torch.Tensor], match_skip_size: bool = False):
+    def forward(self, hidden_states, temb, encoder_hidden_states, skips: list[torch.Tensor], match_skip_size: bool = False,
+                cross_attention_kwargs=None):
         for i, resnet in enumerate(self.resnets):
             hidden_states = torch.cat([hidden_states, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states = checkpointed(self.gradient_checkpointing, resnet, hidden_states, temb)
             if self.attentions is not None:
-                hidden_states = self.attentions[i](hidden_states, encoder_hidden_states)
+                hidden_states = self.attentions[i](hidden_states, encoder_hidden_states, cross_attention_kwargs)
         if self.upsamplers is not None:
             # an odd latent size: upsample to the size of the next skip instead of exactly x2
             size = tuple(skips[-1].shape[2:]) if match_skip_size else None
@@ -158,8 +165,10 @@ class UpBlock(nn.Module):
         return hidden_states
 
 
-class UNet2DConditionModel(ModelMixin):
+class UNet2DConditionModel(ModelMixin, AttentionMixin):
     """SD's conditional UNet: eps_pred = unet(z_t, t, encoder_hidden_states=c).sample (see the module docstring)."""
+
+    _supports_gradient_checkpointing = True
 
     # Config fields of diffusers' UNet2DConditionModel for features SD 1.x/2.x do not use: accepted at these
     # values (every SD 1.x/2.x config.json has them), refused otherwise (configuration.py).
@@ -263,6 +272,7 @@ class UNet2DConditionModel(ModelMixin):
         # the way down: every resnet's and downsampler's output channels go on the skip stack
         skip_channels = [block_out_channels[0]]  # conv_in's output
         self.down_blocks = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()  # filled below; registered before mid_block, as in diffusers (module order)
         channels = block_out_channels[0]
         for i, block_type in enumerate(down_block_types):
             is_last = i == num_blocks - 1
@@ -280,7 +290,6 @@ class UNet2DConditionModel(ModelMixin):
             self.mid_block = MidBlock(channels, [transformer_layers[-1]], mid_block_scale_factor, resnet, mid_transformer)
 
         # the way up: one more resnet per level than on the way down, each taking a skip off the stack
-        self.up_blocks = nn.ModuleList()
         for i, block_type in enumerate(up_block_types):
             j = num_blocks - 1 - i  # the down level this up level mirrors
             in_channels_of_resnets = []
@@ -304,14 +313,18 @@ class UNet2DConditionModel(ModelMixin):
         encoder_hidden_states: torch.Tensor,
         class_labels: torch.Tensor | None = None,
         return_dict: bool = True,
+        *,
+        cross_attention_kwargs: dict | None = None,
     ) -> UNet2DConditionOutput | tuple:
         """eps_theta(z_t, t, c).
 
         sample: z_t (B, in_channels, H, W); timestep: a number, a 0-d tensor, or a (B,) / (1,) tensor;
         encoder_hidden_states: c (B, tokens, cross_attention_dim), e.g. CLIP's (B, 77, 768).
+        cross_attention_kwargs: keyword arguments for every attention processor (see attention_processor.py).
         Returns UNet2DConditionOutput(sample=(B, out_channels, H, W)), or a 1-tuple with return_dict=False.
         """
         self._check_inputs(sample, encoder_hidden_states, class_labels)
+        cross_attention_kwargs = _without_lora_scale(cross_attention_kwargs)
         # Latents whose size is not a multiple of 2**num_upsamplers: each upsampler resizes to its skip's size.
         odd_size = any(size % 2**self.num_upsamplers != 0 for size in sample.shape[-2:])
         if self.config.center_input_sample:
@@ -330,15 +343,15 @@ class UNet2DConditionModel(ModelMixin):
         sample = self.conv_in(sample)  # (B, 4, 64, 64) -> (B, 320, 64, 64) for SD 1.5
         skips = [sample]
         for block in self.down_blocks:
-            sample = block(sample, emb, encoder_hidden_states, skips)
+            sample = block(sample, emb, encoder_hidden_states, skips, cross_attention_kwargs)
 
         # 3. middle
         if self.mid_block is not None:
-            sample = self.mid_block(sample, emb, encoder_hidden_states)  # (B, 1280, 8, 8) for SD 1.5
+            sample = self.mid_block(sample, emb, encoder_hidden_states, cross_attention_kwargs)  # (B, 1280, 8, 8) for SD 1.5
 
         # 4. up: each resnet takes the last skip off the stack
         for block in self.up_blocks:
-            sample = block(sample, emb, encoder_hidden_states, skips, match_skip_size=odd_size)
+            sample = block(sample, emb, encoder_hidden_states, skips, odd_size, cross_attention_kwargs)
 
         # 5. output
         sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))  # (B, 320, 64, 64) -> (B, 4, 64, 64)
@@ -361,6 +374,18 @@ class UNet2DConditionModel(ModelMixin):
             )
         if self.class_embedding is not None and class_labels is None:
             raise ValueError("this UNet is class-conditional (num_class_embeds is set): pass class_labels (B,)")
+
+
+def _without_lora_scale(cross_attention_kwargs: dict | None) -> dict | None:
+    """diffusers' UNet takes `cross_attention_kwargs["scale"]` as the scale of its LoRA layers and does not pass
+    it on to the processors; minidiff has no LoRA layers, so it is taken out and ignored (a warning unless 1.0)."""
+    if not cross_attention_kwargs or "scale" not in cross_attention_kwargs:
+        return cross_attention_kwargs
+    cross_attention_kwargs = dict(cross_attention_kwargs)
+    if cross_attention_kwargs.pop("scale") != 1.0:
+        warnings.warn("cross_attention_kwargs['scale'] is the LoRA scale in diffusers; minidiff's UNet has no LoRA "
+                      "layers, so it is ignored", stacklevel=3)
+    return cross_attention_kwargs
 
 
 def _per_block(name: str, value, num_blocks: int) -> list:

@@ -32,7 +32,8 @@ from torch import nn
 
 from minidiff.configuration import register_to_config
 from minidiff.models.attention import Attention
-from minidiff.models.layers import Downsample2D, ResnetBlock2D, Upsample2D
+from minidiff.models.attention_processor import AttentionMixin
+from minidiff.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, checkpointed
 from minidiff.models.modeling import ModelMixin
 from minidiff.utils.torch_utils import randn_tensor
 from minidiff.utils.outputs import BaseOutput
@@ -189,12 +190,13 @@ class Encoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(num_groups=norm_num_groups, num_channels=block_out_channels[-1], eps=1e-6)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(block_out_channels[-1], 2 * latent_channels, kernel_size=3, padding=1)
+        self.gradient_checkpointing = False  # set by the model's enable_gradient_checkpointing()
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         sample = self.conv_in(sample)  # (B, 3, 512, 512) -> (B, 128, 512, 512) for SD 1.5
         for block in self.down_blocks:
-            sample = block(sample)
-        sample = self.mid_block(sample)  # (B, 512, 64, 64)
+            sample = checkpointed(self.gradient_checkpointing, block, sample)
+        sample = checkpointed(self.gradient_checkpointing, self.mid_block, sample)  # (B, 512, 64, 64)
         return self.conv_out(self.conv_act(self.conv_norm_out(sample)))  # (B, 8, 64, 64): mean and logvar
 
 
@@ -218,25 +220,28 @@ class Decoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(num_groups=norm_num_groups, num_channels=block_out_channels[0], eps=1e-6)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
+        self.gradient_checkpointing = False
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         sample = self.conv_in(z)  # (B, 4, 64, 64) -> (B, 512, 64, 64) for SD 1.5
-        sample = self.mid_block(sample)
+        sample = checkpointed(self.gradient_checkpointing, self.mid_block, sample)
         for block in self.up_blocks:
-            sample = block(sample)  # ... -> (B, 128, 512, 512)
+            sample = checkpointed(self.gradient_checkpointing, block, sample)  # ... -> (B, 128, 512, 512)
         return self.conv_out(self.conv_act(self.conv_norm_out(sample)))  # (B, 3, 512, 512)
 
 
 # ----- the autoencoder ------------------------------------------------------------------------------
 
 
-class AutoencoderKL(ModelMixin):
+class AutoencoderKL(ModelMixin, AttentionMixin):
     """SD's VAE: `encode(x).latent_dist`, `decode(z).sample`, `forward(x).sample` (see the module docstring).
 
     Config fields are diffusers': `scaling_factor` (0.18215, SD 1.5), `shift_factor` (None; the pipeline
     uses (z - shift) * scale when it is set), `latents_mean`/`latents_std`, `force_upcast` (run in float32
     when the pipeline is half precision), `use_quant_conv`, `use_post_quant_conv`, `mid_block_add_attention`.
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
