@@ -277,6 +277,8 @@ def test_load_textual_inversion_refuses_what_diffusers_refuses(both_pipelines):
         ([{"<a>": vector}, {"<b>": torch.zeros(768)}], None, "width 768"),  # nothing added when one of a list fails
         (vector, None, "pass token="),
         ([{"<x>": vector}, {"<y>": vector}], ["<same>", "<same>"], "added twice"),
+        ([{"<x>": vector}, {"<y>": vector}], "<one>", "pass a list of tokens"),
+        (torch.randn(3, 32), ["<p>", "<q>"], "one \\(n, D\\) tensor with n = the number of tokens"),
     ]
     for source, token, message in refused:
         with pytest.raises(ValueError, match=message):

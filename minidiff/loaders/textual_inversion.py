@@ -52,6 +52,8 @@ def load_textual_inversion(
     """
     sources = pretrained_model_name_or_path_or_state_dict
     sources = list(sources) if isinstance(sources, list) else [sources]
+    if isinstance(token, str) and len(sources) > 1:
+        raise ValueError(f"one token {token!r} for {len(sources)} embeddings: pass a list of tokens, one per embedding")
     tokens = list(token) if isinstance(token, list) else [token] * len(sources)
     state_dicts = [_read_embeddings(source, weight_name) for source in sources]
     if len(tokens) > 1 and len(state_dicts) == 1:  # n tokens for the n rows of one tensor
