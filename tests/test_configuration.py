@@ -290,7 +290,7 @@ def test_get_velocity_is_the_v_target_at_the_timesteps_own_noise_level(scheduler
 @pytest.mark.parametrize("scheduler_class", SCHEDULERS)
 def test_from_config_of_a_folder_loads_it_with_diffusers_future_warning(scheduler_class, tmp_path):
     diffusers = pytest.importorskip("diffusers")
-    written = quietly(scheduler_class.from_config, SD15_SCHEDULER_CONFIG, steps_offset=0)
+    written = quietly(scheduler_class.from_config, SD15_SCHEDULER_CONFIG)
     written.save_pretrained(tmp_path / "scheduler")
     their_class = getattr(diffusers, scheduler_class.__name__)
     for source in (tmp_path / "scheduler", str(tmp_path / "scheduler")):
