@@ -135,7 +135,8 @@ for scale in loss_scales:
 # %%
 for smaller, larger in zip(loss_scales, loss_scales[1:]):
     assert blue[larger].mean() > blue[smaller].mean()
-assert (blue[20] >= blue[0] - 1e-3).all()  # no sample gets less blue
+for scale in (5, 20):
+    assert (blue[scale] >= blue[0] - 1e-3).all()  # no sample gets less blue
 assert nearest[0][1].max() < 0.15 and nearest[20][1].max() < 0.15  # pictures, up to the mixture's spread
 assert nearest[20][0].count("mountain") >= 12  # the bluest picture by blue_loss wins most samples
 assert nearest[200][1].min() > 0.25  # off the pictures: the loss, not the model, decided the end
