@@ -22,3 +22,15 @@ def test_run_all_bf16_only_compares_quality_against_the_best_reference(tmp_path)
     assert "minidiff bf16 vs diffusers bf16" in text
     assert "4 steps 64x64, bf16: generation wall time" in text
     assert "fp32: generation" not in text  # only the dtypes asked for are run
+
+
+def test_bench_schedulers_times_all_fourteen_against_diffusers():
+    # A smoke test (2 steps, 1 repeat): every class of `compatibles` gets a row with both timings and a ratio.
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_schedulers.py"), "--steps", "2", "--repeats", "1"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.endswith(tuple("0123456789")) and " us " in line]
+    assert len(rows) == 14, result.stdout
+    assert all(float(row[-1]) > 0 for row in rows)

@@ -18,6 +18,7 @@ SCHEDULERS = [
     minidiff.EulerDiscreteScheduler, minidiff.EulerAncestralDiscreteScheduler,
     minidiff.DPMSolverMultistepScheduler, minidiff.UniPCMultistepScheduler, minidiff.DPMSolverSDEScheduler,
     minidiff.HeunDiscreteScheduler, minidiff.KDPM2DiscreteScheduler, minidiff.KDPM2AncestralDiscreteScheduler,
+    minidiff.DPMSolverSinglestepScheduler, minidiff.DEISMultistepScheduler,
 ]
 STOCHASTIC = [minidiff.DDPMScheduler, minidiff.EulerAncestralDiscreteScheduler]
 
@@ -208,7 +209,10 @@ def test_timesteps_lie_in_range_and_decrease(config, scheduler_class, fraction):
     if scheduler_class is minidiff.PNDMScheduler:
         # PLMS repeats its second timestep (981, 961, 961, ...); nothing else may repeat
         assert (differences <= 0).all() and (differences == 0).sum() <= 1
-    elif scheduler_class in (minidiff.DPMSolverMultistepScheduler, minidiff.UniPCMultistepScheduler):
+    elif scheduler_class in (
+        minidiff.DPMSolverMultistepScheduler, minidiff.UniPCMultistepScheduler,
+        minidiff.DPMSolverSinglestepScheduler, minidiff.DEISMultistepScheduler,
+    ):
         assert (differences <= 0).all()  # rounding N+1 points may collapse two (diffusers does the same)
     elif scheduler_class is minidiff.HeunDiscreteScheduler:
         assert (differences <= 0).all()  # each noise level but the first is visited twice: end of a step, start of the next

@@ -1,5 +1,7 @@
 """The sampler names people type (A1111 / k-diffusion, the CLI's short names, class names) -> class + config."""
 
+from pathlib import Path
+
 import pytest
 
 import minidiff.schedulers as schedulers
@@ -63,3 +65,9 @@ def test_every_name_is_unique_and_every_class_is_named():
 def test_unknown_names_suggest_the_closest():
     with pytest.raises(ValueError, match="Did you mean 'Euler a'"):
         find_sampler("Eular a")
+
+
+def test_the_readme_table_lists_every_name_with_its_class():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for sampler in SAMPLER_NAMES:
+        assert f"| {sampler.name} | `{sampler.scheduler_class.__name__}` |" in readme, sampler.name

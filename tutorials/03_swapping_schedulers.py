@@ -69,7 +69,8 @@ assert names == {
     "PNDMScheduler", "DDIMScheduler", "DDPMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
     "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler",
-}
+    "DPMSolverSinglestepScheduler", "DEISMultistepScheduler",
+}  # the fourteen the diffusers tutorial prints (diffusers' list also has EDMEulerScheduler, for EDM-trained models)
 
 # %% [markdown]
 # Four of them are *second-order single-step* methods: Heun, KDPM2 (DPM2), KDPM2 ancestral and DPM-Solver SDE.
@@ -113,6 +114,9 @@ assert dict(PNDMScheduler.from_config(euler.config).config) == dict(config)  # t
 # tutorial 02); PNDM calls the model 26 times for 25 steps (its second timestep repeats), the second-order
 # single-step methods 49 times.
 
+# (The singlestep DPM-Solver has no `timestep_spacing` field, in diffusers either: its timesteps are always
+# spread evenly from 999 down, shown as "-".)
+
 # %%
 STOCHASTIC = {"DDPMScheduler", "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler"}
 TWO_CALLS_A_STEP = {"HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler"}
@@ -122,7 +126,7 @@ for name, scheduler in schedulers.items():
     scheduler.set_timesteps(25)
     first = ", ".join(f"{float(t):.1f}".removesuffix(".0") for t in scheduler.timesteps[:3])
     print(
-        f"{name:32s}{scheduler.config.timestep_spacing:>10s}{float(scheduler.init_noise_sigma):>12.4f}"
+        f"{name:32s}{scheduler.config.get('timestep_spacing', '-'):>10s}{float(scheduler.init_noise_sigma):>12.4f}"
         f"{len(scheduler.timesteps):>13d}  {first:22s} {name in STOCHASTIC}"
     )
 
@@ -135,7 +139,7 @@ assert all(len(s.timesteps) == 25 for name, s in schedulers.items() if name not 
 # ## 4. The comparison grid: same prompt, same seed, every scheduler
 #
 # `pipeline.scheduler = X.from_config(pipeline.scheduler.config)` and run again. With the real
-# weights this is diffusers' astronaut grid (twelve full runs: expect a long wait on a CPU); with the
+# weights this is diffusers' astronaut grid (fourteen full runs: expect a long wait on a CPU); with the
 # tiny random ones it shows the code runs and that each scheduler takes its own path from the same
 # noise.
 
@@ -157,7 +161,7 @@ labeled_grid(pictures, labels, columns=4).save(OUT / "pipeline_grid.png")
 print("wrote", OUT / "pipeline_grid.png")
 pipeline.scheduler = PNDMScheduler.from_config(original_config)
 
-assert len(pictures) == len(schedulers) == 12 and all(picture.size == (cell, cell) for picture in pictures)
+assert len(pictures) == len(schedulers) == 14 and all(picture.size == (cell, cell) for picture in pictures)
 
 # %% [markdown]
 # ## 5. The same comparison on an exact model

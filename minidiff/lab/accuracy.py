@@ -4,8 +4,8 @@ A trained UNet has its own error, which hides the scheduler's. Here the model is
 (`GaussianMixtureDenoiser`: the Bayes-optimal denoiser of a Gaussian mixture), so whatever error
 is left is the scheduler's discretization error. Two questions, two measurements:
 
-1. Deterministic schedulers (DDIM eta=0, PNDM, LMS, Euler, DPM-Solver++ 1/2M/3M, UniPC) solve the
-   probability-flow ODE (Song et al. 2021, arXiv 2011.13456, eq. 13), written in sigma as in
+1. Deterministic schedulers (DDIM eta=0, PNDM, LMS, Euler, Heun, DPM2, DPM-Solver++ 1/2M/3M and 2S/3S,
+   DEIS, UniPC) solve the probability-flow ODE (Song et al. 2021, arXiv 2011.13456, eq. 13), written in sigma as in
    Karras et al. 2022 (arXiv 2206.00364, eq. 4 with sigma(t) = t):
 
        dx/dsigma = (x - D(x, sigma)) / sigma = -sigma grad_x log p_sigma(x),    x = x_0 + sigma eps
@@ -15,8 +15,8 @@ is left is the scheduler's discretization error. Two questions, two measurements
    so each scheduler is compared with the exact endpoint of its own path. The error is the RMS
    difference per element; the empirical order is the slope of -log(error) against log(steps).
 
-2. Stochastic schedulers (DDPM, Euler ancestral, DDIM eta=1, SDE-DPM-Solver++) sample the
-   mixture. Their error is a distribution error: the frequency, mean and variance of each
+2. Stochastic schedulers (DDPM, Euler ancestral, DDIM eta=1, SDE-DPM-Solver++ 2M and 2S, DPM2 ancestral,
+   DPM++ SDE with its Brownian tree) sample the mixture. Their error is a distribution error: the frequency, mean and variance of each
    component in a few thousand 2-D samples, against the known mixture, in units of the sampling
    standard error (`distribution_stats`).
 
@@ -55,14 +55,24 @@ class SchedulerSetup:
     stochastic: bool = False
 
 
+# The singlestep solvers' groups of `solver_order` steps must fit N, and their step to sigma = 0 must be first
+# order: diffusers switches lower_order_final on (with a warning) when they would not. Set it up front.
+SINGLESTEP = {"lower_order_final": True}
+
 DETERMINISTIC_SETUPS = (
     SchedulerSetup("DDIM", "DDIMScheduler", step_kwargs={"eta": 0.0}),
     SchedulerSetup("PNDM (PLMS)", "PNDMScheduler"),
     SchedulerSetup("LMS", "LMSDiscreteScheduler"),
     SchedulerSetup("Euler", "EulerDiscreteScheduler"),
+    SchedulerSetup("Heun", "HeunDiscreteScheduler"),  # two model calls a step
+    SchedulerSetup("DPM2", "KDPM2DiscreteScheduler"),  # two model calls a step
     SchedulerSetup("DPM++ 1", "DPMSolverMultistepScheduler", {"solver_order": 1}),
     SchedulerSetup("DPM++ 2M", "DPMSolverMultistepScheduler", {"solver_order": 2}),
     SchedulerSetup("DPM++ 3M", "DPMSolverMultistepScheduler", {"solver_order": 3}),
+    SchedulerSetup("DPM++ 2S", "DPMSolverSinglestepScheduler", {"solver_order": 2, **SINGLESTEP}),
+    SchedulerSetup("DPM++ 3S", "DPMSolverSinglestepScheduler", {"solver_order": 3, **SINGLESTEP}),
+    SchedulerSetup("DEIS", "DEISMultistepScheduler", {"solver_order": 2}),
+    SchedulerSetup("DEIS 3", "DEISMultistepScheduler", {"solver_order": 3}),
     SchedulerSetup("UniPC bh1", "UniPCMultistepScheduler", {"solver_type": "bh1"}),
     SchedulerSetup("UniPC bh2", "UniPCMultistepScheduler", {"solver_type": "bh2"}),
     # The same solvers stopping at sigma_min instead of jumping to sigma = 0 on the last step
@@ -70,6 +80,7 @@ DETERMINISTIC_SETUPS = (
     SchedulerSetup("DPM++ 2M sigma_min", "DPMSolverMultistepScheduler", {"solver_order": 2, "final_sigmas_type": "sigma_min"}),
     SchedulerSetup("DPM++ 3M sigma_min", "DPMSolverMultistepScheduler", {"solver_order": 3, "final_sigmas_type": "sigma_min"}),
     SchedulerSetup("UniPC bh2 sigma_min", "UniPCMultistepScheduler", {"final_sigmas_type": "sigma_min"}),
+    SchedulerSetup("DPM++ 2S sigma_min", "DPMSolverSinglestepScheduler", {"solver_order": 2, "final_sigmas_type": "sigma_min", **SINGLESTEP}),
 )
 
 STOCHASTIC_SETUPS = (
@@ -77,12 +88,21 @@ STOCHASTIC_SETUPS = (
     SchedulerSetup("Euler a", "EulerAncestralDiscreteScheduler", stochastic=True),
     SchedulerSetup("DDIM eta=1", "DDIMScheduler", step_kwargs={"eta": 1.0}, stochastic=True),
     SchedulerSetup("SDE-DPM++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, stochastic=True),
+    SchedulerSetup("DPM++ 2S a", "DPMSolverSinglestepScheduler", {"algorithm_type": "sde-dpmsolver++", **SINGLESTEP}, stochastic=True),
+    SchedulerSetup("DPM2 a", "KDPM2AncestralDiscreteScheduler", stochastic=True),
+    SchedulerSetup("DPM++ SDE", "DPMSolverSDEScheduler", stochastic=True),
 )
+
+# Model calls per step where it is not one: the second-order single-step methods evaluate the model at the
+# step's start and at a second point (Heun: the Euler step's end; DPM2 and DPM++ SDE: a midpoint). With N steps
+# they make 2N - 1 calls (the last step has one), as `len(scheduler.timesteps)` says.
+MODEL_CALLS_PER_STEP = {"Heun": 2, "DPM2": 2, "DPM2 a": 2, "DPM++ SDE": 2}
 
 # The order each method is built to have (in its own step variable, on a smooth grid).
 DESIGN_ORDERS = {
     "DDIM": 1, "Euler": 1, "DPM++ 1": 1, "PNDM (PLMS)": 4, "LMS": 4, "DPM++ 2M": 2, "DPM++ 3M": 3,
     "UniPC bh1": 3, "UniPC bh2": 3, "DPM++ 2M sigma_min": 2, "DPM++ 3M sigma_min": 3, "UniPC bh2 sigma_min": 3,
+    "Heun": 2, "DPM2": 2, "DPM++ 2S": 2, "DPM++ 3S": 3, "DEIS": 2, "DEIS 3": 3, "DPM++ 2S sigma_min": 2,
 }
 
 
@@ -152,8 +172,13 @@ def run_scheduler(
     return initial, sample
 
 
-VARIANCE_EXPLODING = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler")
-SIGMA_SCHEDULE_VP = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+VARIANCE_EXPLODING = (
+    "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler", "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler",
+)
+SIGMA_SCHEDULE_VP = (
+    "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler"
+)
 ALPHA_SCHEDULE_VP = ("DDIMScheduler", "PNDMScheduler", "DDPMScheduler")
 
 
@@ -161,7 +186,7 @@ ALPHA_SCHEDULE_VP = ("DDIMScheduler", "PNDMScheduler", "DDPMScheduler")
 class NoiseLevels:
     """Where a scheduler's path starts and ends, and how its sample is scaled.
 
-    variance_exploding: the sample is x = x_0 + sigma eps (Euler, Euler a, LMS); otherwise it is the
+    variance_exploding: the sample is x = x_0 + sigma eps (the `VARIANCE_EXPLODING` classes); otherwise it is the
     VP x = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps = (x_0 + sigma eps) / sqrt(sigma^2 + 1).
     """
 
@@ -184,8 +209,8 @@ def _sigma_of_alpha_bar(alpha_bar: float) -> float:
 def noise_levels(scheduler) -> NoiseLevels:
     """The first and last noise level of the path `scheduler` takes (after `set_timesteps`).
 
-    - Euler, Euler a, LMS: sigmas[0] (the sample is sigma-scaled) to sigmas[-1] = 0.
-    - DPM-Solver++, UniPC: sigmas[0] to sigmas[-1]: 0 with final_sigmas_type "zero" (default),
+    - Euler, Euler a, LMS, Heun, DPM2, DPM2 a, DPM++ SDE: sigmas[0] (the sample is sigma-scaled) to sigmas[-1] = 0.
+    - DPM-Solver++ (multistep and singlestep), DEIS, UniPC: sigmas[0] to sigmas[-1]: 0 with final_sigmas_type "zero" (default),
       sigma(t=0) with "sigma_min"; the sample is VP-scaled.
     - DDIM, PNDM: the first timestep's alpha_bar to `final_alpha_cumprod` (the last step lands there,
       not at t=0's level, when set_alpha_to_one is True); with SD 1.5 (leading spacing, steps_offset 1)
@@ -459,17 +484,19 @@ def format_convergence_table(results: list[ConvergenceResult]) -> str:
         return "(no deterministic scheduler available)\n"
     steps = results[0].steps
     label_width = max(len(r.label) for r in results) + 2
-    header = f"{'scheduler':<{label_width}}" + "".join(f"{n:>10}" for n in steps) + f"{'order':>8}{'order':>8}{'design':>8}"
-    subheader = f"{'':<{label_width}}" + "".join(f"{'steps':>10}" for _ in steps) + f"{'(asym)':>8}{'(few)':>8}{'order':>8}"
+    header = f"{'scheduler':<{label_width}}" + "".join(f"{n:>10}" for n in steps) + f"{'order':>8}{'order':>8}{'design':>8}{'calls':>7}"
+    subheader = f"{'':<{label_width}}" + "".join(f"{'steps':>10}" for _ in steps)
+    subheader += f"{'(asym)':>8}{'(few)':>8}{'order':>8}{'/step':>7}"
     lines = [header, subheader, "-" * len(header)]
     for result in results:
         cells = "".join(f"{_format_error(e):>10}" for e in result.errors)
         design = DESIGN_ORDERS.get(result.label, "")
         orders = f"{_format_order(result.order):>8}{_format_order(result.order_few_steps):>8}{design!s:>8}"
+        orders += f"{MODEL_CALLS_PER_STEP.get(result.label, 1):>7}"
         lines.append(f"{result.label:<{label_width}}{cells}{orders}")
     lines.append(
         f"RMS error per element vs the float64 PF-ODE endpoint; order(asym) fits the last three step counts "
-        f"({', '.join(map(str, steps[-3:]))}), order(few) the first three."
+        f"({', '.join(map(str, steps[-3:]))}), order(few) the first three; calls/step: model calls per step."
     )
     return "\n".join(lines) + "\n"
 

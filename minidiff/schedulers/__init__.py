@@ -13,5 +13,8 @@ from minidiff.schedulers.heun import HeunDiscreteScheduler
 from minidiff.schedulers.kdpm2 import KDPM2DiscreteScheduler
 from minidiff.schedulers.kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from minidiff.schedulers.unipc import UniPCMultistepScheduler
+from minidiff.schedulers.dpm_solver_singlestep import DPMSolverSinglestepScheduler
+from minidiff.schedulers.deis_multistep import DEISMultistepScheduler
 
-__all__ = ["SchedulerMixin", "SchedulerOutput", "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler"]
+__all__ = ["SchedulerMixin", "SchedulerOutput", "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler",
+           "DPMSolverSDEScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"]

@@ -28,7 +28,9 @@ integrator; each step adds fresh noise z ~ N(0, I), drawn in float32 (2211.01095
     order 1:           x_t = (sigma_t / sigma_s0) e^-h x_s0 + alpha_t (1 - e^-2h) m0 + sigma_t sqrt(1 - e^-2h) z
 
 The first steps are lower order (warm-up: there are no previous outputs yet), and so are the last
-steps when asked (see `lower_order_final`, `euler_at_final`, `final_sigmas_type` below).
+steps when asked (see `lower_order_final`, `euler_at_final`, `final_sigmas_type` below). Each formula
+is one function of `update_rules.py` (`dpm_solver_pp_first_order`, `dpm_solver_pp_second_order`, ...);
+`step` converts the model output (`parameterization.to_x0` / `to_eps`), picks the order, and calls one.
 
 Config fields (diffusers' names and defaults):
 - num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training schedule
@@ -165,6 +167,27 @@ def schedule_sigmas(scheduler, timesteps: np.ndarray, num_inference_steps: int, 
         ramp_01 = np.linspace(0, 1, num_inference_steps)
         sigmas = np.exp(log_sigma_max + ramp_01 * (log_sigma_min - log_sigma_max))
     return sigmas, sigma_to_t(sigmas, log_sigmas)
+
+
+def custom_timesteps(timesteps, config) -> np.ndarray:
+    """`set_timesteps(timesteps=[...])`: a descending list of training timesteps instead of spaced ones,
+    checked (a sigma ramp chooses its own timesteps, so it cannot be combined with a custom list)."""
+    for flag in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas"):
+        if config.get(flag):
+            raise ValueError(f"custom timesteps cannot be used with {flag}=True: the sigma ramp chooses the timesteps")
+    T = config.num_train_timesteps
+    timesteps = np.array(timesteps).astype(np.int64)
+    if timesteps.ndim != 1 or len(timesteps) == 0 or timesteps.min() < 0 or timesteps.max() >= T:
+        raise ValueError(f"custom timesteps must be a non-empty list of training timesteps in [0, {T - 1}], got {timesteps}")
+    return timesteps
+
+
+def index_or_last(scheduler, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
+    """`index_for_timestep` of the DPM-Solver family: a timestep not in the schedule means the last step (as diffusers)."""
+    schedule = scheduler.timesteps if schedule_timesteps is None else schedule_timesteps
+    if not (schedule == timestep).any():
+        return len(scheduler.timesteps) - 1
+    return SchedulerMixin.index_for_timestep(scheduler, timestep, schedule)
 
 
 def noise_step_indices(scheduler, timesteps: torch.Tensor) -> list[int]:
@@ -353,13 +376,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps to set_timesteps")
         if timesteps is not None:
-            for flag in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas"):
-                if config[flag]:
-                    raise ValueError(f"custom timesteps cannot be used with {flag}=True: the sigma ramp chooses the timesteps")
-            timesteps = np.array(timesteps).astype(np.int64)
-            if timesteps.ndim != 1 or len(timesteps) == 0 or timesteps.min() < 0 or timesteps.max() >= T:
-                raise ValueError(f"custom timesteps must be a non-empty list of training timesteps in [0, {T - 1}], got {timesteps}")
-            return timesteps
+            return custom_timesteps(timesteps, config)
         check_num_inference_steps(num_inference_steps, T)
         # lambda_min_clipped: the largest t whose lambda_t is still >= the clip (critical for the cosine schedule)
         clipped = torch.searchsorted(torch.flip(self.lambda_t, [0]), config.lambda_min_clipped).item()
@@ -372,10 +389,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
     # ----- the step index: as the base class, but a timestep not in the schedule means the last step -----
 
     def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
-        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        if not (schedule == timestep).any():
-            return len(self.timesteps) - 1
-        return super().index_for_timestep(timestep, schedule)
+        return index_or_last(self, timestep, schedule_timesteps)
 
     # ----- one step -----
 

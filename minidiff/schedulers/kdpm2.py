@@ -53,6 +53,20 @@ def per_model_call(values: torch.Tensor) -> torch.Tensor:
     return torch.cat([values[:1], values[1:].repeat_interleave(2), values[-1:]])
 
 
+def step_noise_levels(scheduler, num_inference_steps: int, num_train_timesteps: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The N steps' timesteps (N,) and noise levels sigma_0 > ... > sigma_{N-1} > 0, (N+1,) float32, of both DPM2
+    schedulers (plain and ancestral); sets `scheduler.num_inference_steps`."""
+    config = scheduler.config
+    num_train_timesteps = num_train_timesteps or config.num_train_timesteps
+    check_num_inference_steps(num_inference_steps, num_train_timesteps)
+    scheduler.num_inference_steps = num_inference_steps
+    timesteps, sigmas = spaced_sigmas(config, scheduler.train_sigmas, scheduler.log_train_sigmas, num_inference_steps,
+                                      num_train_timesteps)
+    if config.use_karras_sigmas:
+        timesteps = timesteps.round()  # as diffusers
+    return torch.from_numpy(timesteps), torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+
+
 def midpoint_timesteps_float32(midpoints: torch.Tensor, log_train_sigmas: np.ndarray) -> torch.Tensor:
     """The (fractional) timestep of each midpoint as diffusers computes it: `sigma_to_t` on float32 torch tensors,
     which mixes numpy's float32 ufuncs and torch's float32 operators (the float64 path differs in the last bit)."""
@@ -89,19 +103,11 @@ class KDPM2DiscreteScheduler(SigmaSchedulerMixin):
 
     def set_timesteps(self, num_inference_steps: int, device=None, num_train_timesteps: int | None = None) -> None:
         """N noise levels and their N - 1 midpoints, visited by 2N - 1 model calls."""
-        num_train_timesteps = num_train_timesteps or self.config.num_train_timesteps
-        check_num_inference_steps(num_inference_steps, num_train_timesteps)
-        self.num_inference_steps = num_inference_steps
-        timesteps, sigmas = spaced_sigmas(self.config, self.train_sigmas, self.log_train_sigmas, num_inference_steps,
-                                          num_train_timesteps)
-        if self.config.use_karras_sigmas:
-            timesteps = timesteps.round()  # as diffusers
-        sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))  # (N+1,)
+        timesteps, sigmas = step_noise_levels(self, num_inference_steps, num_train_timesteps)
         # mid_k: the geometric midpoint of sigma_{k-1} and sigma_k (mid_N = 0: the last step is Euler's)
         midpoints = sigmas.log().lerp(sigmas.roll(1).log(), 0.5).exp()  # (N+1,), entry 0 unused
         self.sigmas, self.sigmas_interpol = per_model_call(sigmas), per_model_call(midpoints)  # (2N+2,), on the CPU
 
-        timesteps = torch.from_numpy(timesteps)
         midpoint_timesteps = midpoint_timesteps_float32(midpoints, self.log_train_sigmas).to(timesteps.dtype)
         calls = torch.stack([midpoint_timesteps[1:-1], timesteps[1:]], dim=-1).flatten()  # [t(mid_1), t_1, t(mid_2), ...]
         self.timesteps = torch.cat([timesteps[:1], calls]).to(device)  # (2N-1,)

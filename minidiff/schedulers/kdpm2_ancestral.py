@@ -18,7 +18,6 @@ Config fields: as `KDPM2DiscreteScheduler` (diffusers' names and defaults).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from minidiff.configuration import register_to_config
@@ -28,14 +27,20 @@ from minidiff.schedulers.base import (
     SchedulerOutput,
     SigmaSchedulerMixin,
     check_choice,
-    check_num_inference_steps,
     check_one_noise_schedule,
     randn_tensor,
-    spaced_sigmas,
 )
-from minidiff.schedulers.kdpm2 import midpoint_timesteps_float32, per_model_call
+from minidiff.schedulers.kdpm2 import (
+    midpoint_timesteps_float32,
+    per_model_call,
+    step_noise_levels,
+)
 from minidiff.schedulers.parameterization import to_x0_ve
-from minidiff.schedulers.update_rules import ancestral_sigmas, dpm_solver_2_step, euler_step
+from minidiff.schedulers.update_rules import (
+    ancestral_sigmas,
+    dpm_solver_2_step,
+    euler_step,
+)
 
 
 class KDPM2AncestralDiscreteScheduler(SigmaSchedulerMixin):
@@ -66,14 +71,7 @@ class KDPM2AncestralDiscreteScheduler(SigmaSchedulerMixin):
 
     def set_timesteps(self, num_inference_steps: int, device=None, num_train_timesteps: int | None = None) -> None:
         """N noise levels, each step's sigma_up / sigma_down and midpoint, visited by 2N - 1 model calls."""
-        num_train_timesteps = num_train_timesteps or self.config.num_train_timesteps
-        check_num_inference_steps(num_inference_steps, num_train_timesteps)
-        self.num_inference_steps = num_inference_steps
-        timesteps, sigmas = spaced_sigmas(self.config, self.train_sigmas, self.log_train_sigmas, num_inference_steps,
-                                          num_train_timesteps)
-        if self.config.use_karras_sigmas:
-            timesteps = timesteps.round()  # as diffusers
-        sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))  # (N+1,)
+        timesteps, sigmas = step_noise_levels(self, num_inference_steps, num_train_timesteps)
         sigmas_next = torch.cat([sigmas[1:], sigmas.new_zeros(1)])
         sigmas_down, sigmas_up = ancestral_sigmas(sigmas, sigmas_next)  # step i: sigma_i -> sigma_{i+1}
         sigmas_down[-1] = 0.0
@@ -82,7 +80,6 @@ class KDPM2AncestralDiscreteScheduler(SigmaSchedulerMixin):
         self.sigmas, self.sigmas_interpol = per_model_call(sigmas), per_model_call(midpoints)  # (2N+2,), on the CPU
         self.sigmas_up, self.sigmas_down = per_model_call(sigmas_up), per_model_call(sigmas_down)
 
-        timesteps = torch.from_numpy(timesteps)
         midpoint_timesteps = midpoint_timesteps_float32(midpoints, self.log_train_sigmas).to(timesteps.dtype)
         calls = torch.stack([midpoint_timesteps[:-2], timesteps[1:]], dim=-1).flatten()  # [t(mid_0), t_1, t(mid_1), ...]
         self.timesteps = torch.cat([timesteps[:1], calls]).to(device)  # (2N-1,)

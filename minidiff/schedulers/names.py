@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from minidiff.schedulers.base import SchedulerMixin
 from minidiff.schedulers.ddim import DDIMScheduler
 from minidiff.schedulers.ddpm import DDPMScheduler
+from minidiff.schedulers.deis_multistep import DEISMultistepScheduler
 from minidiff.schedulers.dpm_solver_multistep import DPMSolverMultistepScheduler
 from minidiff.schedulers.dpm_solver_sde import DPMSolverSDEScheduler
+from minidiff.schedulers.dpm_solver_singlestep import DPMSolverSinglestepScheduler
 from minidiff.schedulers.euler import EulerDiscreteScheduler
 from minidiff.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from minidiff.schedulers.heun import HeunDiscreteScheduler
@@ -78,6 +80,10 @@ SAMPLER_NAMES = [
     SamplerName("DPM++ SDE", DPMSolverSDEScheduler, {}, True, 1, "SDE-DPM-Solver++ 2S with Brownian-tree noise (sample_dpmpp_sde)"),
     SamplerName("DPM++ SDE Karras", DPMSolverSDEScheduler, KARRAS, True, 1, "DPM++ SDE on Karras sigmas"),
     SamplerName("UniPC", UniPCMultistepScheduler, {}, False, 3, "unified predictor-corrector (UniP-2 + UniC: order 3), good at 10-20 steps"),
+    SamplerName("DPM++ 2S", DPMSolverSinglestepScheduler, {}, False, 2, "DPM-Solver++(2S): second-order singlestep (Lu et al. 2022b, Alg. 1)"),
+    SamplerName("DPM++ 2S a", DPMSolverSinglestepScheduler, SDE, True, 1, "closest to A1111's ancestral 2S: SDE-DPM-Solver++ 2S"),
+    SamplerName("DPM++ 2S a Karras", DPMSolverSinglestepScheduler, {**SDE, **KARRAS}, True, 1, "DPM++ 2S a on Karras sigmas"),
+    SamplerName("DEIS", DEISMultistepScheduler, {}, False, 2, "exponential integrator, Adams-Bashforth in log rho (AB-DEIS)"),
 ]
 
 

@@ -29,6 +29,9 @@ with a second-order step that costs one extra model call: Euler to prev with e_0
 there, and redo the step from x_t with (e_0 + e_prev) / 2. So N steps take N+1 model calls and
 `timesteps` repeats its second entry (SD 1.5, 50 steps: 981, 961, 961, 941, ..., 1).
 
+Formula (9) is `update_rules.pndm_transfer` and the PLMS combination `update_rules.plms_eps`; the class
+keeps the PRK/PLMS state machine (which call is which stage, the stored outputs).
+
 Config fields (diffusers' names and defaults):
 - num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training noise
   schedule alpha_bar_t (see `base.make_betas`).

@@ -430,3 +430,130 @@ def dpm_solver_2_step(sample: torch.Tensor, sample_mid: torch.Tensor, x0_mid: to
     at the midpoint (DPM-Solver-2, Lu et al. 2022, arXiv 2206.00927, Algorithm 1 with r_1 = 1/2, in sigma as
     k-diffusion's `sample_dpm_2`). `sigma_next` is sigma_down for the ancestral variant."""
     return sample + to_d(sample_mid, x0_mid, sigma_mid) * (sigma_next - sigma)
+
+
+# ----- DPM-Solver singlestep and DEIS (Lu et al. 2022; Zhang & Chen 2022) -----
+# Singlestep (DPM-Solver, arXiv 2206.00927, Algorithms 1-2; DPM-Solver++, arXiv 2211.01095, Algorithm 1): a step
+# of order k goes from the level s where its group of k steps started (sample x_s, output m_s) to t, with
+# h = lambda_t - lambda_s, using the outputs at the k - 1 levels r1 (, r2) between s and t that the group's
+# earlier, lower-order steps reached. The positions of those levels, r_k = (lambda_rk - lambda_s) / h, lie in (0, 1).
+# DEIS (arXiv 2204.13902): in rho = sigma_t / alpha_t the probability-flow ODE is d(x / alpha) / d rho = eps, so
+# x_t / alpha_t = x_s0 / alpha_s0 + integral of eps over rho; AB-DEIS puts a polynomial through the past eps
+# ("logrho": a polynomial in log rho) and integrates it exactly.
+
+
+def dpm_solver_pp_2s(x_s, x0_s, x0_r, alpha_t, sigma_t, sigma_s, lambda_t, lambda_s, lambda_r, solver_type="midpoint"):
+    """DPM-Solver++(2S) (2211.01095, Algorithm 1): with r = (lambda_r - lambda_s) / h,
+
+        x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) (x0_s + (x0_r - x0_s) / (2 r))           ("midpoint")
+
+    It is the 2M formula with the second point r ahead of s instead of behind it, so the 2M rule computes it
+    (bit for bit: only signs change). "heun" is the 2M heun variant in the same way."""
+    return dpm_solver_pp_second_order(x_s, x0_s, x0_r, alpha_t, sigma_t, sigma_s, lambda_t, lambda_s, lambda_r, solver_type)
+
+
+def dpm_solver_2s(x_s, eps_s, eps_r, alpha_t, sigma_t, alpha_s, lambda_t, lambda_s, lambda_r, solver_type="midpoint"):
+    """DPM-Solver-2 (2206.00927, Algorithm 1, final line, with the intermediate level r given):
+
+        x_t = (alpha_t / alpha_s) x_s - sigma_t (e^h - 1) eps_s - sigma_t / (2 r) (e^h - 1) (eps_r - eps_s)"""
+    return dpm_solver_second_order(x_s, eps_s, eps_r, alpha_t, sigma_t, alpha_s, lambda_t, lambda_s, lambda_r, solver_type)
+
+
+def sde_dpm_solver_pp_2s(x_s, x0_s, x0_r, alpha_t, sigma_t, sigma_s, lambda_t, lambda_s, lambda_r, noise, solver_type="midpoint"):
+    """SDE-DPM-Solver++(2S) (2211.01095 §5): the SDE 2M rule with the second point ahead, as `dpm_solver_pp_2s`."""
+    return sde_dpm_solver_pp_second_order(
+        x_s, x0_s, x0_r, alpha_t, sigma_t, sigma_s, lambda_t, lambda_s, lambda_r, noise, solver_type
+    )
+
+
+def _singlestep_differences(m_s, m_r1, m_r2, h, lambda_s, lambda_r1, lambda_r2):
+    """Slopes of the outputs over the step, scaled by h: D1_r2 = (m_r2 - m_s) / r2 (the secant to r2), and
+    D1 = h m'(lambda_s), D2 = h^2 m''(lambda_s) of the quadratic through (0, m_s), (r1, m_r1), (r2, m_r2)."""
+    r1, r2 = (lambda_r1 - lambda_s) / h, (lambda_r2 - lambda_s) / h
+    D1_r1, D1_r2 = (1.0 / r1) * (m_r1 - m_s), (1.0 / r2) * (m_r2 - m_s)
+    D1 = (r2 * D1_r1 - r1 * D1_r2) / (r2 - r1)
+    D2 = 2.0 * (D1_r2 - D1_r1) / (r2 - r1)
+    return D1_r2, D1, D2
+
+
+def dpm_solver_pp_3s(x_s, x0_s, x0_r1, x0_r2, alpha_t, sigma_t, sigma_s, lambda_t, lambda_s, lambda_r1, lambda_r2, solver_type="midpoint"):
+    """DPM-Solver++(3S), data prediction (DPM-Solver-3 of 2206.00927, Algorithm 2, in the form of 2211.01095):
+
+        "midpoint": x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) x0_s + alpha_t ((e^-h - 1) / h + 1) D1_r2
+        "heun":     the full quadratic: D1 in place of D1_r2, and - alpha_t ((e^-h - 1 + h) / h^2 - 1/2) D2"""
+    h = lambda_t - lambda_s
+    D1_r2, D1, D2 = _singlestep_differences(x0_s, x0_r1, x0_r2, h, lambda_s, lambda_r1, lambda_r2)
+    x_t = (sigma_t / sigma_s) * x_s - (alpha_t * (torch.exp(-h) - 1.0)) * x0_s
+    if solver_type == "midpoint":
+        return x_t + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1_r2
+    return x_t + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1 - (alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5)) * D2
+
+
+def dpm_solver_3s(x_s, eps_s, eps_r1, eps_r2, alpha_t, sigma_t, alpha_s, lambda_t, lambda_s, lambda_r1, lambda_r2, solver_type="midpoint"):
+    """DPM-Solver-3 (2206.00927, Algorithm 2, final line; r2 = 2/3 there):
+
+        "midpoint": x_t = (alpha_t / alpha_s) x_s - sigma_t (e^h - 1) eps_s - sigma_t ((e^h - 1) / h - 1) D1_r2
+        "heun":     the full quadratic: D1 in place of D1_r2, and - sigma_t ((e^h - 1 - h) / h^2 - 1/2) D2"""
+    h = lambda_t - lambda_s
+    D1_r2, D1, D2 = _singlestep_differences(eps_s, eps_r1, eps_r2, h, lambda_s, lambda_r1, lambda_r2)
+    x_t = (alpha_t / alpha_s) * x_s - (sigma_t * (torch.exp(h) - 1.0)) * eps_s
+    if solver_type == "midpoint":
+        return x_t - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * D1_r2
+    return x_t - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * D1 - (sigma_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5)) * D2
+
+
+def sde_dpm_solver_pp_3s(x_s, x0_s, x0_r1, x0_r2, alpha_t, sigma_t, sigma_s, lambda_t, lambda_s, lambda_r1, lambda_r2, noise, solver_type="midpoint"):
+    """SDE-DPM-Solver++(3S) (2211.01095 §5): as `dpm_solver_pp_3s` with the SDE's coefficients (h -> 2h in the
+    data term) and fresh noise sigma_t sqrt(1 - e^-2h) z."""
+    h = lambda_t - lambda_s
+    D1_r2, D1, D2 = _singlestep_differences(x0_s, x0_r1, x0_r2, h, lambda_s, lambda_r1, lambda_r2)
+    x_t = (sigma_t / sigma_s * torch.exp(-h)) * x_s + (alpha_t * (1.0 - torch.exp(-2.0 * h))) * x0_s
+    if solver_type == "midpoint":
+        x_t = x_t + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1_r2
+    else:
+        x_t = (
+            x_t
+            + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1
+            + (alpha_t * ((1.0 - torch.exp(-2.0 * h) + (-2.0 * h)) / (-2.0 * h) ** 2 - 0.5)) * D2
+        )
+    return x_t + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
+
+
+def _log(rho: torch.Tensor) -> torch.Tensor:
+    """log rho as numpy computes it in float32 (diffusers' arithmetic). torch.log differs from it by one ulp for
+    a few percent of inputs, and a DEIS weight, a difference of two nearly equal antiderivatives, magnifies that
+    past 1e-5 at 25+ steps."""
+    return torch.as_tensor(np.log(rho.detach().cpu().numpy()), device=rho.device)
+
+
+def _logrho_integral_2(rho, rho_j, rho_k):
+    """Antiderivative in rho of the Lagrange basis polynomial in log rho that is 1 at rho_j and 0 at rho_k:
+    integral of (log rho - log rho_k) / (log rho_j - log rho_k) d rho = rho (log rho - log rho_k - 1) / (...)."""
+    return rho * (-_log(rho_k) + _log(rho) - 1) / (_log(rho_j) - _log(rho_k))
+
+
+def _logrho_integral_3(rho, rho_j, rho_k, rho_l):
+    """As `_logrho_integral_2` for the quadratic basis (u - u_k)(u - u_l) / ((u_j - u_k)(u_j - u_l)), u = log rho,
+    using integral of u^2 d rho = rho (u^2 - 2u + 2) and integral of u d rho = rho (u - 1)."""
+    u, u_j, u_k, u_l = _log(rho), _log(rho_j), _log(rho_k), _log(rho_l)
+    numerator = rho * (u_k * (u_l - u + 1) - u_l * u + u_l + u**2 - 2 * u + 2)
+    return numerator / ((u_j - u_k) * (u_j - u_l))
+
+
+def deis_logrho_coefficients(rho_t, rho_s0, rho_s1, rho_s2=None):
+    """The AB-DEIS weights C_j = integral from rho_s0 to rho_t of the Lagrange basis polynomial (in log rho) of the
+    past level s_j (2204.13902, AB-DEIS with the rho reparameterization): (C_0, C_1) or (C_0, C_1, C_2)."""
+    if rho_s2 is None:
+        bases = [(rho_s0, rho_s1), (rho_s1, rho_s0)]
+        return [_logrho_integral_2(rho_t, *nodes) - _logrho_integral_2(rho_s0, *nodes) for nodes in bases]
+    bases = [(rho_s0, rho_s1, rho_s2), (rho_s1, rho_s2, rho_s0), (rho_s2, rho_s0, rho_s1)]
+    return [_logrho_integral_3(rho_t, *nodes) - _logrho_integral_3(rho_s0, *nodes) for nodes in bases]
+
+
+def deis_multistep_update(x, eps_list, alpha_t, alpha_s0, coefficients):
+    """AB-DEIS (2204.13902): x_t = alpha_t (x_s0 / alpha_s0 + sum_j C_j eps_sj), eps_list newest first.
+    The first-order DEIS step is DPM-Solver-1 (`dpm_solver_first_order`)."""
+    total = x / alpha_s0
+    for C_j, eps_j in zip(coefficients, eps_list):
+        total = total + C_j * eps_j
+    return alpha_t * total

@@ -1,0 +1,249 @@
+"""DEIS: the diffusion exponential integrator sampler, multistep (Zhang & Chen 2022, arXiv 2204.13902).
+
+DEIS integrates the probability-flow ODE of the VP process exactly in its linear part. Writing
+rho = sigma_t / alpha_t (the VE noise level `sigma` of the sigma schedulers) and y = x_t / alpha_t, the ODE
+becomes dy/drho = eps(x, rho) (the "rho" reparameterization of §4), so from level s0 to the next level t
+
+    x_t / alpha_t = x_s0 / alpha_s0 + integral from rho_s0 to rho_t of eps d rho.
+
+AB-DEIS (the exponential Adams-Bashforth method) replaces eps by the polynomial through the outputs of
+the last k steps, eps_s0, eps_s1, ... (kept in `model_outputs`: no extra model calls) and integrates it
+exactly. diffusers' "logrho" variant takes the polynomial in log rho:
+
+    x_t = alpha_t ( x_s0 / alpha_s0 + sum_j C_j eps_sj ),   C_j = integral_{rho_s0}^{rho_t} l_j(log rho) d rho,
+
+l_j the Lagrange basis polynomial that is 1 at log rho_sj and 0 at the other levels
+(`update_rules.deis_logrho_coefficients`, closed forms for k = 2, 3). With k = 1 (C_0 = rho_t - rho_s0)
+this is DDIM, i.e. DPM-Solver-1 (`update_rules.dpm_solver_first_order`).
+
+The first steps are lower order (warm-up: no previous outputs yet), and with lower_order_final and fewer
+than 15 steps so are the last two (first order, then at most second).
+
+Config fields (diffusers' names and defaults):
+- num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training schedule alpha_bar.
+- solver_order: k = 1, 2 or 3 (2 with classifier-free guidance).
+- prediction_type: "epsilon" | "v_prediction" | "sample". The output is turned into x0_pred and then into
+  eps (so thresholding applies), as diffusers does, even for "epsilon".
+- thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen's dynamic thresholding of x0_pred.
+- algorithm_type: "deis" ("dpmsolver", "dpmsolver++" from a DPM-Solver config are read as "deis").
+- solver_type: "logrho" ("midpoint", "heun", "bh1", "bh2" from a DPM-Solver or UniPC config are read as "logrho").
+- lower_order_final: see above.
+- use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas (at most one): a sigma ramp replaces the
+  spaced sigmas (the timesteps then come from the sigmas); the final sigma repeats the ramp's last one.
+  Without a ramp the final sigma is sigma_min, the smallest training sigma.
+- timestep_spacing, steps_offset: N + 1 points spaced over the training timesteps, the last one dropped
+  (`multistep_timesteps`).
+- use_flow_sigmas, flow_shift, use_dynamic_shifting, time_shift_type: flow-matching options (SD3, Flux);
+  minidiff implements the VP form of SD 1.x only, so they are refused fields (`_refused_config`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from minidiff.configuration import register_to_config
+from minidiff.schedulers.base import (
+    PREDICTION_TYPES,
+    TIMESTEP_SPACINGS,
+    SchedulerMixin,
+    SchedulerOutput,
+    check_choice,
+    check_num_inference_steps,
+    make_betas,
+)
+from minidiff.schedulers.dpm_solver_multistep import (
+    add_noise_at_sigmas,
+    check_steps_left,
+    check_vp_only,
+    index_or_last,
+    multistep_timesteps,
+    schedule_sigmas,
+)
+from minidiff.schedulers.parameterization import eps_from_x0, limit_x0, to_x0, vp_from_sigma
+from minidiff.schedulers.update_rules import deis_logrho_coefficients, deis_multistep_update, dpm_solver_first_order
+
+
+class DEISMultistepScheduler(SchedulerMixin):
+    """DEIS (AB-DEIS, "logrho"): an exponential integrator in rho, of order 1-3, reusing past model outputs."""
+
+    order = 1
+    _refused_config = {"use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False, "time_shift_type": "exponential"}
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        algorithm_type: str = "deis",
+        solver_type: str = "logrho",
+        lower_order_final: bool = True,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+    ):
+        self._check_config(algorithm_type, solver_type)
+        self.betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.alpha_t = self.alphas_cumprod.sqrt()
+        self.sigma_t = (1 - self.alphas_cumprod).sqrt()
+        self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)  # (T,) half log-SNR per training step
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # replaced by set_timesteps
+        self.init_noise_sigma = 1.0  # the VP form: x_T ~ N(0, I)
+
+        self.num_inference_steps = None
+        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy())
+        self.model_outputs = [None] * solver_order
+        self.lower_order_nums = 0
+        self._step_index = None
+        self._begin_index = None
+
+    def _check_config(self, algorithm_type: str, solver_type: str) -> None:
+        config = self.config
+        check_vp_only(config.prediction_type)
+        if config.use_exponential_sigmas + config.use_karras_sigmas + config.use_beta_sigmas > 1:
+            raise ValueError("use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas each choose the sigmas; set only one")
+        check_choice("prediction_type", config.prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", config.timestep_spacing, TIMESTEP_SPACINGS)
+        check_choice("solver_order", config.solver_order, (1, 2, 3))
+        if algorithm_type in ("dpmsolver", "dpmsolver++"):  # a DPM-Solver config
+            self.register_to_config(algorithm_type="deis")
+        check_choice("algorithm_type", self.config.algorithm_type, ("deis",))
+        if solver_type in ("midpoint", "heun", "bh1", "bh2"):  # a DPM-Solver or UniPC config
+            self.register_to_config(solver_type="logrho")
+        check_choice("solver_type", self.config.solver_type, ("logrho",))
+
+    # ----- the schedule -----
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None, mu: float | None = None) -> None:
+        """Choose the N timesteps and their N + 1 sigmas (the last one sigma_min, or the ramp's last repeated)."""
+        config = self.config
+        if mu is not None:
+            raise ValueError("mu (dynamic shifting) is for flow-matching models, which minidiff does not implement; leave it None")
+        T = config.num_train_timesteps
+        check_num_inference_steps(num_inference_steps, T)
+        timesteps = multistep_timesteps(config.timestep_spacing, num_inference_steps, T, config.steps_offset)
+        ramp = self._sigma_ramp()
+        sigmas, timesteps = schedule_sigmas(self, timesteps, len(timesteps), ramp)
+        if ramp is None:
+            sigma_last = (((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5).item()
+        else:
+            sigma_last = sigmas[-1]  # a zero-length last step: it returns its input
+            if ramp == "karras":
+                timesteps = timesteps.round()  # exponential and beta keep fractional t, cast (truncated) to int below
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))  # (N + 1,)
+        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)  # (N,)
+        self.num_inference_steps = len(timesteps)
+        self.model_outputs = [None] * config.solver_order
+        self.lower_order_nums = 0
+        self._step_index = None
+        self._begin_index = None
+
+    def _sigma_ramp(self) -> str | None:
+        config = self.config
+        if config.use_karras_sigmas:
+            return "karras"
+        if config.use_exponential_sigmas:
+            return "exponential"
+        return "beta" if config.use_beta_sigmas else None
+
+    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Identity: the VP-form model takes x_t as it is."""
+        return sample
+
+    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """As the base class, but a timestep not in the schedule means the last step."""
+        return index_or_last(self, timestep, schedule_timesteps)
+
+    # ----- one step -----
+
+    def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """eps, by way of x0_pred (thresholded when asked): DEIS integrates the noise prediction."""
+        return self._eps_and_x0(model_output, sample)[0]
+
+    def _eps_and_x0(self, model_output: torch.Tensor, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha_t, sigma_t, _ = vp_from_sigma(self.sigmas[self.step_index])
+        x0_pred = limit_x0(to_x0(model_output, sample, alpha_t, sigma_t, self.config.prediction_type), self.config)
+        return eps_from_x0(x0_pred, sample, alpha_t, sigma_t), x0_pred
+
+    def _order_of_this_step(self) -> int:
+        """Warm-up (order <= number of outputs seen) and, with lower_order_final and N < 15, lower last steps."""
+        config, last = self.config, len(self.timesteps) - 1
+        few_steps = config.lower_order_final and len(self.timesteps) < 15
+        if config.solver_order == 1 or self.lower_order_nums < 1 or (few_steps and self.step_index == last):
+            return 1
+        if config.solver_order == 2 or self.lower_order_nums < 2 or (few_steps and self.step_index == last - 1):
+            return 2
+        return 3
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        """One AB-DEIS step from the current noise level to the next (deterministic: `generator` is not used)."""
+        self._check_timesteps_set()
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        check_steps_left(self)
+        order = self._order_of_this_step()
+
+        eps, x0_pred = self._eps_and_x0(model_output, sample)
+        self.model_outputs = self.model_outputs[1:] + [eps]  # ring buffer: [..., eps_s2, eps_s1, eps_s0]
+        if order == 1:
+            prev_sample = self.deis_first_order_update(eps, sample=sample)
+        elif order == 2:
+            prev_sample = self.multistep_deis_second_order_update(self.model_outputs, sample=sample)
+        else:
+            prev_sample = self.multistep_deis_third_order_update(self.model_outputs, sample=sample)
+
+        self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
+        self._step_index += 1
+        output = SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+        return output if return_dict else output.to_tuple()
+
+    def _alpha_and_rho(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha and rho = sigma_t / alpha_t at an index into `sigmas`."""
+        alpha, sigma, _ = vp_from_sigma(self.sigmas[index])
+        return alpha, sigma / alpha
+
+    def deis_first_order_update(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """Order 1: DPM-Solver-1 (= DDIM) with the current eps."""
+        alpha_t, sigma_t, lambda_t = vp_from_sigma(self.sigmas[self.step_index + 1])
+        alpha_s0, _, lambda_s0 = vp_from_sigma(self.sigmas[self.step_index])
+        return dpm_solver_first_order(sample, model_output, alpha_t, sigma_t, alpha_s0, lambda_t, lambda_s0)
+
+    def multistep_deis_second_order_update(self, model_output_list: list, sample: torch.Tensor) -> torch.Tensor:
+        """Order 2: eps linear in log rho through the last two outputs."""
+        i = self.step_index
+        (alpha_t, rho_t), (alpha_s0, rho_s0), (_, rho_s1) = (self._alpha_and_rho(j) for j in (i + 1, i, i - 1))
+        coefficients = deis_logrho_coefficients(rho_t, rho_s0, rho_s1)
+        return deis_multistep_update(sample, model_output_list[::-1][:2], alpha_t, alpha_s0, coefficients)
+
+    def multistep_deis_third_order_update(self, model_output_list: list, sample: torch.Tensor) -> torch.Tensor:
+        """Order 3: eps quadratic in log rho through the last three outputs."""
+        i = self.step_index
+        levels = [self._alpha_and_rho(j) for j in (i + 1, i, i - 1, i - 2)]
+        (alpha_t, rho_t), (alpha_s0, rho_s0), (_, rho_s1), (_, rho_s2) = levels
+        coefficients = deis_logrho_coefficients(rho_t, rho_s0, rho_s1, rho_s2)
+        return deis_multistep_update(sample, model_output_list[::-1][:3], alpha_t, alpha_s0, coefficients)
+
+    # ----- the forward process -----
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = alpha_t x_0 + sigma_t eps at the schedule's sigma for each timestep (img2img's first latent)."""
+        return add_noise_at_sigmas(self, original_samples, noise, timesteps)

@@ -1,0 +1,375 @@
+"""DPM-Solver and DPM-Solver++ singlestep (Lu et al. 2022: arXiv 2206.00927 and arXiv 2211.01095).
+
+The same exponential integrator in the half log-SNR lambda as the multistep solver (see
+`dpm_solver_multistep.py` for alpha_t, sigma_t, lambda_t of a noise level sigma), but a step of order k
+gathers its k model outputs *inside* the step, as a Runge-Kutta method does, instead of reusing outputs
+from earlier steps. DPM-Solver-2 (2206.00927, Algorithm 1), from t_{i-1} to t_i, h = lambda_{t_i} - lambda_{t_{i-1}}:
+
+    u_i     = (alpha_{s_i} / alpha_{t_{i-1}}) x_{i-1} - sigma_{s_i} (e^{r1 h} - 1) eps(x_{i-1}, t_{i-1})      (to s_i)
+    x_i     = (alpha_{t_i} / alpha_{t_{i-1}}) x_{i-1} - sigma_{t_i} (e^h - 1) eps(x_{i-1}, t_{i-1})
+              - sigma_{t_i} / (2 r1) (e^h - 1) ( eps(u_i, s_i) - eps(x_{i-1}, t_{i-1}) )
+
+where s_i is the level r1 h of the way from t_{i-1} to t_i. DPM-Solver-3 (Algorithm 2) has two intermediate
+levels (r1 = 1/3, r2 = 2/3) and ends with the secant to the second one. DPM-Solver++(2S) (2211.01095,
+Algorithm 1) is the same in the data prediction x0:
+
+    x_i     = (sigma_{t_i} / sigma_{t_{i-1}}) x_{i-1} - alpha_{t_i} (e^-h - 1) D_i,
+    D_i     = (1 - 1/(2 r1)) x0(x_{i-1}, t_{i-1}) + 1/(2 r1) x0(u_i, s_i)
+
+As diffusers does, the intermediate levels are the scheduler's own timesteps: `order_list` gives the order
+of each of the N steps, e.g. 1, 2, 1, 2, ... (2S) or 1, 2, 3, 1, 2, 3, ... (3S). An order-1 step starts a
+group: it remembers its sample x_s (`self.sample`) and goes by DPM-Solver-1 to the next timestep, where the
+model is called again; the order-2 step then goes from x_s (not from that intermediate sample) to the
+timestep after, with both outputs (`update_rules.dpm_solver_pp_2s`, `dpm_solver_pp_3s`, ...). The
+prev_sample of each order-1 step is the u_i above: the model is evaluated there, then it is discarded.
+The SDE variant ("sde-dpmsolver++", 2211.01095 §5) adds fresh noise at every step.
+
+Config fields (diffusers' names and defaults):
+- num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training schedule alpha_bar.
+- solver_order: 1, 2 or 3 (the k above; 2 with classifier-free guidance).
+- algorithm_type: "dpmsolver++" | "sde-dpmsolver++" | "dpmsolver" (deprecated, FutureWarning; needs
+  final_sigmas_type "sigma_min"). "deis" is read as "dpmsolver++" (and also needs "sigma_min").
+- solver_type: "midpoint" (the paper's formulas above) | "heun" (order 2: the linear term integrated
+  exactly; order 3: the full quadratic through the three outputs). "logrho", "bh1", "bh2" read as "midpoint".
+- prediction_type: "epsilon" | "v_prediction" | "sample".
+- thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen's dynamic thresholding of x0_pred
+  (for "dpmsolver" too, at the step's own noise level; diffusers 0.42.1 fails there with a shape error).
+- lower_order_final: end on a complete group (the order list shortened as diffusers does). set_timesteps
+  turns it on, in the config, with a logged warning, when N is not a multiple of solver_order or
+  final_sigmas_type is "zero" (as diffusers). With "zero" the last step is always first order.
+- final_sigmas_type: the noise level after the last step: "zero" or "sigma_min".
+- use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas (at most one): a sigma ramp from the largest
+  to the smallest training sigma replaces the spaced sigmas; the timesteps then come from those sigmas.
+- lambda_min_clipped: timesteps whose lambda is below this are never visited (for the cosine schedule).
+- variance_type: "learned" / "learned_range": only the first half of the channels (the mean) is used.
+- Timesteps: N + 1 points of linspace(0, T - 1) rounded, the last (t = 0) dropped (no timestep_spacing here).
+- use_flow_sigmas, flow_shift, use_dynamic_shifting, time_shift_type: flow-matching options (SD3, Flux);
+  minidiff implements the VP form of SD 1.x only, so they are refused fields (`_refused_config`).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import torch
+
+from minidiff.configuration import register_to_config
+from minidiff.schedulers.base import (
+    PREDICTION_TYPES,
+    SchedulerMixin,
+    SchedulerOutput,
+    check_choice,
+    check_num_inference_steps,
+    make_betas,
+    randn_tensor,
+)
+from minidiff.schedulers.dpm_solver_multistep import (
+    DPM_SOLVER_TYPES,
+    FINAL_SIGMAS_TYPES,
+    VARIANCE_TYPES,
+    add_noise_at_sigmas,
+    check_steps_left,
+    check_vp_only,
+    custom_timesteps,
+    index_or_last,
+    multistep_timesteps,
+    schedule_sigmas,
+)
+from minidiff.schedulers.parameterization import eps_from_x0, limit_x0, to_eps, to_x0, vp_from_sigma, x0_from_eps
+from minidiff.schedulers.update_rules import (
+    dpm_solver_2s,
+    dpm_solver_3s,
+    dpm_solver_first_order,
+    dpm_solver_pp_2s,
+    dpm_solver_pp_3s,
+    dpm_solver_pp_first_order,
+    sde_dpm_solver_pp_2s,
+    sde_dpm_solver_pp_3s,
+    sde_dpm_solver_pp_first_order,
+)
+
+logger = logging.getLogger(__name__)
+
+SINGLESTEP_ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver")
+
+
+def singlestep_order_list(num_inference_steps: int, solver_order: int, lower_order_final: bool, final_sigmas_type: str) -> list[int]:
+    """The order of each step: groups 1, 2 (, 3) repeated. With lower_order_final the list ends on a complete
+    shorter group; with final_sigmas_type "zero" the last step is first order (a step to sigma = 0)."""
+    N, k = num_inference_steps, solver_order
+    if k == 1:
+        orders = [1] * N
+    elif not lower_order_final:
+        orders = list(range(1, k + 1)) * (N // k)  # set_timesteps makes N a multiple of k here
+    elif k == 2:
+        orders = [1, 2] * (N // 2 - 1) + [1, 1] if N % 2 == 0 else [1, 2] * (N // 2) + [1]
+    elif N % 3 == 0:
+        orders = [1, 2, 3] * (N // 3 - 1) + [1, 2] + [1]
+    else:
+        orders = [1, 2, 3] * (N // 3) + [1, 2][: N % 3]
+    if final_sigmas_type == "zero":
+        orders[-1] = 1
+    return orders
+
+
+class DPMSolverSinglestepScheduler(SchedulerMixin):
+    """DPM-Solver(++) singlestep: order 1-3, the extra model outputs of a step taken at its own intermediate levels."""
+
+    order = 1
+    _refused_config = {"use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False, "time_shift_type": "exponential"}
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        algorithm_type: str = "dpmsolver++",
+        solver_type: str = "midpoint",
+        lower_order_final: bool = False,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        final_sigmas_type: str = "zero",
+        lambda_min_clipped: float = -float("inf"),
+        variance_type: str | None = None,
+    ):
+        self._check_config(algorithm_type, solver_type)
+        self.betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.alpha_t = self.alphas_cumprod.sqrt()
+        self.sigma_t = (1 - self.alphas_cumprod).sqrt()
+        self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)  # (T,) half log-SNR per training step
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # replaced by set_timesteps
+        self.init_noise_sigma = 1.0  # the VP form: x_T ~ N(0, I)
+
+        self.num_inference_steps = None
+        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy())
+        self.model_outputs = [None] * solver_order
+        self.sample = None  # x_s: the sample at the start of the current group of steps
+        self.order_list = self.get_order_list(num_train_timesteps)
+        self._step_index = None
+        self._begin_index = None
+
+    def _check_config(self, algorithm_type: str, solver_type: str) -> None:
+        config = self.config
+        check_vp_only(config.prediction_type)
+        if config.use_exponential_sigmas + config.use_karras_sigmas + config.use_beta_sigmas > 1:
+            raise ValueError("use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas each choose the sigmas; set only one")
+        check_choice("prediction_type", config.prediction_type, PREDICTION_TYPES)
+        check_choice("final_sigmas_type", config.final_sigmas_type, FINAL_SIGMAS_TYPES)
+        check_choice("variance_type", config.variance_type, VARIANCE_TYPES)
+        check_choice("solver_order", config.solver_order, (1, 2, 3))
+        if algorithm_type == "deis":  # a DEIS config: its algorithm is DPM-Solver++'s
+            self.register_to_config(algorithm_type="dpmsolver++")
+        check_choice("algorithm_type", self.config.algorithm_type, SINGLESTEP_ALGORITHM_TYPES)
+        if solver_type in ("logrho", "bh1", "bh2"):  # a DEIS or UniPC config
+            self.register_to_config(solver_type="midpoint")
+        check_choice("solver_type", self.config.solver_type, DPM_SOLVER_TYPES)
+        if algorithm_type == "dpmsolver":
+            warnings.warn(
+                "algorithm_type 'dpmsolver' is deprecated (as in diffusers); use 'dpmsolver++' or 'sde-dpmsolver++'",
+                FutureWarning,
+                stacklevel=3,
+            )
+        if algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") and config.final_sigmas_type == "zero":
+            raise ValueError(
+                f"final_sigmas_type 'zero' is not supported with algorithm_type {algorithm_type!r}: the noise-prediction "
+                "update cannot step to sigma = 0. Pass final_sigmas_type='sigma_min'"
+            )
+
+    def get_order_list(self, num_inference_steps: int) -> list[int]:
+        """The order of each of the N steps (see `singlestep_order_list`)."""
+        config = self.config
+        return singlestep_order_list(num_inference_steps, config.solver_order, config.lower_order_final, config.final_sigmas_type)
+
+    # ----- the schedule -----
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        mu: float | None = None,
+        timesteps: list[int] | None = None,
+    ) -> None:
+        """Choose the N timesteps, their sigmas (N + 1: the final one is 0 or sigma_min) and the order of each step.
+
+        `timesteps` gives a custom descending list of training timesteps instead of `num_inference_steps`.
+        """
+        config = self.config
+        if mu is not None:
+            raise ValueError("mu (dynamic shifting) is for flow-matching models, which minidiff does not implement; leave it None")
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("pass exactly one of num_inference_steps or timesteps to set_timesteps")
+        if timesteps is not None:
+            timesteps = custom_timesteps(timesteps, config)
+        else:
+            T = config.num_train_timesteps
+            check_num_inference_steps(num_inference_steps, T)
+            # lambda_min_clipped: the largest t whose lambda_t is still >= the clip (critical for the cosine schedule)
+            clipped = torch.searchsorted(torch.flip(self.lambda_t, [0]), config.lambda_min_clipped).item()
+            timesteps = multistep_timesteps("linspace", num_inference_steps, T, 0, T - clipped)
+        N = len(timesteps)
+        ramp = self._sigma_ramp()
+        sigmas, timesteps = schedule_sigmas(self, timesteps, N, ramp)
+        if ramp == "karras":
+            timesteps = timesteps.round()  # exponential and beta keep fractional t, cast (truncated) to int below
+        sigma_last = (((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5).item() if config.final_sigmas_type == "sigma_min" else 0.0
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))  # (N + 1,)
+        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)  # (N,)
+        self.num_inference_steps = N
+        self.model_outputs = [None] * config.solver_order
+        self.sample = None
+        self._require_lower_order_final(N)
+        self.order_list = self.get_order_list(N)
+        self._step_index = None
+        self._begin_index = None
+
+    def _require_lower_order_final(self, num_inference_steps: int) -> None:
+        """The groups must fit the N steps and the step to sigma = 0 must be first order: as diffusers, switch
+        lower_order_final on (in the config) when they would not, and say so."""
+        config = self.config
+        if config.lower_order_final:
+            return
+        if num_inference_steps % config.solver_order != 0:
+            reason = f"{num_inference_steps} steps are not a multiple of solver_order={config.solver_order}"
+        elif config.final_sigmas_type == "zero":
+            reason = "final_sigmas_type 'zero' needs a first-order last step"
+        else:
+            return
+        logger.warning("DPMSolverSinglestepScheduler: setting lower_order_final=True in the config: %s", reason)
+        self.register_to_config(lower_order_final=True)
+
+    def _sigma_ramp(self) -> str | None:
+        config = self.config
+        if config.use_karras_sigmas:
+            return "karras"
+        if config.use_exponential_sigmas:
+            return "exponential"
+        return "beta" if config.use_beta_sigmas else None
+
+    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Identity: the VP-form model takes x_t as it is."""
+        return sample
+
+    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """As the base class, but a timestep not in the schedule means the last step."""
+        return index_or_last(self, timestep, schedule_timesteps)
+
+    # ----- one step -----
+
+    def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """What the solver integrates: x0_pred for DPM-Solver++, eps for DPM-Solver, at the current step."""
+        if self.config.variance_type is not None:
+            model_output = model_output[:, : sample.shape[1]]  # (B, 2C, ...) -> (B, C, ...): the mean, not the variance
+        alpha_t, sigma_t, _ = vp_from_sigma(self.sigmas[self.step_index])
+        prediction_type = self.config.prediction_type
+        if self.config.algorithm_type != "dpmsolver":
+            return limit_x0(to_x0(model_output, sample, alpha_t, sigma_t, prediction_type), self.config)
+        eps = to_eps(model_output, sample, alpha_t, sigma_t, prediction_type)
+        if self.config.thresholding:  # threshold x0_pred, then go back to eps
+            x0_pred = limit_x0(x0_from_eps(eps, sample, alpha_t, sigma_t), self.config)
+            eps = eps_from_x0(x0_pred, sample, alpha_t, sigma_t)
+        return eps
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        """One step of the order `order_list` gives (lower when the group's earlier outputs are missing, e.g. when
+        img2img starts mid-group). An order-1 step starts a group at `sample`; higher orders step from that start."""
+        self._check_timesteps_set()
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        check_steps_left(self)
+
+        m0 = self.convert_model_output(model_output, sample)  # x0_pred (++) or eps
+        self.model_outputs = self.model_outputs[1:] + [m0]  # [..., m_r1, m0]: this group's outputs, oldest first
+        x0_pred = m0 if self.config.algorithm_type != "dpmsolver" else self._x0_from_eps(m0, sample)
+        noise = None
+        if self.config.algorithm_type == "sde-dpmsolver++":  # drawn on every step, in the model output's dtype
+            noise = randn_tensor(m0.shape, generator=generator, device=m0.device, dtype=m0.dtype)
+
+        order = self.order_list[self.step_index]
+        while self.model_outputs[-order] is None:
+            order -= 1
+        if order == 1:
+            self.sample = sample
+        prev_sample = self.singlestep_dpm_solver_update(self.model_outputs, sample=self.sample, order=order, noise=noise)
+
+        self._step_index += 1
+        output = SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+        return output if return_dict else output.to_tuple()
+
+    def _x0_from_eps(self, eps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        alpha_t, sigma_t, _ = vp_from_sigma(self.sigmas[self.step_index])
+        return x0_from_eps(eps, sample, alpha_t, sigma_t)
+
+    def singlestep_dpm_solver_update(self, model_output_list: list, sample: torch.Tensor, order: int, noise=None) -> torch.Tensor:
+        """The update of order 1, 2 or 3 from the group's start `sample` to the next timestep."""
+        if order == 1:
+            return self.dpm_solver_first_order_update(model_output_list[-1], sample=sample, noise=noise)
+        if order == 2:
+            return self.singlestep_dpm_solver_second_order_update(model_output_list, sample=sample, noise=noise)
+        return self.singlestep_dpm_solver_third_order_update(model_output_list, sample=sample, noise=noise)
+
+    def _levels(self, *indices: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(alpha, sigma, lambda) in the VP form at each index into `sigmas`."""
+        return [vp_from_sigma(self.sigmas[index]) for index in indices]
+
+    def dpm_solver_first_order_update(self, model_output: torch.Tensor, sample: torch.Tensor, noise=None) -> torch.Tensor:
+        """DPM-Solver-1 (= DDIM) from the current level s to the next timestep t."""
+        (alpha_t, sigma_t, lambda_t), (alpha_s, sigma_s, lambda_s) = self._levels(self.step_index + 1, self.step_index)
+        algorithm = self.config.algorithm_type
+        if algorithm == "dpmsolver++":
+            return dpm_solver_pp_first_order(sample, model_output, alpha_t, sigma_t, sigma_s, lambda_t, lambda_s)
+        if algorithm == "dpmsolver":
+            return dpm_solver_first_order(sample, model_output, alpha_t, sigma_t, alpha_s, lambda_t, lambda_s)
+        return sde_dpm_solver_pp_first_order(sample, model_output, alpha_t, sigma_t, sigma_s, lambda_t, lambda_s, noise)
+
+    def singlestep_dpm_solver_second_order_update(self, model_output_list: list, sample: torch.Tensor, noise=None) -> torch.Tensor:
+        """Order 2 from the group's start s (one step back) to t, with the output at r (the current level)."""
+        i = self.step_index
+        (alpha_t, sigma_t, lambda_t), (_, _, lambda_r), (alpha_s, sigma_s, lambda_s) = self._levels(i + 1, i, i - 1)
+        m_s, m_r = model_output_list[-2], model_output_list[-1]
+        lambdas, solver_type = (lambda_t, lambda_s, lambda_r), self.config.solver_type
+        algorithm = self.config.algorithm_type
+        if algorithm == "dpmsolver++":
+            return dpm_solver_pp_2s(sample, m_s, m_r, alpha_t, sigma_t, sigma_s, *lambdas, solver_type)
+        if algorithm == "dpmsolver":
+            return dpm_solver_2s(sample, m_s, m_r, alpha_t, sigma_t, alpha_s, *lambdas, solver_type)
+        return sde_dpm_solver_pp_2s(sample, m_s, m_r, alpha_t, sigma_t, sigma_s, *lambdas, noise, solver_type)
+
+    def singlestep_dpm_solver_third_order_update(self, model_output_list: list, sample: torch.Tensor, noise=None) -> torch.Tensor:
+        """Order 3 from the group's start s (two steps back) to t, with the outputs at r1 and r2 (the current level)."""
+        i = self.step_index
+        levels = self._levels(i + 1, i, i - 1, i - 2)
+        (alpha_t, sigma_t, lambda_t), (_, _, lambda_r2), (_, _, lambda_r1), (alpha_s, sigma_s, lambda_s) = levels
+        m_s, m_r1, m_r2 = model_output_list[-3], model_output_list[-2], model_output_list[-1]
+        lambdas, solver_type = (lambda_t, lambda_s, lambda_r1, lambda_r2), self.config.solver_type
+        algorithm = self.config.algorithm_type
+        if algorithm == "dpmsolver++":
+            return dpm_solver_pp_3s(sample, m_s, m_r1, m_r2, alpha_t, sigma_t, sigma_s, *lambdas, solver_type)
+        if algorithm == "dpmsolver":
+            return dpm_solver_3s(sample, m_s, m_r1, m_r2, alpha_t, sigma_t, alpha_s, *lambdas, solver_type)
+        return sde_dpm_solver_pp_3s(sample, m_s, m_r1, m_r2, alpha_t, sigma_t, sigma_s, *lambdas, noise, solver_type)
+
+    # ----- the forward process -----
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = alpha_t x_0 + sigma_t eps at the schedule's sigma for each timestep (img2img's first latent)."""
+        return add_noise_at_sigmas(self, original_samples, noise, timesteps)
