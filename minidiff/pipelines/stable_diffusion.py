@@ -336,11 +336,13 @@ class StableDiffusionPipeline:
         return {"generator": generator, "eta": eta}
 
     def denoising_loop(self, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale: float,
-                       step_kwargs: dict, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
+                       step_kwargs: dict, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
+                       cross_attention_kwargs: dict | None = None):
         """The loop of the tutorial. Yields a DenoisingStep after each scheduler step.
 
         `callback_on_step_end(pipe, i, t, {name: tensor})`, as in diffusers, is called after each step with the
-        tensors named in `callback_on_step_end_tensor_inputs`, and may return new ones to continue with."""
+        tensors named in `callback_on_step_end_tensor_inputs`, and may return new ones to continue with.
+        `cross_attention_kwargs` go to the UNet's attention processors (models/attention_processor.py)."""
         do_classifier_free_guidance = guidance_scale > 1.0
         # one batch instead of two forward passes: the first half is unconditional, (2B, 77, 768)
         text_embeddings = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_classifier_free_guidance else prompt_embeds
@@ -351,7 +353,8 @@ class StableDiffusionPipeline:
 
             # predict the noise residual
             with torch.no_grad():
-                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=text_embeddings).sample
+                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=text_embeddings,
+                                       cross_attention_kwargs=cross_attention_kwargs).sample
 
             # perform guidance
             if do_classifier_free_guidance:
@@ -390,6 +393,7 @@ class StableDiffusionPipeline:
         clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        cross_attention_kwargs: dict | None = None,
     ):
         """The whole text-to-image loop as a generator of `DenoisingStep`s: stop at any step, inspect, resume."""
         self.check_inputs(prompt, height, width, prompt_embeds=prompt_embeds,
@@ -403,6 +407,7 @@ class StableDiffusionPipeline:
         yield from self.denoising_loop(
             latents, self.scheduler.timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale,
             self.step_kwargs(generator, eta), callback_on_step_end, callback_on_step_end_tensor_inputs,
+            cross_attention_kwargs,
         )
 
     @torch.no_grad()
@@ -467,6 +472,7 @@ class StableDiffusionPipeline:
         clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        cross_attention_kwargs: dict | None = None,
         return_dict: bool = True,
     ) -> StableDiffusionPipelineOutput | tuple:
         """Text to image: the `denoise` loop run to the end, then decoded (`output_type` "pil", "np", "pt" or "latent")."""
@@ -475,7 +481,7 @@ class StableDiffusionPipeline:
         for step in self.denoise(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
             generator, latents, eta, prompt_embeds, negative_prompt_embeds, clip_skip, callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs, cross_attention_kwargs,
         ):
             pass
         images = self.latents_to_output(step.latents, output_type)
