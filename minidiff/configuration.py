@@ -212,6 +212,23 @@ def deprecated_config_attribute(instance, name: str, example_owner: str, stackle
     return instance.__dict__["_internal_dict"][name]
 
 
+def config_passed_as_path_message(cls) -> str:
+    """diffusers' FutureWarning for `from_config("path")`, word for word (its missing space included)."""
+    message = "It is deprecated to pass a pretrained model name or path to `from_config`."
+    if "Scheduler" in cls.__name__:
+        message += (
+            f"If you were trying to load a scheduler, please use {cls}.from_pretrained(...) instead. Otherwise, please "
+            "make sure to pass a configuration dictionary instead. This functionality will be removed in v1.0.0."
+        )
+    elif "Model" in cls.__name__:
+        message += (
+            f"If you were trying to load a model, please use {cls}.load_config(...) followed by {cls}.from_config(...) "
+            "instead. Otherwise, please make sure to pass a configuration dictionary instead. This functionality will "
+            "be removed in v1.0.0."
+        )
+    return message
+
+
 class ConfigMixin:
     """Gives a class `config`, `from_config`, `save_config`, `load_config` and `from_pretrained` for its config.
 
@@ -259,13 +276,20 @@ class ConfigMixin:
     # ----- reading -----------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: dict | None = None, **overrides):
+    def from_config(cls, config: dict | str | os.PathLike | None = None, **overrides):
         """Builds the class from a config mapping (another object's `.config`, or a loaded JSON dict).
 
         `overrides` replace config values: `DDIMScheduler.from_config(config, clip_sample=False)`.
+        A folder, file or hub id instead of a mapping still works, as in diffusers, with its FutureWarning
+        (`from_pretrained` is the way to read one); `subfolder=` then says where the config file is.
         """
+        if "pretrained_model_name_or_path" in overrides:  # diffusers' old keyword for the same thing
+            config = overrides.pop("pretrained_model_name_or_path")
         if config is None:
             raise ValueError(f"{cls.__name__}.from_config needs a config mapping as its first argument")
+        if isinstance(config, (str, os.PathLike)):
+            warnings.warn(config_passed_as_path_message(cls), FutureWarning, stacklevel=2)
+            config = cls.load_config(config, subfolder=overrides.pop("subfolder", None))
         if not isinstance(config, dict):
             raise TypeError(
                 f"{cls.__name__}.from_config takes a config mapping (e.g. `scheduler.config`), got "

@@ -286,3 +286,49 @@ def test_get_velocity_is_the_v_target_at_the_timesteps_own_noise_level(scheduler
         alpha_bar = 1 / (sigma**2 + 1)
     expected = alpha_bar**0.5 * eps - (1 - alpha_bar) ** 0.5 * x0
     torch.testing.assert_close(scheduler.get_velocity(x0, eps, timesteps), expected, rtol=1e-5, atol=1e-6)
+
+
+# ----- from_config("a/folder"): deprecated in diffusers, still accepted ---------------------------------
+
+
+@pytest.mark.parametrize("scheduler_class", SCHEDULERS)
+def test_from_config_of_a_folder_loads_it_with_diffusers_future_warning(scheduler_class, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    written = quietly(scheduler_class.from_config, SD15_SCHEDULER_CONFIG)
+    written.save_pretrained(tmp_path / "scheduler")
+    their_class = getattr(diffusers, scheduler_class.__name__)
+    for source in (tmp_path / "scheduler", str(tmp_path / "scheduler")):
+        with pytest.warns(FutureWarning) as ours_warned:
+            ours = scheduler_class.from_config(source)
+        with pytest.warns(FutureWarning) as theirs_warned:
+            theirs = their_class.from_config(source)
+        ours_message = [str(w.message) for w in ours_warned if "from_config" in str(w.message)]
+        theirs_message = [str(w.message) for w in theirs_warned if "from_config" in str(w.message)]
+        assert len(ours_message) == len(theirs_message) == 1
+        assert ours_message[0] == theirs_message[0].replace(str(their_class), str(scheduler_class))
+        assert public(ours.config) == public(written.config)
+        shared = set(public(ours.config)) & set(public(theirs.config))
+        assert {key: theirs.config[key] for key in shared} == {key: _jsonable(ours.config[key]) for key in shared}
+    # a pipeline folder: subfolder= and overrides, as diffusers passes them on to load_config and __init__
+    written.save_pretrained(tmp_path / "pipeline" / "scheduler")
+    with pytest.warns(FutureWarning, match="deprecated to pass a pretrained model name or path"):
+        ours = scheduler_class.from_config(tmp_path / "pipeline", subfolder="scheduler", num_train_timesteps=500)
+    assert ours.config.num_train_timesteps == 500 and ours.config.beta_schedule == "scaled_linear"
+    with pytest.warns(FutureWarning):
+        assert public(scheduler_class.from_config(pretrained_model_name_or_path=tmp_path / "scheduler").config) == public(written.config)
+
+
+def test_from_config_of_a_model_folder_warns_as_diffusers(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    config = dict(sample_size=8, block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, layers_per_block=1)
+    minidiff.UNet2DModel(**config).save_pretrained(tmp_path)
+    with pytest.warns(FutureWarning) as ours_warned:
+        ours = minidiff.UNet2DModel.from_config(tmp_path)
+    with pytest.warns(FutureWarning) as theirs_warned:
+        diffusers.UNet2DModel.from_config(str(tmp_path))
+    assert str(ours_warned[0].message) == str(theirs_warned[0].message).replace(
+        str(diffusers.UNet2DModel), str(minidiff.UNet2DModel))
+    assert list(ours.config.block_out_channels) == [8, 16]
+    with pytest.raises(TypeError, match="takes a config mapping"):
+        minidiff.DDIMScheduler.from_config(42)

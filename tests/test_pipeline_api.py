@@ -132,3 +132,39 @@ def test_ddpm_pipeline_saves_and_loads_like_the_course_unit_1(tmp_path):
     ours_images = again(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="np").images
     theirs_images = theirs(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="np").images
     np.testing.assert_allclose(ours_images, theirs_images, rtol=0, atol=TOLERANCE)
+
+
+class ScaleOneToken:
+    """A prompt-to-prompt style edit written against diffusers' Attention helpers: multiply one text token's
+    attention weights by `factor` (`cross_attention_kwargs={"token": i, "factor": f}`), then renormalize."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 token=None, factor=1.0):
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probabilities = attn.get_attention_scores(query, key)  # (B*heads, N, M)
+        if encoder_hidden_states is not None and token is not None:
+            probabilities = probabilities.clone()
+            probabilities[:, :, token] *= factor
+            probabilities = probabilities / probabilities.sum(-1, keepdim=True)
+        out = attn.batch_to_head_dim(torch.bmm(probabilities, value))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def test_cross_attention_kwargs_reach_the_processors_as_in_diffusers(pipelines):
+    ours, theirs = pipelines
+    for pipeline in (ours, theirs):
+        pipeline.unet.set_attn_processor(ScaleOneToken())
+    try:
+        edited = {name: generate(pipeline, prompt="a cat", cross_attention_kwargs={"token": 2, "factor": 5.0})
+                  for name, pipeline in (("ours", ours), ("theirs", theirs))}
+        unedited = generate(ours, prompt="a cat", cross_attention_kwargs={"token": 2, "factor": 1.0})
+    finally:
+        ours.unet.set_default_attn_processor()
+        # diffusers' set_default_attn_processor refuses a processor class it does not know
+        theirs.unet.set_attn_processor(diffusers.models.attention_processor.AttnProcessor2_0())
+    np.testing.assert_allclose(edited["ours"], edited["theirs"], rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(unedited, generate(ours, prompt="a cat"), rtol=0, atol=TOLERANCE)
+    assert np.abs(edited["ours"] - unedited).max() > 1e-4  # the edit reaches the image

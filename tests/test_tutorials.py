@@ -36,6 +36,7 @@ PICTURES = {
     "06_img2img_and_strength": ["input_and_house.png", "add_noise.png", "strength.png", "trace.png", "trace.gif"],
     "07_a_scheduler_next_to_its_paper": ["samples.png"],
     "08_train_a_denoiser": ["data.png", "eps_error_vs_sigma.png", "samples.png"],
+    "09_steering_the_loop": ["loss_guidance.png", "attention_maps.png"],
 }
 
 # Traces written by the tutorials: (frames recorded, frame width = height in pixels).

@@ -35,45 +35,73 @@ TEXTUAL_INVERSION_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
 def load_textual_inversion(
     tokenizer,
     text_encoder,
-    pretrained_model_name_or_path_or_state_dict: str | os.PathLike | dict | torch.Tensor,
-    token: str | None = None,
+    pretrained_model_name_or_path_or_state_dict: str | os.PathLike | dict | torch.Tensor | list,
+    token: str | list[str] | None = None,
     weight_name: str | None = None,
 ) -> list[str]:
     """Adds the concept's token(s) to `tokenizer` and writes its embedding row(s) into `text_encoder`.
 
     pretrained_model_name_or_path_or_state_dict: a file, a folder or hub repo holding learned_embeds.safetensors /
-        learned_embeds.bin (or `weight_name`), a loaded state dict, or a bare tensor (n, D) or (D,) (then `token`
-        is required).
-    token: the word to use in prompts; default the one stored in the file.
+        learned_embeds.bin (or `weight_name`), a loaded state dict, a bare tensor (n, D) or (D,) (then `token`
+        is required), or a list of these (then `token`, if given, is a list of the same length).
+    token: the word to use in prompts; default the one stored in the file. A list of n tokens with one (n, D)
+        tensor gives each row its own token, as diffusers does.
     Returns the tokens added (one per vector). As diffusers: a token already in the vocabulary is refused, and
-    the embeddings must have the text encoder's width D.
+    the embeddings must have the text encoder's width D. Everything is checked before the tokenizer or the
+    text encoder changes, so a refused list leaves both as they were.
     """
-    state_dict = _read_embeddings(pretrained_model_name_or_path_or_state_dict, weight_name)
-    token, embedding = _token_and_embedding(state_dict, token)
-    vocabulary = tokenizer.get_vocab()
-    if token in vocabulary:
-        raise ValueError(
-            f"token {token!r} is already in the tokenizer's vocabulary; pass another name with token=..., "
-            "or load the concept into a fresh tokenizer and text encoder"
-        )
-    vectors = embedding if embedding.dim() == 2 else embedding[None]  # (n, D)
-    tokens = [token] + [f"{token}_{index}" for index in range(1, len(vectors))]
-    taken = [name for name in tokens[1:] if name in vocabulary]
-    if taken:
-        raise ValueError(f"the multi-vector tokens {taken} are already in the tokenizer's vocabulary; pass another token=...")
-    width = text_encoder.get_input_embeddings().embedding_dim
-    if vectors.shape[-1] != width:
-        raise ValueError(
-            f"the embedding of {token!r} has width {vectors.shape[-1]}, but this text encoder's tokens have width "
-            f"{width}: it was trained for another model (SD 1.x embeddings are 768 wide, SD 2.x 1024)"
-        )
-    tokenizer.add_tokens(tokens)
-    token_ids = tokenizer.convert_tokens_to_ids(tokens)
+    sources = pretrained_model_name_or_path_or_state_dict
+    sources = list(sources) if isinstance(sources, list) else [sources]
+    if isinstance(token, str) and len(sources) > 1:
+        raise ValueError(f"one token {token!r} for {len(sources)} embeddings: pass a list of tokens, one per embedding")
+    tokens = list(token) if isinstance(token, list) else [token] * len(sources)
+    state_dicts = [_read_embeddings(source, weight_name) for source in sources]
+    if len(tokens) > 1 and len(state_dicts) == 1:  # n tokens for the n rows of one tensor
+        if not isinstance(state_dicts[0], torch.Tensor) or len(state_dicts[0]) != len(tokens):
+            raise ValueError(
+                f"{len(tokens)} tokens were given for one embedding: several tokens need a list of as many files / "
+                "state dicts, or one (n, D) tensor with n = the number of tokens"
+            )
+        state_dicts = list(state_dicts[0])
+    if len(tokens) != len(state_dicts):
+        raise ValueError(f"{len(state_dicts)} embeddings but {len(tokens)} tokens: pass one token per embedding, or none")
+    new_tokens, new_vectors = [], []
+    for state_dict, name in zip(state_dicts, tokens):
+        name, embedding = _token_and_embedding(state_dict, name)
+        vectors = embedding if embedding.dim() == 2 else embedding[None]  # (n, D)
+        new_tokens += [name] + [f"{name}_{index}" for index in range(1, len(vectors))]
+        new_vectors += list(vectors)
+    _check_new_tokens(tokenizer, text_encoder, new_tokens, new_vectors)
+    tokenizer.add_tokens(new_tokens)
+    token_ids = tokenizer.convert_tokens_to_ids(new_tokens)
     table = text_encoder.resize_token_embeddings(len(tokenizer)).weight  # (vocab + n, D)
     with torch.no_grad():
-        for token_id, vector in zip(token_ids, vectors):
+        for token_id, vector in zip(token_ids, new_vectors):
             table[token_id] = vector.to(device=table.device, dtype=table.dtype)
-    return tokens
+    return new_tokens
+
+
+def _check_new_tokens(tokenizer, text_encoder, tokens: list[str], vectors: list[torch.Tensor]) -> None:
+    """Refuses tokens the vocabulary already has (or that repeat), and vectors of the wrong width."""
+    vocabulary = tokenizer.get_vocab()
+    # "<tok>_1" left from another concept would be spelled out after "<tok>" in every prompt (maybe_convert_prompt)
+    taken = [name for name in tokens if name in vocabulary or f"{name}_1" in vocabulary]
+    if taken:
+        raise ValueError(
+            f"token(s) {taken} (or their multi-vector '_1' companions) already in the tokenizer's vocabulary; "
+            "pass another name with token=..., "
+            "or load the concept into a fresh tokenizer and text encoder"
+        )
+    repeated = sorted({name for name in tokens if tokens.count(name) > 1})
+    if repeated:
+        raise ValueError(f"token(s) {repeated} would be added twice: give each embedding its own token=...")
+    width = text_encoder.get_input_embeddings().embedding_dim
+    for name, vector in zip(tokens, vectors):
+        if vector.shape[-1] != width:
+            raise ValueError(
+                f"the embedding of {name!r} has width {vector.shape[-1]}, but this text encoder's tokens have width "
+                f"{width}: it was trained for another model (SD 1.x embeddings are 768 wide, SD 2.x 1024)"
+            )
 
 
 def maybe_convert_prompt(prompt: str, tokenizer) -> str:

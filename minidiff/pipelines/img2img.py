@@ -78,6 +78,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         eta: float = 0.0,
+        cross_attention_kwargs: dict | None = None,
     ):
         """The image-to-image loop as a generator of `DenoisingStep`s."""
         if image is None:
@@ -98,7 +99,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         latent_timestep = timesteps[:1].repeat(batch_size)
         latents = self.prepare_image_latents(image, latent_timestep, batch_size, prompt_embeds.dtype, generator)
         yield from self.denoising_loop(
-            latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale, self.step_kwargs(generator, eta)
+            latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale, self.step_kwargs(generator, eta),
+            cross_attention_kwargs=cross_attention_kwargs,
         )
 
     def __call__(
@@ -113,12 +115,13 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         eta: float = 0.0,
         output_type: str = "pil",
+        cross_attention_kwargs: dict | None = None,
     ) -> StableDiffusionPipelineOutput:
         check_output_type(output_type)
         step = None
         for step in self.denoise(
             prompt, image, strength, negative_prompt, num_inference_steps, guidance_scale,
-            num_images_per_prompt, generator, eta,
+            num_images_per_prompt, generator, eta, cross_attention_kwargs,
         ):
             pass
         return StableDiffusionPipelineOutput(images=self.latents_to_output(step.latents, output_type))

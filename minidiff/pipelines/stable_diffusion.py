@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from minidiff.checkpoints.hub import HubOptions
 from minidiff.loaders.scheduler import scheduler_from_folder
 from minidiff.loaders.single_file import load_single_file
+from minidiff.loaders.textual_inversion import load_textual_inversion, maybe_convert_prompt
 from minidiff.utils.torch_utils import randn_tensor, resolve_dtype
 from minidiff.models.clip_text import CLIPTextModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
@@ -154,6 +155,32 @@ class StableDiffusionPipeline:
         parts = load_single_file(path, torch_dtype=dtype, use_ema=use_ema, config=config, memory_formats=memory_formats)
         return cls(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet, scheduler=parts.scheduler)
 
+    def load_textual_inversion(
+        self,
+        pretrained_model_name_or_path: str | os.PathLike | dict | torch.Tensor | list,
+        token: str | list[str] | None = None,
+        tokenizer=None,
+        text_encoder=None,
+        weight_name: str | None = None,
+    ) -> list[str]:
+        """Add learned concepts (Gal et al. 2022, arXiv:2208.01618) to this pipeline's tokenizer and text encoder.
+
+        As diffusers' `load_textual_inversion`: a file (learned_embeds.safetensors / .bin, or AUTOMATIC1111's
+        .pt with `string_to_param`), a folder or hub repo holding one, a state dict `{token: tensor}`, a tensor
+        with `token=`, or a list of these with a list of tokens. A concept of n vectors becomes tokens "<tok>",
+        "<tok>_1", ...; prompts naming "<tok>" get them all (`maybe_convert_prompt`, called by `encode_prompt`).
+        See minidiff/loaders/textual_inversion.py. Returns the tokens added (diffusers returns None).
+        """
+        return load_textual_inversion(tokenizer or self.tokenizer, text_encoder or self.text_encoder,
+                                      pretrained_model_name_or_path, token=token, weight_name=weight_name)
+
+    def maybe_convert_prompt(self, prompt: str | list[str], tokenizer=None) -> str | list[str]:
+        """Spell out multi-vector concepts in a prompt (or a list of prompts): "a <tok>" -> "a <tok> <tok>_1"."""
+        tokenizer = tokenizer or self.tokenizer
+        if isinstance(prompt, str):
+            return maybe_convert_prompt(prompt, tokenizer)
+        return [maybe_convert_prompt(text, tokenizer) for text in prompt]
+
     def to(self, device=None, dtype: torch.dtype | None = None, memory_format: torch.memory_format | None = None):
         """Move and/or cast every model; `memory_format` sets the conv weights' layout (see `_convolutions_channels_last`)."""
         for module in (self.vae, self.text_encoder, self.unet):
@@ -234,7 +261,7 @@ class StableDiffusionPipeline:
             raise NotImplementedError("lora_scale: minidiff has no LoRA layers; leave it None")
         if prompt_embeds is None:
             prompt = [prompt] if isinstance(prompt, str) else prompt
-            prompt_embeds = self._text_embeddings(prompt, clip_skip)
+            prompt_embeds = self._text_embeddings(self.maybe_convert_prompt(prompt), clip_skip)
         prompt_embeds = prompt_embeds.to(dtype=self.text_encoder.dtype, device=device or self.device)
         batch = prompt_embeds.shape[0]
         if do_classifier_free_guidance and negative_prompt_embeds is None:
@@ -248,6 +275,7 @@ class StableDiffusionPipeline:
                 )
             else:
                 uncond_tokens = list(negative_prompt)
+            uncond_tokens = self.maybe_convert_prompt(uncond_tokens)
             negative_prompt_embeds = self._text_embeddings(uncond_tokens, clip_skip=None, max_length=prompt_embeds.shape[1])
         if negative_prompt_embeds is not None:
             negative_prompt_embeds = negative_prompt_embeds.to(dtype=self.text_encoder.dtype, device=device or self.device)
@@ -308,11 +336,13 @@ class StableDiffusionPipeline:
         return {"generator": generator, "eta": eta}
 
     def denoising_loop(self, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale: float,
-                       step_kwargs: dict, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
+                       step_kwargs: dict, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
+                       cross_attention_kwargs: dict | None = None):
         """The loop of the tutorial. Yields a DenoisingStep after each scheduler step.
 
         `callback_on_step_end(pipe, i, t, {name: tensor})`, as in diffusers, is called after each step with the
-        tensors named in `callback_on_step_end_tensor_inputs`, and may return new ones to continue with."""
+        tensors named in `callback_on_step_end_tensor_inputs`, and may return new ones to continue with.
+        `cross_attention_kwargs` go to the UNet's attention processors (models/attention_processor.py)."""
         do_classifier_free_guidance = guidance_scale > 1.0
         # one batch instead of two forward passes: the first half is unconditional, (2B, 77, 768)
         text_embeddings = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_classifier_free_guidance else prompt_embeds
@@ -323,7 +353,8 @@ class StableDiffusionPipeline:
 
             # predict the noise residual
             with torch.no_grad():
-                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=text_embeddings).sample
+                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=text_embeddings,
+                                       cross_attention_kwargs=cross_attention_kwargs).sample
 
             # perform guidance
             if do_classifier_free_guidance:
@@ -362,6 +393,7 @@ class StableDiffusionPipeline:
         clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        cross_attention_kwargs: dict | None = None,
     ):
         """The whole text-to-image loop as a generator of `DenoisingStep`s: stop at any step, inspect, resume."""
         self.check_inputs(prompt, height, width, prompt_embeds=prompt_embeds,
@@ -375,6 +407,7 @@ class StableDiffusionPipeline:
         yield from self.denoising_loop(
             latents, self.scheduler.timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale,
             self.step_kwargs(generator, eta), callback_on_step_end, callback_on_step_end_tensor_inputs,
+            cross_attention_kwargs,
         )
 
     @torch.no_grad()
@@ -439,6 +472,7 @@ class StableDiffusionPipeline:
         clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        cross_attention_kwargs: dict | None = None,
         return_dict: bool = True,
     ) -> StableDiffusionPipelineOutput | tuple:
         """Text to image: the `denoise` loop run to the end, then decoded (`output_type` "pil", "np", "pt" or "latent")."""
@@ -447,7 +481,7 @@ class StableDiffusionPipeline:
         for step in self.denoise(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
             generator, latents, eta, prompt_embeds, negative_prompt_embeds, clip_skip, callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs, cross_attention_kwargs,
         ):
             pass
         images = self.latents_to_output(step.latents, output_type)
