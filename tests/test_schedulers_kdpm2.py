@@ -22,12 +22,20 @@ PAIRS = [(KDPM2DiscreteScheduler, diffusers.KDPM2DiscreteScheduler, None),
          (KDPM2AncestralDiscreteScheduler, diffusers.KDPM2AncestralDiscreteScheduler, 0)]  # (ours, theirs, seed)
 
 
+# Each spacing, each sigma ramp and each prediction type at least once by default; the rest with `pytest -m long`
+# (diffusers' KDPM2 takes about half a second to build, so each case costs over a second).
+DEFAULT_GRID = [("linspace", {}, "epsilon"), ("leading", {}, "epsilon"), ("trailing", {}, "epsilon"),
+                ("linspace", {"use_karras_sigmas": True}, "epsilon"), ("trailing", {"use_exponential_sigmas": True}, "epsilon"),
+                ("leading", {}, "v_prediction")]
+
+
 @pytest.mark.parametrize("pair", PAIRS, ids=["KDPM2", "KDPM2 ancestral"])
 @pytest.mark.parametrize(
     "spacing, noise_levels, prediction_type",
-    [(spacing, levels, "epsilon") for spacing, levels in itertools.product(
-        ["linspace", "leading", "trailing"], [{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}])]
-    + [(spacing, {}, "v_prediction") for spacing in ("linspace", "leading", "trailing")],
+    [pytest.param(*case, marks=[] if case in DEFAULT_GRID else [pytest.mark.long]) for case in
+     [(spacing, levels, "epsilon") for spacing, levels in itertools.product(
+         ["linspace", "leading", "trailing"], [{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}])]
+     + [(spacing, {}, "v_prediction") for spacing in ("linspace", "leading", "trailing")]],
 )
 def test_matches_diffusers_on_a_grid(pair, spacing, noise_levels, prediction_type):
     ours, theirs, seed = pair
