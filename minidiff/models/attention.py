@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidiff.models.attention_processor import AttnProcessor
+from minidiff.models.attention_processor import AttnProcessor, split_heads
 from minidiff.models.layers import checkpointed
 
 
@@ -141,10 +141,10 @@ class Attention(nn.Module):
 
     def head_to_batch_dim(self, tensor: torch.Tensor, out_dim: int = 3) -> torch.Tensor:
         """(B, N, heads * dim_head) -> (B * heads, N, dim_head), or (B, heads, N, dim_head) with out_dim=4."""
-        batch, tokens, inner_dim = tensor.shape
-        tensor = tensor.reshape(batch, tokens, self.heads, inner_dim // self.heads).permute(0, 2, 1, 3)
+        tensor = split_heads(tensor, self.heads)  # (B, heads, N, dim_head)
         if out_dim == 3:
-            tensor = tensor.reshape(batch * self.heads, tokens, inner_dim // self.heads)
+            batch, heads, tokens, dim_head = tensor.shape
+            tensor = tensor.reshape(batch * heads, tokens, dim_head)
         return tensor
 
     def batch_to_head_dim(self, tensor: torch.Tensor) -> torch.Tensor:
