@@ -196,3 +196,15 @@ def read_pickled_checkpoint(file: Path) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{file} does not hold a dict of tensors (found {type(loaded).__name__})")
     return {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string-to-string `__metadata__` of a safetensors header ({} for none, or for a pickled file): where
+    diffusers keeps a LoRA's config ("lora_adapter_metadata") and the format ("pt")."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        return dict(file.metadata() or {})

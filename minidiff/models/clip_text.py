@@ -33,6 +33,7 @@ from torch import nn
 
 from minidiff.checkpoints.errors import CheckpointError
 from minidiff.configuration import register_to_config
+from minidiff.models.lora_adapters import LoraAdapterMixin
 from minidiff.models.modeling import ModelMixin
 from minidiff.utils.outputs import BaseOutput
 
@@ -282,7 +283,7 @@ class CLIPTextTransformer(nn.Module):
         return mask[None, None].expand(batch_size, 1, length, length)  # (B, 1, L, L)
 
 
-class CLIPTextModel(ModelMixin):
+class CLIPTextModel(ModelMixin, LoraAdapterMixin):
     """The CLIP text encoder (module docstring), loadable from SD 1.5's `text_encoder/` folder:
 
         text_encoder = CLIPTextModel.from_pretrained("path/to/stable-diffusion-v1-5", subfolder="text_encoder")

@@ -39,7 +39,6 @@ HEADS of each block (8 for SD 1.5, [5, 10, 20, 20] for SD 2.x); each head has ou
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +47,7 @@ from torch import nn
 from minidiff.configuration import register_to_config
 from minidiff.models.attention import Transformer2DModel
 from minidiff.models.attention_processor import AttentionMixin
+from minidiff.models.lora_adapters import LoraAdapterMixin, lora_scale
 from minidiff.models.layers import (
     Downsample2D,
     ResnetBlock2D,
@@ -165,7 +165,7 @@ class UpBlock(nn.Module):
         return hidden_states
 
 
-class UNet2DConditionModel(ModelMixin, AttentionMixin):
+class UNet2DConditionModel(ModelMixin, AttentionMixin, LoraAdapterMixin):
     """SD's conditional UNet: eps_pred = unet(z_t, t, encoder_hidden_states=c).sample (see the module docstring)."""
 
     _supports_gradient_checkpointing = True
@@ -324,7 +324,12 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin):
         Returns UNet2DConditionOutput(sample=(B, out_channels, H, W)), or a 1-tuple with return_dict=False.
         """
         self._check_inputs(sample, encoder_hidden_states, class_labels)
-        cross_attention_kwargs = _without_lora_scale(cross_attention_kwargs)
+        cross_attention_kwargs, scale = _split_lora_scale(cross_attention_kwargs)
+        with lora_scale(self, scale):  # the LoRA layers' scale for this call (models/lora.py)
+            sample = self._forward(sample, timestep, encoder_hidden_states, class_labels, cross_attention_kwargs)
+        return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
+
+    def _forward(self, sample, timestep, encoder_hidden_states, class_labels, cross_attention_kwargs) -> torch.Tensor:
         # Latents whose size is not a multiple of 2**num_upsamplers: each upsampler resizes to its skip's size.
         odd_size = any(size % 2**self.num_upsamplers != 0 for size in sample.shape[-2:])
         if self.config.center_input_sample:
@@ -355,7 +360,7 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin):
 
         # 5. output
         sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))  # (B, 320, 64, 64) -> (B, 4, 64, 64)
-        return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
+        return sample
 
     def _check_inputs(self, sample, encoder_hidden_states, class_labels) -> None:
         config = self.config
@@ -376,16 +381,13 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin):
             raise ValueError("this UNet is class-conditional (num_class_embeds is set): pass class_labels (B,)")
 
 
-def _without_lora_scale(cross_attention_kwargs: dict | None) -> dict | None:
-    """diffusers' UNet takes `cross_attention_kwargs["scale"]` as the scale of its LoRA layers and does not pass
-    it on to the processors; minidiff has no LoRA layers, so it is taken out and ignored (a warning unless 1.0)."""
+def _split_lora_scale(cross_attention_kwargs: dict | None) -> tuple[dict | None, float]:
+    """diffusers' UNet takes `cross_attention_kwargs["scale"]` as the scale of its LoRA layers (default 1.0) and does
+    not pass it on to the attention processors."""
     if not cross_attention_kwargs or "scale" not in cross_attention_kwargs:
-        return cross_attention_kwargs
+        return cross_attention_kwargs, 1.0
     cross_attention_kwargs = dict(cross_attention_kwargs)
-    if cross_attention_kwargs.pop("scale") != 1.0:
-        warnings.warn("cross_attention_kwargs['scale'] is the LoRA scale in diffusers; minidiff's UNet has no LoRA "
-                      "layers, so it is ignored", stacklevel=3)
-    return cross_attention_kwargs
+    return cross_attention_kwargs, cross_attention_kwargs.pop("scale")
 
 
 def _per_block(name: str, value, num_blocks: int) -> list:

@@ -19,11 +19,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from minidiff.checkpoints.hub import HubOptions
+from minidiff.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
 from minidiff.loaders.scheduler import scheduler_from_folder
 from minidiff.loaders.single_file import load_single_file
 from minidiff.loaders.textual_inversion import load_textual_inversion, maybe_convert_prompt
 from minidiff.utils.torch_utils import randn_tensor, resolve_dtype
 from minidiff.models.clip_text import CLIPTextModel
+from minidiff.models.lora_adapters import lora_scale as scaled_lora
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
 from minidiff.schedulers.ddim import DDIMScheduler
@@ -38,7 +40,7 @@ from minidiff.tokenizer import CLIPTokenizer
 from minidiff.utils.cpu import conv_memory_format
 
 
-class StableDiffusionPipeline:
+class StableDiffusionPipeline(StableDiffusionLoraLoaderMixin):
     """Text-to-image with Stable Diffusion 1.x: tokenizer, CLIP text encoder, UNet, scheduler, VAE.
 
     The precision is the models' dtype (`from_pretrained(..., dtype=torch.bfloat16)`): bfloat16 is the
@@ -255,10 +257,16 @@ class StableDiffusionPipeline:
         each (B*n, 77, 768) for SD 1.5 (negative None without guidance). Embeddings given are used as they are.
 
         `clip_skip=k` takes the hidden states k layers before the last, through CLIP's final layer norm.
-        `lora_scale` is accepted for diffusers' signature; minidiff has no LoRA layers, so it must stay None.
+        `lora_scale` multiplies the text encoder's LoRA layers for this call (cross_attention_kwargs["scale"]).
         """
         if lora_scale is not None:
-            raise NotImplementedError("lora_scale: minidiff has no LoRA layers; leave it None")
+            self._lora_scale = lora_scale
+        with scaled_lora(self.text_encoder, lora_scale):
+            return self._encode_prompt_embeds(prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                                              negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+
+    def _encode_prompt_embeds(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
+                              prompt_embeds, negative_prompt_embeds, clip_skip):
         if prompt_embeds is None:
             prompt = [prompt] if isinstance(prompt, str) else prompt
             prompt_embeds = self._text_embeddings(self.maybe_convert_prompt(prompt), clip_skip)
@@ -401,6 +409,7 @@ class StableDiffusionPipeline:
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, self.device, num_images_per_prompt, guidance_scale > 1.0, negative_prompt,
             prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
+            lora_scale=(cross_attention_kwargs or {}).get("scale"),
         )
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         latents = self.prepare_latents(prompt_embeds.shape[0], height, width, prompt_embeds.dtype, generator, latents)
