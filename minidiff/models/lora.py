@@ -161,7 +161,8 @@ class LoraLayer(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
-            table.pop(adapter_name, None)
+            if adapter_name in table:
+                del table[adapter_name]
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(adapter_name, None)
         if adapter_name in self.active_adapters:

@@ -111,19 +111,20 @@ def remove_lora_layers(model: nn.Module) -> None:
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Removes one adapter from every layer; a layer left without adapters is unwrapped. If the adapter was active,
     the remaining adapters become the active ones (as in diffusers' `delete_adapters`)."""
+    remaining = [name for name in adapter_names(model) if name != adapter_name]
     for name, layer in lora_layers(model):
         layer.delete_adapter(adapter_name)
         if not layer.r:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
         elif not layer.active_adapters:
-            layer.active_adapters = list(layer.r)
+            layer.active_adapters = list(remaining)
 
 
 def set_adapters(model: nn.Module, names: list[str], weights: list[float]) -> None:
     """Makes `names` the active adapters, each with its weight (scaling = weight * alpha / r)."""
     for _, layer in lora_layers(model):
-        layer.active_adapters = [name for name in names if name in layer.r]
+        layer.active_adapters = list(names)  # also names this layer lacks (they add nothing), as in peft
         for name, weight in zip(names, weights):
             layer.set_scale(name, weight)
 
@@ -152,7 +153,8 @@ def fuse(model: nn.Module, lora_scale: float = 1.0, adapter_names: list[str] | N
     for _, layer in lora_layers(model):
         if lora_scale != 1.0:
             for name in layer.active_adapters:
-                layer.scaling[name] *= lora_scale
+                if name in layer.scaling:
+                    layer.scaling[name] *= lora_scale
         layer.merge(adapter_names)
 
 
