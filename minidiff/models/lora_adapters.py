@@ -181,12 +181,13 @@ def get_peft_model_state_dict(model: nn.Module, adapter_name: str | None = None)
 class LoraAdapterMixin:
     """diffusers' `PeftAdapterMixin` for minidiff models: LoRA adapters added, mixed, fused and removed by name.
 
-    `add_adapter(config)` is what diffusers' training scripts call: it wraps the target modules, freezes nothing
-    by itself (call `unet.requires_grad_(False)` first, as the scripts do) and leaves only the new A and B
-    trainable."""
+    `add_adapter(config)` is what diffusers' training scripts call: it wraps the target modules and, as peft does,
+    leaves only the LoRA matrices A and B trainable (every other parameter gets requires_grad=False)."""
 
     def add_adapter(self, adapter_config, adapter_name: str = "default") -> None:
         inject_adapter(self, adapter_config, adapter_name)
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(".lora_A." in name or ".lora_B." in name)
         self.peft_config = {**getattr(self, "peft_config", {}), adapter_name: adapter_config}
 
     def set_adapters(self, adapter_names: list[str] | str, weights: list[float] | float | None = None) -> None:
