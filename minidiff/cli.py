@@ -54,6 +54,39 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def parse_lora(text: str) -> tuple[str, float]:
+    """"FILE[:SCALE]" -> (FILE, SCALE), SCALE 1.0 when left out. FILE: a LoRA file, a folder, or a hub repo id."""
+    file, colon, scale = text.rpartition(":")
+    if colon and file:
+        try:
+            value = float(scale)
+        except ValueError:
+            file, value = text, 1.0  # a colon that is part of the path
+    else:
+        file, value = text, 1.0
+    path = Path(file)
+    if not path.exists() and (file.count("/") != 1 or file.startswith((".", "/", "~"))):
+        raise CLIError(f"--lora {text}: {file} is neither a LoRA file, a folder holding one, nor a hub repo id "
+                       "(write --lora FILE or --lora FILE:SCALE, e.g. --lora pixel.safetensors:0.8)")
+    return file, value
+
+
+def apply_loras(pipeline, loras: list[tuple[str, float]]) -> None:
+    """Loads each LoRA as adapter lora_0, lora_1, ... and mixes them with their scales (pipe.set_adapters)."""
+    if not loras:
+        return
+    from minidiff.loaders.lora_formats import LoraFormatError
+
+    names = []
+    for index, (file, _) in enumerate(loras):
+        try:
+            pipeline.load_lora_weights(file, adapter_name=f"lora_{index}")
+        except (LoraFormatError, FileNotFoundError) as error:
+            raise CLIError(f"--lora {file}: {error}") from None
+        names.append(f"lora_{index}")
+    pipeline.set_adapters(names, [scale for _, scale in loras])
+
+
 def check_writable(path: Path) -> Path:
     folder = path.parent if path.suffix else path
     folder = folder if str(folder) else Path(".")
@@ -115,10 +148,12 @@ def cmd_generate(args) -> None:
     if args.steps < 1:
         raise CLIError(f"--steps must be at least 1, got {args.steps}")
     chosen_sampler = find_sampler(args.scheduler) if args.scheduler else None
+    loras = [parse_lora(text) for text in args.lora or []]
     out = check_writable(Path(args.out))
     pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory)
     if chosen_sampler:
         pipeline.scheduler = chosen_sampler.from_config(pipeline.scheduler.config)
+    apply_loras(pipeline, loras)
     generator = torch.Generator().manual_seed(args.seed)
     steps = pipeline.denoise(
         args.prompt, negative_prompt=args.negative, height=height, width=width, num_inference_steps=args.steps,
@@ -168,6 +203,14 @@ def cmd_download(args) -> None:
     from minidiff.checkpoints import download
 
     try:
+        if args.what == "lora":
+            if not args.repo:
+                raise CLIError("minidiff download lora REPO [--weight-name FILE]: name the hub repo of the LoRA, "
+                               "e.g. latent-consistency/lcm-lora-sdv1-5")
+            where = download.download_lora(args.repo, args.weight_name, args.out)
+            print(f"downloaded to {where}")
+            print(f'next: minidiff generate "a photograph" --lora {where}:1.0')
+            return
         if args.what == "sd15":
             where = download.download_sd15(args.out, args.variant, args.single_file)
         else:
@@ -270,12 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--scheduler", default=None, help="a name as in `minidiff schedulers`: \"DPM++ 2M Karras\", \"Euler a\", dpm, ...")
             command.add_argument("--out", default="image.png")
             command.add_argument("--trace", default=None, help="folder for a film strip PNG and a GIF of x_t and predicted x0")
+            command.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                                 help="a LoRA (file, folder or hub repo) and its weight, default 1; repeat to mix several")
         else:
             command.add_argument("--schedulers", default="all", help="comma-separated names (\"DPM++ 2M Karras,Euler a\"), or all: one per scheduler class")
             command.add_argument("--out", default="compare.png")
 
     download = commands.add_parser("download", help="fetch real weights from the Hugging Face hub")
-    download.add_argument("what", choices=["sd15", "ddpm-cat"])
+    download.add_argument("what", choices=["sd15", "ddpm-cat", "lora"])
+    download.add_argument("repo", nargs="?", default=None, help="lora: the hub repo id holding the LoRA file")
+    download.add_argument("--weight-name", default=None, help="lora: the file in the repo (default: pytorch_lora_weights."
+                          "safetensors, or the repo's only .safetensors)")
     download.add_argument("--variant", choices=["fp16"], default=None)
     download.add_argument("--single-file", action="store_true", help="v1-5-pruned-emaonly.safetensors only")
     download.add_argument("--out", default=None, help="folder (default: the Hugging Face cache)")

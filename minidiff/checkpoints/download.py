@@ -92,3 +92,30 @@ def download_sd15(out: str | Path | None = None, variant: str | None = None, sin
 def download_ddpm_cat(out: str | Path | None = None) -> Path:
     """Fetch google/ddpm-cat-256; returns its folder."""
     return _fetch(DDPM_CAT_REPO, select_ddpm_files, out)
+
+
+def select_lora_file(repo_files: list[str], weight_name: str | None = None) -> list[str]:
+    """The one LoRA file of a repo: `weight_name`, else pytorch_lora_weights.safetensors, else its only .safetensors."""
+    if weight_name:
+        if weight_name not in repo_files:
+            raise FileNotFoundError(f"{weight_name} is not in the repo; it has {sorted(repo_files)[:10]}")
+        return [weight_name]
+    if "pytorch_lora_weights.safetensors" in repo_files:
+        return ["pytorch_lora_weights.safetensors"]
+    candidates = sorted(name for name in repo_files if name.endswith(".safetensors"))
+    if len(candidates) != 1:
+        raise FileNotFoundError(f"the repo holds {len(candidates)} .safetensors files and no pytorch_lora_weights."
+                                f"safetensors: pass --weight-name (one of {candidates[:10]})")
+    return candidates
+
+
+def download_lora(repo_id: str, weight_name: str | None = None, out: str | Path | None = None) -> Path:
+    """Fetch one LoRA file of a hub repo; returns the file (for `--lora` / `pipe.load_lora_weights`)."""
+    chosen: list[str] = []
+
+    def choose(files):
+        chosen.extend(select_lora_file(files, weight_name))
+        return chosen
+
+    root = _fetch(repo_id, choose, out)
+    return root / chosen[0]
