@@ -54,3 +54,27 @@ def test_download_lora_picks_the_file_of_the_repo(monkeypatch, tmp_path, capsys)
     monkeypatch.setattr(download, "list_repo_files", lambda repo_id: ["a.safetensors", "b.safetensors"])
     assert main(["download", "lora", "someone/two-loras", "--out", str(tmp_path)]) == 2
     assert "--weight-name" in capsys.readouterr().err
+
+
+def test_sweep_spec_loras_are_part_of_the_job_id(tiny_sd15_folder, tmp_path):
+    from minidiff.sweep.runner import use_loras
+    from minidiff.sweep.spec import SpecError, expand_jobs, load_spec
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_folder)
+    lora = tmp_path / "pixel.safetensors"
+    save_file(load_weights_script("make_random_lora").random_lora(pipe.unet, pipe.text_encoder, "peft", seed=3), str(lora))
+    spec = {"weights": str(tiny_sd15_folder), "prompts": ["a cat"], "schedulers": ["DDIM"], "steps": [2]}
+    plain = expand_jobs(load_spec(spec))
+    jobs = expand_jobs(load_spec({**spec, "loras": [[], [[str(lora), 0.8]], [[str(lora), 0.5]]]}))
+    assert len(jobs) == 3 and len({job.job_id for job in jobs}) == 3
+    assert jobs[0].job_id == plain[0].job_id  # a job without LoRA keeps its id
+    with pytest.raises(SpecError, match="'loras'"):
+        load_spec({**spec, "loras": [[[str(lora)]]]})
+    with pytest.raises(SpecError, match="is not a file"):
+        load_spec({**spec, "loras": [[["missing.safetensors", 1.0]]]})
+    use_loras(pipe, jobs[1].loras)
+    assert pipe.get_active_adapters() == ["lora_0"]
+    layer = next(module for module in pipe.unet.modules() if hasattr(module, "lora_A"))
+    assert layer.scaling["lora_0"] == 0.8  # weight 0.8 * alpha / r, alpha = r
+    use_loras(pipe, jobs[0].loras)
+    assert pipe.get_list_adapters() == {}

@@ -126,9 +126,22 @@ def load_pipeline_for(spec: Spec, device: torch.device) -> StableDiffusionPipeli
     return pipeline.to(device)
 
 
+def use_loras(pipeline: StableDiffusionPipeline, loras: tuple[tuple[str, float], ...]) -> None:
+    """Loads the job's LoRA set (kept while the next job uses the same files) and mixes it with its scales."""
+    files = [file for file, _ in loras]
+    if getattr(pipeline, "_sweep_lora_files", []) != files:
+        pipeline.unload_lora_weights()
+        for index, file in enumerate(files):
+            pipeline.load_lora_weights(file, adapter_name=f"lora_{index}")
+        pipeline._sweep_lora_files = files
+    if files:
+        pipeline.set_adapters([f"lora_{index}" for index in range(len(files))], [scale for _, scale in loras])
+
+
 def run_job(pipeline: StableDiffusionPipeline, base_scheduler_config: dict, job: Job, out: Path) -> bytes:
     """Generate one job's image, write it as out/<job_id>.png (atomically), return the PNG's bytes."""
     pipeline.scheduler = find_sampler(job.scheduler).from_config(base_scheduler_config)
+    use_loras(pipeline, job.loras)
     generator = torch.Generator().manual_seed(job.seed)  # the job's own stream: the image depends on the job only
     image = pipeline(
         job.prompt, negative_prompt=job.negative_prompt or None, height=job.height, width=job.width,

@@ -10,12 +10,13 @@
       "seeds": [0, 1],
       "size": "512x512",                                  # WIDTHxHEIGHT, multiples of 8
       "dtype": "fp32",                                    # fp32 | bf16 | fp16 | auto
+      "loras": [[], [["pixel.safetensors", 0.8]]],        # optional: sets of [LoRA file, scale], [] = none
       "threads": 1                                        # intra-op threads of each process (see below)
     }
 
 A job is one point of the product of the lists. Its id is a hash of everything that decides its image
 (weights, dtype, prompt, negative prompt, scheduler name with the class and config overrides it means,
-steps, guidance, seed, size), so the same job has the same id in every run, on every rank and world size.
+steps, guidance, seed, size, and its LoRA set with the scales, when it has one), so the same job has the same id in every run, on every rank and world size.
 Everything is checked here, before any process loads weights; an error names the field.
 
 `threads` is part of a job too: on a CPU, the number of threads a matrix product is split over changes the
@@ -37,7 +38,7 @@ from minidiff.schedulers.names import find_sampler
 
 DTYPES = ("fp32", "bf16", "fp16", "auto")
 LIST_FIELDS = ("prompts", "negative_prompts", "schedulers", "steps", "guidance_scales", "seeds")
-KNOWN_FIELDS = ("weights", *LIST_FIELDS, "size", "dtype", "threads")
+KNOWN_FIELDS = ("weights", *LIST_FIELDS, "size", "dtype", "threads", "loras")
 
 
 class SpecError(ValueError):
@@ -57,6 +58,7 @@ class Spec:
     height: int
     dtype: str
     threads: int
+    loras: tuple[tuple[tuple[str, float], ...], ...] = ((),)
 
 
 @dataclass(frozen=True)
@@ -74,11 +76,14 @@ class Job:
     width: int
     height: int
     threads: int
+    loras: tuple[tuple[str, float], ...] = ()  # (LoRA file, scale) pairs, loaded as adapters and mixed
 
     @property
     def job_id(self) -> str:
         sampler = find_sampler(self.scheduler)
         identity = {**asdict(self), "scheduler_class": sampler.scheduler_class.__name__, "overrides": sampler.overrides}
+        if not self.loras:
+            del identity["loras"]  # a job without LoRA keeps the id it had before sweeps knew LoRA
         text = json.dumps(identity, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -129,21 +134,45 @@ def load_spec(source: str | Path | dict) -> Spec:
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         raise SpecError(f"spec field 'threads' is {threads!r}; give a whole number of threads per process, at least 1")
     _check_schedulers_can_take_steps(lists["schedulers"], lists["steps"])
+    loras = _lora_sets(raw.get("loras", [[]]))
     return Spec(
         weights=raw["weights"], prompts=tuple(lists["prompts"]), negative_prompts=tuple(lists["negative_prompts"]),
         schedulers=tuple(lists["schedulers"]), steps=tuple(lists["steps"]),
         guidance_scales=tuple(float(g) for g in lists["guidance_scales"]), seeds=tuple(lists["seeds"]),
-        width=width, height=height, dtype=dtype, threads=threads,
+        width=width, height=height, dtype=dtype, threads=threads, loras=loras,
     )
 
 
 def expand_jobs(spec: Spec) -> list[Job]:
     """Every combination, in a fixed order (prompt, negative, scheduler, steps, guidance, seed)."""
-    product = itertools.product(spec.prompts, spec.negative_prompts, spec.schedulers, spec.steps, spec.guidance_scales, spec.seeds)
+    product = itertools.product(spec.prompts, spec.negative_prompts, spec.schedulers, spec.steps, spec.guidance_scales,
+                                spec.seeds, spec.loras)
     return [
-        Job(spec.weights, spec.dtype, prompt, negative, scheduler, steps, guidance, seed, spec.width, spec.height, spec.threads)
-        for prompt, negative, scheduler, steps, guidance, seed in product
+        Job(spec.weights, spec.dtype, prompt, negative, scheduler, steps, guidance, seed, spec.width, spec.height, spec.threads,
+            loras)
+        for prompt, negative, scheduler, steps, guidance, seed, loras in product
     ]
+
+
+def _lora_sets(value) -> tuple[tuple[tuple[str, float], ...], ...]:
+    """"loras": a list of sets, each a list of [file, scale] pairs ([] for none); checked, files must exist."""
+    example = 'e.g. "loras": [[], [["pixel.safetensors", 0.8], ["style.safetensors", 0.5]]]'
+    if not isinstance(value, list) or not value:
+        raise SpecError(f"spec field 'loras' must be a non-empty list of LoRA sets; {example}")
+    sets = []
+    for lora_set in value:
+        if not isinstance(lora_set, list):
+            raise SpecError(f"spec field 'loras' has {lora_set!r}; each entry is a list of [file, scale] pairs; {example}")
+        pairs = []
+        for pair in lora_set:
+            if (not isinstance(pair, list) or len(pair) != 2 or not isinstance(pair[0], str)
+                    or not isinstance(pair[1], (int, float)) or isinstance(pair[1], bool)):
+                raise SpecError(f"spec field 'loras' has {pair!r}; each LoRA is [file, scale]; {example}")
+            if not Path(pair[0]).is_file():
+                raise SpecError(f"spec field 'loras': {pair[0]} is not a file")
+            pairs.append((pair[0], float(pair[1])))
+        sets.append(tuple(pairs))
+    return tuple(sets)
 
 
 def _non_empty_list(raw: dict, name: str) -> list:
