@@ -34,7 +34,7 @@ PICTURES = {
     "04_how_accurate_is_each_scheduler": ["data.png", "error_vs_steps.png", "samples.png"],
     "05_classifier_free_guidance": ["guidance_scales.png", "guidance_on_pictures.png"],
     "06_img2img_and_strength": ["input_and_house.png", "add_noise.png", "strength.png", "trace.png", "trace.gif"],
-    "07_a_scheduler_next_to_its_paper": ["samples.png"],
+    "07_a_scheduler_next_to_its_paper": ["trajectories.png"],
     "08_train_a_denoiser": ["data.png", "eps_error_vs_sigma.png", "samples.png"],
     "09_steering_the_loop": ["loss_guidance.png", "attention_maps.png"],
 }
