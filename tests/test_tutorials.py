@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from minidiff.pipelines.stable_diffusion import DenoisingStep
-from minidiff.trace import CAPTION_HEIGHT, evenly_spaced, record, save_film_strip, save_gif
+from minidiff.viz.trace import CAPTION_HEIGHT, evenly_spaced, record, save_film_strip, save_gif
 
 REPO = Path(__file__).resolve().parent.parent
 TUTORIALS = sorted((REPO / "tutorials").glob("0*.py"))
@@ -162,7 +162,7 @@ def fake_steps(num_steps: int, with_x0: bool = True):
 
 
 def to_image(x: torch.Tensor) -> Image.Image:
-    from minidiff.prototypes import tensor_to_pil
+    from minidiff.lab.prototypes import tensor_to_pil
 
     return tensor_to_pil(x[0])
 

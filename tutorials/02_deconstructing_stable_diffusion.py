@@ -52,7 +52,7 @@ print(f"weights: {model_path} ({'from MINIDIFF_SD15' if real_weights else 'tiny 
 from minidiff import AutoencoderKL, CLIPTextModel, CLIPTokenizer, UNet2DConditionModel, UniPCMultistepScheduler
 
 if model_path.is_file():  # one original checkpoint: the same parts, read through the single-file key map
-    from minidiff.checkpoints.single_file import load_single_file
+    from minidiff.loaders.single_file import load_single_file
 
     parts = load_single_file(model_path)
     vae, tokenizer, text_encoder, unet = parts.vae, parts.tokenizer, parts.text_encoder, parts.unet
@@ -284,10 +284,10 @@ print("pipeline vs the hand-written loop: same final latents?", torch.equal(step
 assert torch.equal(step.latents, final_latents)  # the same operations in the same order, bit for bit
 
 # %% [markdown]
-# `minidiff.trace` records x_t and the predicted x_0 at a few steps, decoded by the VAE.
+# `minidiff.viz.trace` records x_t and the predicted x_0 at a few steps, decoded by the VAE.
 
 # %%
-from minidiff.trace import record, save_film_strip, save_gif
+from minidiff.viz.trace import record, save_film_strip, save_gif
 
 frame_size = 192 if real_weights else 96  # the tiny weights' 64x64 pictures, enlarged so the captions fit
 steps = pipe.denoise(prompt, height=height, width=width, num_inference_steps=num_inference_steps,
@@ -305,7 +305,7 @@ assert len(frames) == 6 and frames[-1].step_index == num_inference_steps - 1
 # %%
 from PIL import ImageDraw
 
-from minidiff.plotting import font
+from minidiff.viz.plotting import font
 
 
 def draw_data_flow(stages: list[tuple[str, str]], path, box_width: int = 178, box_height: int = 64, gap: int = 34):

@@ -18,7 +18,7 @@
 # at pictures. With a trained UNet you cannot do better: the model's own error hides the
 # scheduler's. Here the model is *exact* (the Bayes-optimal denoiser of a Gaussian mixture, as in
 # tutorials 01 and 03), so whatever error is left is the scheduler's own, and it can be measured
-# against the exact answer. This is `minidiff.accuracy`, the lab behind `minidiff demo`, opened up.
+# against the exact answer. This is `minidiff.lab.accuracy`, the lab behind `minidiff demo`, opened up.
 #
 # Everything runs on SD 1.5's noise schedule and each scheduler's defaults, built the way a user
 # builds them: `Class.from_config(sd15_config, **changes)`.
@@ -45,7 +45,7 @@ OUT = helpers.output_folder("04_how_accurate_is_each_scheduler")
 # bend, which is what separates a good ODE solver from a poor one.
 
 # %%
-from minidiff import accuracy
+from minidiff.lab import accuracy
 
 model = accuracy.mixture_2d(torch.float64)  # GaussianMixtureDenoiser, each "image" is (2, 1, 1)
 means = model.means.reshape(-1, 2)
@@ -95,7 +95,7 @@ error = {result.label: dict(zip(result.steps, result.errors)) for result in resu
 order = {result.label: result.order for result in results}
 few_steps_order = {result.label: result.order_few_steps for result in results}
 
-from minidiff.plotting import loglog_plot
+from minidiff.viz.plotting import loglog_plot
 
 loglog_plot(
     {f"{r.label} ({r.order:.2f})": (r.steps, r.errors) for r in results},

@@ -43,7 +43,7 @@ OUT = helpers.output_folder("05_classifier_free_guidance")
 # the whole mixture: the exact eps_uncond. As in SD, both go through the model as one batch.
 
 # %%
-from minidiff import accuracy
+from minidiff.lab import accuracy
 
 model = accuracy.mixture_2d(torch.float64)  # GaussianMixtureDenoiser on SD 1.5's noise schedule
 means = model.means.reshape(-1, 2)
@@ -192,9 +192,9 @@ print("wrote", OUT / "guidance_scales.png")
 # does anything: the final pictures barely differ across scales.
 
 # %%
-from minidiff.models.gaussian_mixture import GaussianMixtureDenoiser
-from minidiff.plotting import image_grid
-from minidiff.prototypes import PROTOTYPE_NAMES, prototype_means, tensor_to_pil
+from minidiff.lab.gaussian_mixture import GaussianMixtureDenoiser
+from minidiff.viz.grid import image_grid
+from minidiff.lab.prototypes import PROTOTYPE_NAMES, prototype_means, tensor_to_pil
 
 pictures = prototype_means(32)
 SHAPES, SCENES = 0, 1

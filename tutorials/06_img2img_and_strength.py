@@ -44,9 +44,9 @@ OUT = helpers.output_folder("06_img2img_and_strength")
 import numpy as np
 from PIL import Image, ImageDraw
 
-from minidiff import accuracy
-from minidiff.plotting import image_grid, tile
-from minidiff.prototypes import PROTOTYPE_NAMES, draw_prototype, pil_to_tensor, prototype_means, tensor_to_pil
+from minidiff.lab import accuracy
+from minidiff.viz.grid import image_grid, tile
+from minidiff.lab.prototypes import PROTOTYPE_NAMES, draw_prototype, pil_to_tensor, prototype_means, tensor_to_pil
 
 model = accuracy.prototype_mixture(size=32, data_std=0.1)  # exact denoiser, SD 1.5's noise schedule
 pictures = prototype_means(32)  # (8, 3, 32, 32)
@@ -259,7 +259,7 @@ assert without == [48, 49] and "called after the last" in error  # one step too 
 
 # %%
 from minidiff import StableDiffusionImg2ImgPipeline
-from minidiff.trace import record, save_film_strip, save_gif
+from minidiff.viz.trace import record, save_film_strip, save_gif
 
 model_path, real_weights = helpers.sd15_weights()
 pipe = StableDiffusionImg2ImgPipeline.from_pretrained(model_path)

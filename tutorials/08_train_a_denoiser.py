@@ -52,9 +52,9 @@ OUT = helpers.output_folder("08_train_a_denoiser")
 
 # %%
 from minidiff import DDPMScheduler, UNet2DModel
-from minidiff import accuracy
-from minidiff.plotting import image_grid, tile
-from minidiff.prototypes import PROTOTYPE_NAMES, tensor_to_pil
+from minidiff.lab import accuracy
+from minidiff.viz.grid import image_grid, tile
+from minidiff.lab.prototypes import PROTOTYPE_NAMES, tensor_to_pil
 from minidiff.training import EMAModel
 
 SIZE = 16
@@ -169,7 +169,7 @@ for t in timesteps_measured:
 error_at = dict(zip(timesteps_measured, net_vs_exact))
 floor_at = dict(zip(timesteps_measured, exact_vs_true))
 
-from minidiff.plotting import loglog_plot
+from minidiff.viz.plotting import loglog_plot
 
 loglog_plot(
     {

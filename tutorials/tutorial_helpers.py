@@ -115,7 +115,7 @@ def draw_scatter_panels(
     """
     from PIL import ImageDraw
 
-    from minidiff.plotting import font
+    from minidiff.viz.plotting import font
 
     x_min, x_max, y_min, y_max = bounds
     title_height, gap = 26, 12
