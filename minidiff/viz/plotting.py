@@ -1,6 +1,8 @@
 """A log-log line chart drawn with Pillow alone (no plotting library), and the fonts and colours of every picture.
 
     loglog_plot({"Euler": (steps, errors), ...}, "accuracy.png", title=..., x_label=..., y_label=...)
+    loglog_panels({"first order": {...}, "multistep": {...}}, "accuracy.png", columns=2)   # one chart per group,
+                                                                                           # the same axes in each
 
 Grids of images are in grid.py.
 """
@@ -38,6 +40,18 @@ def _dashed_line(draw: ImageDraw.ImageDraw, start, end, fill, width: int = 2, da
         draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))], fill=fill, width=width)
 
 
+def tick_label(value: float) -> str:
+    """A short axis label: 2 significant digits below 100 (0.041, 1.5, 15), whole numbers above (200, 1000)."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.2g}"
+
+
+def _finite_points(series: dict[str, tuple[list[float], list[float]]]) -> dict[str, list[tuple[float, float]]]:
+    return {
+        label: [(x, y) for x, y in zip(xs, ys) if x > 0 and y is not None and math.isfinite(y) and y > 0]
+        for label, (xs, ys) in series.items()
+    }
+
+
 def loglog_plot(
     series: dict[str, tuple[list[float], list[float]]],
     path: str | Path,
@@ -47,16 +61,77 @@ def loglog_plot(
     dashed: tuple[str, ...] = (),
     guide_orders: tuple[int, ...] = (1, 2),
     size: tuple[int, int] = (1000, 640),
+    colors: dict[str, tuple[int, int, int]] | None = None,
 ) -> Path:
     """A log-log line chart of `series` (label -> (x values, y values)), written as PNG to `path`.
 
     Non-finite or non-positive y values are left out (a diverged run shows as a missing line).
     Gray dashed guides show the slopes of order 1, 2, ... (error ~ steps^-p) for comparison.
+    colors: a colour per label (default: the palette in order). The x axis is labelled at each measured x,
+    leaving out a label that would overlap the previous one.
     """
-    points = {
-        label: [(x, y) for x, y in zip(xs, ys) if x > 0 and y is not None and math.isfinite(y) and y > 0]
-        for label, (xs, ys) in series.items()
-    }
+    image = loglog_image(series, title, x_label, y_label, dashed, guide_orders, size, colors)
+    return save_png(image, path)
+
+
+def loglog_panels(
+    panels: dict[str, dict[str, tuple[list[float], list[float]]]],
+    path: str | Path,
+    columns: int = 2,
+    title: str = "",
+    x_label: str = "",
+    y_label: str = "",
+    dashed: tuple[str, ...] = (),
+    guide_orders: tuple[int, ...] = (1, 2),
+    panel_size: tuple[int, int] = (760, 400),
+    colors: dict[str, tuple[int, int, int]] | None = None,
+) -> Path:
+    """Several log-log charts on the same axes, one per group (panel title -> series), `columns` per row.
+
+    Fewer lines per chart than one `loglog_plot` of everything, and the shared axes keep the groups comparable.
+    colors: a colour per label, the same in every panel (e.g. a gray reference line); the other lines of a panel take
+    the palette in order.
+    """
+    all_points = [point for series in panels.values() for pts in _finite_points(series).values() for point in pts]
+    if not all_points:
+        raise ValueError("loglog_panels needs at least one positive, finite point to draw")
+    bounds = _log_bounds([x for x, _ in all_points], [y for _, y in all_points])
+    images = [
+        loglog_image(series, panel_title, x_label, y_label, dashed, guide_orders, panel_size, colors, bounds)
+        for panel_title, series in panels.items()
+    ]
+    cell_w, cell_h = max(image.width for image in images), max(image.height for image in images)
+    header = 40 if title else 0
+    rows = (len(images) + columns - 1) // columns
+    sheet = Image.new("RGB", (min(columns, len(images)) * cell_w, header + rows * cell_h), "white")
+    for index, image in enumerate(images):
+        sheet.paste(image, ((index % columns) * cell_w, header + (index // columns) * cell_h))
+    if title:
+        ImageDraw.Draw(sheet).text((sheet.width / 2, 12), title, fill=TEXT, font=font(18), anchor="mt")
+    return save_png(sheet, path)
+
+
+def _log_bounds(all_x: list[float], all_y: list[float]) -> tuple[float, float, int, int]:
+    """(log10 x from, log10 x to, y decade from, y decade to) framing the points."""
+    lx0, lx1 = math.log10(min(all_x)), math.log10(max(all_x))
+    lx0, lx1 = (lx0 - 0.05, lx1 + 0.05) if lx1 > lx0 else (lx0 - 0.5, lx1 + 0.5)
+    ly0, ly1 = math.floor(math.log10(min(all_y))), math.ceil(math.log10(max(all_y)))
+    return lx0, lx1, ly0, ly1 if ly1 > ly0 else ly0 + 1
+
+
+def loglog_image(
+    series: dict[str, tuple[list[float], list[float]]],
+    title: str = "",
+    x_label: str = "",
+    y_label: str = "",
+    dashed: tuple[str, ...] = (),
+    guide_orders: tuple[int, ...] = (1, 2),
+    size: tuple[int, int] = (1000, 640),
+    colors: dict[str, tuple[int, int, int]] | None = None,
+    bounds: tuple[float, float, int, int] | None = None,
+) -> Image.Image:
+    """The chart of `loglog_plot` as a Pillow image; `bounds` (see `_log_bounds`) fixes the axes, e.g. across panels."""
+    points = _finite_points(series)
     all_x = [x for pts in points.values() for x, _ in pts]
     all_y = [y for pts in points.values() for _, y in pts]
     if not all_x:
@@ -67,10 +142,7 @@ def loglog_plot(
     width, height = size[0] + max(0, int(legend_width) - 180), size[1]  # widen the canvas for long labels
     left, right, top, bottom = 90, int(legend_width) + 60, 50, 70
     plot_w, plot_h = width - left - right, height - top - bottom
-    lx0, lx1 = math.log10(min(all_x)), math.log10(max(all_x))
-    lx0, lx1 = (lx0 - 0.05, lx1 + 0.05) if lx1 > lx0 else (lx0 - 0.5, lx1 + 0.5)
-    ly0, ly1 = math.floor(math.log10(min(all_y))), math.ceil(math.log10(max(all_y)))
-    ly1 = ly1 if ly1 > ly0 else ly0 + 1
+    lx0, lx1, ly0, ly1 = bounds or _log_bounds(all_x, all_y)
 
     def to_pixel(x: float, y: float) -> tuple[float, float]:
         return (
@@ -84,10 +156,15 @@ def loglog_plot(
         _, y = to_pixel(10 ** lx0, 10.0**decade)
         draw.line([(left, y), (left + plot_w, y)], fill=GRID)
         draw.text((left - 8, y), f"1e{decade}", fill=TEXT, font=small, anchor="rm")
-    for x_value in sorted(set(all_x)):  # vertical grid line per measured x
+    label_end = -math.inf
+    for x_value in sorted(set(all_x)):  # vertical grid line per measured x, a label where there is room
         x, _ = to_pixel(x_value, 10.0**ly0)
         draw.line([(x, top), (x, top + plot_h)], fill=GRID)
-        draw.text((x, top + plot_h + 8), f"{x_value:g}", fill=TEXT, font=small, anchor="mt")
+        text = tick_label(x_value)
+        half = measure.textlength(text, font=small) / 2
+        if x - half > label_end + 6:
+            draw.text((x, top + plot_h + 8), text, fill=TEXT, font=small, anchor="mt")
+            label_end = x + half
     draw.rectangle([left, top, left + plot_w, top + plot_h], outline=AXIS)
 
     x_first, x_last = min(all_x), max(all_x)
@@ -100,7 +177,7 @@ def loglog_plot(
         draw.text((end[0] - 4, end[1] - 4), f"order {order}", fill=GUIDE, font=small, anchor="rb")
 
     for index, (label, pts) in enumerate(points.items()):
-        color = PALETTE[index % len(PALETTE)]
+        color = (colors or {}).get(label, PALETTE[index % len(PALETTE)])
         pixels = [to_pixel(x, y) for x, y in pts]
         for a, b in zip(pixels, pixels[1:]):
             if label in dashed:
@@ -122,7 +199,7 @@ def loglog_plot(
     y_text = Image.new("RGB", (plot_h, 24), "white")  # the y label, drawn sideways
     ImageDraw.Draw(y_text).text((plot_h / 2, 12), y_label, fill=TEXT, font=font(14), anchor="mm")
     image.paste(y_text.rotate(90, expand=True), (8, top))
-    return save_png(image, path)
+    return image
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
