@@ -141,7 +141,8 @@ helpers.describe("text_embeddings after the cat", text_embeddings)
 
 assert uncond_input.input_ids[0, :3].tolist() == [49406, 49407, 49407]
 assert text_embeddings.shape == (2 * batch_size, 77, hidden_size)
-assert uncond_embeddings.abs().sum() > 0  # the empty prompt has an embedding of its own
+assert uncond_embeddings.abs().amax(dim=-1).min() > 0  # not zero, at any of the 77 positions
+assert not torch.allclose(uncond_embeddings, text_embeddings[batch_size:])  # and not the prompt's: an embedding of its own
 
 # %% [markdown]
 # ## 6. The initial latents: (B, 4, H/8, W/8)
@@ -196,7 +197,9 @@ latents = latents * scheduler.init_noise_sigma
 #     noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
 #
 # (Ho & Salimans 2022, arXiv 2207.12598, eq. 6: move from the unconditional prediction past the
-# conditional one), and take one scheduler step. Tutorial 05 measures what the scale does.
+# conditional one), and take one scheduler step. Tutorial 05 measures what the scale does. The paper
+# writes the same line as (1 + w) eps_cond - w eps_uncond: diffusers' (and our) guidance_scale is 1 + w,
+# so SD's 7.5 is the paper's w = 6.5, and the paper's w = 0 (no guidance) is guidance_scale 1.
 
 # %%
 scheduler.set_timesteps(num_inference_steps)

@@ -19,7 +19,9 @@
 #
 #     eps_guided = eps_uncond + s * (eps_cond - eps_uncond)
 #
-# s = 1 is the plain conditional model; SD's default s = 7.5 goes far past it. What does that do to
+# s = 1 is the plain conditional model; SD's default s = 7.5 goes far past it. Ho & Salimans write
+# the line as (1 + w) eps_cond - w eps_uncond (their eq. 6): our s (diffusers' `guidance_scale`) is
+# their 1 + w, so their w = 0 is s = 1, and SD's 7.5 is their w = 6.5. What does that do to
 # the distribution of samples? With a trained model one can only look at pictures. With the *exact*
 # conditional and unconditional predictions of a Gaussian mixture, it can be measured.
 #

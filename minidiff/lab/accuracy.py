@@ -6,7 +6,7 @@ is left is the scheduler's discretization error. Two questions, two measurements
 
 1. Deterministic schedulers (DDIM eta=0, PNDM, LMS, Euler, Heun, DPM2, DPM-Solver++ 1/2M/3M and 2S/3S,
    DEIS, UniPC) solve the probability-flow ODE (Song et al. 2021, arXiv 2011.13456, eq. 13), written in sigma as in
-   Karras et al. 2022 (arXiv 2206.00364, eq. 4 with sigma(t) = t):
+   Karras et al. 2022 (arXiv 2206.00364, eq. 1 with sigma(t) = t, and eq. 3 for the score):
 
        dx/dsigma = (x - D(x, sigma)) / sigma = -sigma grad_x log p_sigma(x),    x = x_0 + sigma eps
 
