@@ -45,6 +45,16 @@ def tick_label(value: float) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.2g}"
 
 
+def spaced_labels(centers: list[float], half_widths: list[float], gap: float = 6) -> list[int]:
+    """Which labels to draw, left to right, so that none overlaps the one before (centers in increasing order)."""
+    kept, end = [], -math.inf
+    for index, (center, half) in enumerate(zip(centers, half_widths)):
+        if center - half > end + gap:
+            kept.append(index)
+            end = center + half
+    return kept
+
+
 def _finite_points(series: dict[str, tuple[list[float], list[float]]]) -> dict[str, list[tuple[float, float]]]:
     return {
         label: [(x, y) for x, y in zip(xs, ys) if x > 0 and y is not None and math.isfinite(y) and y > 0]
@@ -156,15 +166,13 @@ def loglog_image(
         _, y = to_pixel(10 ** lx0, 10.0**decade)
         draw.line([(left, y), (left + plot_w, y)], fill=GRID)
         draw.text((left - 8, y), f"1e{decade}", fill=TEXT, font=small, anchor="rm")
-    label_end = -math.inf
-    for x_value in sorted(set(all_x)):  # vertical grid line per measured x, a label where there is room
-        x, _ = to_pixel(x_value, 10.0**ly0)
+    x_values = sorted(set(all_x))
+    x_pixels = [to_pixel(x_value, 10.0**ly0)[0] for x_value in x_values]
+    texts = [tick_label(x_value) for x_value in x_values]
+    for x in x_pixels:  # a vertical grid line per measured x
         draw.line([(x, top), (x, top + plot_h)], fill=GRID)
-        text = tick_label(x_value)
-        half = measure.textlength(text, font=small) / 2
-        if x - half > label_end + 6:
-            draw.text((x, top + plot_h + 8), text, fill=TEXT, font=small, anchor="mt")
-            label_end = x + half
+    for index in spaced_labels(x_pixels, [measure.textlength(text, font=small) / 2 for text in texts]):
+        draw.text((x_pixels[index], top + plot_h + 8), texts[index], fill=TEXT, font=small, anchor="mt")
     draw.rectangle([left, top, left + plot_w, top + plot_h], outline=AXIS)
 
     x_first, x_last = min(all_x), max(all_x)
