@@ -51,8 +51,8 @@ OUT = helpers.output_folder("01_the_denoising_loop")
 # %%
 from minidiff import DDPMScheduler
 from minidiff.lab.gaussian_mixture import GaussianMixtureDenoiser
-from minidiff.viz.grid import image_grid, tile
 from minidiff.lab.prototypes import PROTOTYPE_NAMES, prototype_images, prototype_means, tensor_to_pil
+from minidiff.viz.grid import image_grid, tile
 
 ddpm_cat_256_scheduler_config = {  # google/ddpm-cat-256/scheduler_config.json
     "_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,

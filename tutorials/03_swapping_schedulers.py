@@ -174,8 +174,8 @@ assert len(pictures) == len(schedulers) == 14 and all(picture.size == (cell, cel
 
 # %%
 from minidiff.lab import accuracy
-from minidiff.viz.grid import image_grid, tile
 from minidiff.lab.prototypes import PROTOTYPE_NAMES, prototype_means, tensor_to_pil
+from minidiff.viz.grid import image_grid, tile
 
 mixture = accuracy.prototype_mixture(size=32, data_std=0.1)  # GaussianMixtureDenoiser on SD 1.5's schedule
 means = prototype_means(32)

@@ -195,8 +195,8 @@ print("wrote", OUT / "guidance_scales.png")
 
 # %%
 from minidiff.lab.gaussian_mixture import GaussianMixtureDenoiser
-from minidiff.viz.grid import image_grid
 from minidiff.lab.prototypes import PROTOTYPE_NAMES, prototype_means, tensor_to_pil
+from minidiff.viz.grid import image_grid
 
 pictures = prototype_means(32)
 SHAPES, SCENES = 0, 1

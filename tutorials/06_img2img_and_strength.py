@@ -45,8 +45,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from minidiff.lab import accuracy
-from minidiff.viz.grid import image_grid, tile
 from minidiff.lab.prototypes import PROTOTYPE_NAMES, draw_prototype, pil_to_tensor, prototype_means, tensor_to_pil
+from minidiff.viz.grid import image_grid, tile
 
 model = accuracy.prototype_mixture(size=32, data_std=0.1)  # exact denoiser, SD 1.5's noise schedule
 pictures = prototype_means(32)  # (8, 3, 32, 32)

@@ -53,9 +53,9 @@ OUT = helpers.output_folder("08_train_a_denoiser")
 # %%
 from minidiff import DDPMScheduler, UNet2DModel
 from minidiff.lab import accuracy
-from minidiff.viz.grid import image_grid, tile
 from minidiff.lab.prototypes import PROTOTYPE_NAMES, tensor_to_pil
 from minidiff.training import EMAModel
+from minidiff.viz.grid import image_grid, tile
 
 SIZE = 16
 exact = accuracy.prototype_mixture(SIZE, data_std=0.1)  # the exact denoiser: eps*(x_t, t) = E[eps | x_t]

@@ -83,8 +83,8 @@ OUT = helpers.output_folder("09_steering_the_loop")
 # %%
 from minidiff import LMSDiscreteScheduler
 from minidiff.lab import accuracy
-from minidiff.viz.grid import image_grid
 from minidiff.lab.prototypes import PROTOTYPE_NAMES, prototype_means, tensor_to_pil
+from minidiff.viz.grid import image_grid
 
 picture_model = accuracy.prototype_mixture(32)  # GaussianMixtureDenoiser: 8 pictures, std 0.1 around each
 pictures = prototype_means(32)  # (8, 3, 32, 32) in [-1, 1]
