@@ -24,7 +24,7 @@
 # Everything runs on SD 1.5's noise schedule and each scheduler's defaults, built the way a user
 # builds them: `Class.from_config(sd15_config, **changes)`.
 #
-# **Run it:** `python tutorials/04_how_accurate_is_each_scheduler.py` (about 20 s, no weights), or
+# **Run it:** `python tutorials/04_how_accurate_is_each_scheduler.py` (about 15 s of CPU time, no weights), or
 # open it as a notebook. Pictures go to `tutorials/out/04_how_accurate_is_each_scheduler/`.
 
 # %%

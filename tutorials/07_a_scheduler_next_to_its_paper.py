@@ -30,7 +30,7 @@
 # `minidiff/schedulers/parameterization.py` (model output -> x_0 or eps) and
 # `minidiff/schedulers/update_rules.py` (one function per update rule). Open them next to this.
 #
-# **Run it:** `python tutorials/07_a_scheduler_next_to_its_paper.py` (about 10 s, no weights), or
+# **Run it:** `python tutorials/07_a_scheduler_next_to_its_paper.py` (about 6 s of CPU time, no weights), or
 # open it as a notebook. Pictures go to `tutorials/out/07_a_scheduler_next_to_its_paper/`.
 
 # %%

@@ -26,8 +26,8 @@
 # 2. sample it with a few schedulers, and split the error of the final picture into the
 #    network's part and the sampler's part.
 #
-# **Run it:** `python tutorials/08_train_a_denoiser.py` (one to two minutes on a CPU, most of it
-# training; no weights), or open it as a notebook. Pictures go to
+# **Run it:** `python tutorials/08_train_a_denoiser.py` (minutes on a CPU, most of it training: 335 s
+# on 2 heavily shared cores; no weights), or open it as a notebook. Pictures go to
 # `tutorials/out/08_train_a_denoiser/`. Every measured claim below is an `assert`, with margins wide
 # enough to hold from run to run and machine to machine; what is only suggested to try is said so.
 

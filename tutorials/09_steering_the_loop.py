@@ -28,7 +28,7 @@
 # something and every effect can be measured; sections 2 and 3 run on tiny random SD weights (real
 # weights with `MINIDIFF_SD15` for section 3).
 #
-# **Run it:** `python tutorials/09_steering_the_loop.py` (about 20 s, no weights), or open it as a
+# **Run it:** `python tutorials/09_steering_the_loop.py` (about 7 s of CPU time, no weights), or open it as a
 # notebook. Pictures go to `tutorials/out/09_steering_the_loop/`.
 
 # %%
