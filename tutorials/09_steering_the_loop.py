@@ -248,7 +248,7 @@ print(f"{placeholder_token} is token {placeholder_token_id}, starting from {init
 #
 # - **gradients**: every row the prompt looks up gets one. "a photo of a <blue-square>" looks up
 #   `<|startoftext|>`, `a`, `photo`, `of`, the new token and `<|endoftext|>` (which is also the padding
-#   token up to 77): six rows, five of them old words;
+#   token up to 77): six rows, five of them rows of the old vocabulary;
 # - **AdamW's weight decay**, which shrinks *every* row it is given, gradient or not.
 #
 # Hence the script's step after each update: copy the original rows back (`index_no_updates`). It is
