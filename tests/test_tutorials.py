@@ -31,7 +31,7 @@ PICTURES = {
     "01_the_denoising_loop": ["data_set.png", "final.png", "steps.png", "trace.png", "trace.gif"],
     "02_deconstructing_stable_diffusion": ["image.png", "trace.png", "trace.gif", "data_flow.png"],
     "03_swapping_schedulers": ["pipeline_grid.png", "exact_model_grid.png", "timesteps.png", "sigmas.png"],
-    "04_how_accurate_is_each_scheduler": ["data.png", "error_vs_steps.png", "samples.png"],
+    "04_how_accurate_is_each_scheduler": ["data.png", "error_vs_steps.png", "trajectories.png", "samples.png"],
     "05_classifier_free_guidance": ["guidance_scales.png", "guidance_on_pictures.png"],
     "06_img2img_and_strength": ["input_and_house.png", "add_noise.png", "strength.png", "trace.png", "trace.gif"],
     "07_a_scheduler_next_to_its_paper": ["trajectories.png"],
