@@ -189,8 +189,8 @@ print("wrote", OUT / "loss_guidance.png")
 
 # %% [markdown]
 # **The notebook's schedule.** The Deep Dive guides only every 5th of 50 steps (10 guided steps), and
-# its last guided step (i = 45) is followed by 4 unguided ones, in which the model pulls the sample back
-# towards a picture. Measured on the same 16 noises at loss scale 200, against our every-step run:
+# its last guided step (i = 45) is followed by 4 steps of the model alone. Measured on the same 16 noises
+# at loss scale 200, against our every-step run:
 
 # %%
 deep_dive = loss_guided_sample(200, noise, num_inference_steps=50, guide_every=5)
