@@ -54,6 +54,24 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def check_generation_args(args) -> tuple[int, int]:
+    """--size, --guidance, --steps of generate/compare, checked before any weights are loaded: (width, height)."""
+    from minidiff.pipelines.input_checks import check_finite, check_image_size
+
+    width, height = parse_size(args.size)
+    try:
+        check_image_size(height, width, 1, args.vae_tiling)
+    except ValueError as error:
+        raise CLIError(f"--size {args.size}: {error}") from None
+    try:
+        check_finite(**{"--guidance": args.guidance})
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    if args.steps < 1:
+        raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    return width, height
+
+
 def check_writable(path: Path) -> Path:
     folder = path.parent if path.suffix else path
     folder = folder if str(folder) else Path(".")
@@ -111,9 +129,7 @@ def cmd_schedulers(args) -> None:
 def cmd_generate(args) -> None:
     import torch
 
-    width, height = parse_size(args.size)
-    if args.steps < 1:
-        raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    width, height = check_generation_args(args)
     chosen_sampler = find_sampler(args.scheduler) if args.scheduler else None
     out = check_writable(Path(args.out))
     pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory)
@@ -144,9 +160,7 @@ def cmd_compare(args) -> None:
     from minidiff.viz.grid import labeled_grid
 
     samplers = samplers_to_compare(args.schedulers)
-    width, height = parse_size(args.size)
-    if args.steps < 1:
-        raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    width, height = check_generation_args(args)
     out = check_writable(Path(args.out))
     pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory)
     base_config = pipeline.scheduler.config
