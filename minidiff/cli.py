@@ -208,20 +208,22 @@ def cmd_demo(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from minidiff.sweep import expand_jobs, load_spec
+    from minidiff.sweep import load_spec
     from minidiff.sweep.runner import estimate_seconds, run_sweep
+    from minidiff.sweep.spec import MAX_JOBS, check_job_count, describe, job_count
 
     spec = load_spec(args.spec)  # every field checked before any weights are loaded
-    if args.dry_run:
-        jobs = expand_jobs(spec)
-        for job in jobs:
-            print(f"{job.job_id}  {job.scheduler!r:24s} {job.steps:4d} steps  guidance {job.guidance_scale:g}  "
-                  f"seed {job.seed}  {job.width}x{job.height}  {job.prompt!r}")
+    if args.dry_run:  # never lists every job: a spec may make millions
+        print("\n".join(describe(spec)))
+        count = job_count(spec)
+        if count > MAX_JOBS and not args.allow_many_jobs:
+            print(f"more than {MAX_JOBS} jobs: a run refuses this spec unless given --allow-many-jobs")
         seconds_per_call, calls = estimate_seconds(spec)
-        print(f"{len(jobs)} jobs, {calls} UNet calls; one call measured at {seconds_per_call:.2f} s here: about "
+        print(f"{count} jobs, {calls} UNet calls; one call measured at {seconds_per_call:.2f} s here: about "
               f"{seconds_per_call * calls / 60:.1f} min on one process (plus loading and decoding)")
         return
-    counts = run_sweep(spec, check_writable(Path(args.out)), progress=not args.no_progress)
+    check_job_count(spec, args.allow_many_jobs)  # before the folder is made
+    counts = run_sweep(spec, check_writable(Path(args.out)), progress=not args.no_progress, allow_many_jobs=args.allow_many_jobs)
     print(f"sweep: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} already done, "
           f"of {counts['total']} jobs; see {Path(args.out) / 'index.html'}")
 
@@ -300,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", default="sweep", help="output folder: one PNG per job, manifest.jsonl, grids/, index.html")
     sweep.add_argument("--dry-run", action="store_true", help="list the jobs and estimate the time from one measured UNet call")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sweep.add_argument("--allow-many-jobs", action="store_true", help="run a spec of more than 100000 jobs (refused without it)")
     sweep.set_defaults(run=cmd_sweep)
 
     tutorials = commands.add_parser("tutorials", help="export the tutorials as Jupyter notebooks (.ipynb), e.g. for Colab")
