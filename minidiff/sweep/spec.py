@@ -33,7 +33,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from minidiff.checkpoints.single_file_layout import sd15_config
+from minidiff.data import sd15_config
 from minidiff.pipelines.input_checks import check_image_size
 from minidiff.schedulers.names import find_sampler
 
