@@ -183,9 +183,9 @@ def cmd_download(args) -> None:
 
     try:
         if args.what == "sd15":
-            where = download.download_sd15(args.out, args.variant, args.single_file)
+            where = download.download_sd15(args.out, args.variant, args.single_file, overwrite=args.overwrite)
         else:
-            where = download.download_ddpm_cat(args.out)
+            where = download.download_ddpm_cat(args.out, overwrite=args.overwrite)
     except (ConnectionError, FileNotFoundError) as error:
         raise CLIError(str(error)) from None
     print(f"downloaded to {where}")
@@ -197,7 +197,7 @@ def cmd_convert(args) -> None:
 
     if not Path(args.src).exists():
         raise CLIError(f"{args.src} does not exist")
-    convert(args.src, args.dst, config=args.config, use_ema=args.use_ema)
+    convert(args.src, args.dst, config=args.config, use_ema=args.use_ema, overwrite=args.overwrite)
     print(f"wrote {args.dst}")
 
 
@@ -241,7 +241,7 @@ def cmd_tutorials(args) -> None:
             git_url = found.stdout.strip() or PLACEHOLDER_GIT_URL
         except OSError:  # no git on this machine
             git_url = PLACEHOLDER_GIT_URL
-    for notebook in export_tutorials(source, check_writable(Path(args.export)), git_url):
+    for notebook in export_tutorials(source, check_writable(Path(args.export)), git_url, overwrite=args.overwrite):
         print(f"wrote {notebook}")
 
 
@@ -295,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--variant", choices=["fp16"], default=None)
     download.add_argument("--single-file", action="store_true", help="v1-5-pruned-emaonly.safetensors only")
     download.add_argument("--out", default=None, help="folder (default: the Hugging Face cache)")
+    download.add_argument("--overwrite", action="store_true", help="replace files in --out that no earlier download of this repo wrote")
     download.set_defaults(run=cmd_download)
 
     sweep = commands.add_parser("sweep", help="prompts x schedulers x steps x seeds from a JSON/TOML spec; runs under torchrun too")
@@ -309,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     tutorials.add_argument("--export", required=True, metavar="DIR", help="folder for the .ipynb files")
     tutorials.add_argument("--source", default=None, help="the tutorials folder (default: the checkout's tutorials/)")
     tutorials.add_argument("--git-url", default=None, help="what the Colab cell clones (default: the checkout's origin)")
+    tutorials.add_argument("--overwrite", action="store_true", help="replace .ipynb files already in DIR (refused without it)")
     tutorials.set_defaults(run=cmd_tutorials)
 
     convert = commands.add_parser("convert", help="single-file checkpoint <-> diffusers folder")
@@ -316,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst")
     convert.add_argument("--config", default=None, help="file -> folder: a folder of configs (default: SD 1.5's, bundled)")
     convert.add_argument("--use-ema", action="store_true", help="file -> folder: take the UNet's EMA weights")
+    convert.add_argument("--overwrite", action="store_true", help="replace DST's existing weights/configs (refused without it)")
     convert.set_defaults(run=cmd_convert)
     return parser
 
