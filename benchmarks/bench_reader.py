@@ -11,6 +11,8 @@ The file is read once beforehand, so every run finds it in the page cache. Ratio
 
     minidiff   minidiff.checkpoints.reader.read_state_dict (our mmap + madvise after each conversion)
     library    safetensors.safe_open(framework="pt") + get_tensor, the same conversion
+
+Imports happen before the clock starts (importing minidiff takes longer than reading a mapped file).
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "weights_scripts"))
 
+IMPORTS = "from minidiff.checkpoints.reader import read_state_dict\nfrom safetensors import safe_open\n"  # not timed
+
 READERS = {
     "minidiff": """
-        from minidiff.checkpoints.reader import read_state_dict
         tensors = read_state_dict([FILE], dtype=DTYPE)
     """,
     "library": """
-        from safetensors import safe_open
         with safe_open(FILE, framework="pt") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         if DTYPE is not None:
@@ -43,6 +45,8 @@ READERS = {
 MEASURE = """
 import json, sys, time, torch
 sys.path.insert(0, REPO)
+
+{imports}
 
 def status_kb(field):
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
@@ -61,7 +65,7 @@ print(json.dumps(dict(seconds=seconds, use_seconds=use_seconds, load_mib=load_gr
 
 
 def run_once(reader: str, file: Path, dtype: str) -> dict:
-    code = textwrap.dedent(MEASURE).format(reader=textwrap.indent(textwrap.dedent(READERS[reader]), ""))
+    code = textwrap.dedent(MEASURE).format(imports=IMPORTS, reader=textwrap.dedent(READERS[reader]))
     code = f"REPO = {str(REPO)!r}\nFILE = {str(file)!r}\nimport torch\nDTYPE = {dtype}\n" + code
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
