@@ -24,6 +24,7 @@ import pickle
 import re
 import struct
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -149,8 +150,7 @@ def _refuse_repeated_names(path: Path, redownload: str):
     """A json.loads hook: a header naming one tensor twice is refused (json would keep the last silently)."""
 
     def as_dict(pairs: list) -> dict:
-        names = [name for name, _ in pairs]
-        repeated = sorted({name for name in names if names.count(name) > 1})
+        repeated = sorted(name for name, count in Counter(name for name, _ in pairs).items() if count > 1)
         if repeated:
             raise CheckpointError(f"{path} is not a readable safetensors file: its header names {repeated} more than once. {redownload}")
         return dict(pairs)
