@@ -54,6 +54,24 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def check_generation_args(args) -> tuple[int, int]:
+    """--size, --guidance, --steps of generate/compare, checked before any weights are loaded: (width, height)."""
+    from minidiff.pipelines.input_checks import check_finite, check_image_size
+
+    width, height = parse_size(args.size)
+    try:
+        check_image_size(height, width, 1, args.vae_tiling)
+    except ValueError as error:
+        raise CLIError(f"--size {args.size}: {error}") from None
+    try:
+        check_finite(**{"--guidance": args.guidance})
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    if args.steps < 1:
+        raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    return width, height
+
+
 def check_writable(path: Path) -> Path:
     folder = path.parent if path.suffix else path
     folder = folder if str(folder) else Path(".")
@@ -111,9 +129,7 @@ def cmd_schedulers(args) -> None:
 def cmd_generate(args) -> None:
     import torch
 
-    width, height = parse_size(args.size)
-    if args.steps < 1:
-        raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    width, height = check_generation_args(args)
     chosen_sampler = find_sampler(args.scheduler) if args.scheduler else None
     out = check_writable(Path(args.out))
     pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory)
@@ -144,9 +160,7 @@ def cmd_compare(args) -> None:
     from minidiff.viz.grid import labeled_grid
 
     samplers = samplers_to_compare(args.schedulers)
-    width, height = parse_size(args.size)
-    if args.steps < 1:
-        raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    width, height = check_generation_args(args)
     out = check_writable(Path(args.out))
     pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory)
     base_config = pipeline.scheduler.config
@@ -169,9 +183,9 @@ def cmd_download(args) -> None:
 
     try:
         if args.what == "sd15":
-            where = download.download_sd15(args.out, args.variant, args.single_file)
+            where = download.download_sd15(args.out, args.variant, args.single_file, overwrite=args.overwrite)
         else:
-            where = download.download_ddpm_cat(args.out)
+            where = download.download_ddpm_cat(args.out, overwrite=args.overwrite)
     except (ConnectionError, FileNotFoundError) as error:
         raise CLIError(str(error)) from None
     print(f"downloaded to {where}")
@@ -183,7 +197,7 @@ def cmd_convert(args) -> None:
 
     if not Path(args.src).exists():
         raise CLIError(f"{args.src} does not exist")
-    convert(args.src, args.dst, config=args.config, use_ema=args.use_ema)
+    convert(args.src, args.dst, config=args.config, use_ema=args.use_ema, overwrite=args.overwrite)
     print(f"wrote {args.dst}")
 
 
@@ -194,20 +208,22 @@ def cmd_demo(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from minidiff.sweep import expand_jobs, load_spec
+    from minidiff.sweep import load_spec
     from minidiff.sweep.runner import estimate_seconds, run_sweep
+    from minidiff.sweep.spec import MAX_JOBS, check_job_count, describe, job_count
 
     spec = load_spec(args.spec)  # every field checked before any weights are loaded
-    if args.dry_run:
-        jobs = expand_jobs(spec)
-        for job in jobs:
-            print(f"{job.job_id}  {job.scheduler!r:24s} {job.steps:4d} steps  guidance {job.guidance_scale:g}  "
-                  f"seed {job.seed}  {job.width}x{job.height}  {job.prompt!r}")
+    if args.dry_run:  # never lists every job: a spec may make millions
+        print("\n".join(describe(spec)))
+        count = job_count(spec)
+        if count > MAX_JOBS and not args.allow_many_jobs:
+            print(f"more than {MAX_JOBS} jobs: a run refuses this spec unless given --allow-many-jobs")
         seconds_per_call, calls = estimate_seconds(spec)
-        print(f"{len(jobs)} jobs, {calls} UNet calls; one call measured at {seconds_per_call:.2f} s here: about "
+        print(f"{count} jobs, {calls} UNet calls; one call measured at {seconds_per_call:.2f} s here: about "
               f"{seconds_per_call * calls / 60:.1f} min on one process (plus loading and decoding)")
         return
-    counts = run_sweep(spec, check_writable(Path(args.out)), progress=not args.no_progress)
+    check_job_count(spec, args.allow_many_jobs)  # before the folder is made
+    counts = run_sweep(spec, check_writable(Path(args.out)), progress=not args.no_progress, allow_many_jobs=args.allow_many_jobs)
     print(f"sweep: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} already done, "
           f"of {counts['total']} jobs; see {Path(args.out) / 'index.html'}")
 
@@ -225,7 +241,7 @@ def cmd_tutorials(args) -> None:
             git_url = found.stdout.strip() or PLACEHOLDER_GIT_URL
         except OSError:  # no git on this machine
             git_url = PLACEHOLDER_GIT_URL
-    for notebook in export_tutorials(source, check_writable(Path(args.export)), git_url):
+    for notebook in export_tutorials(source, check_writable(Path(args.export)), git_url, overwrite=args.overwrite):
         print(f"wrote {notebook}")
 
 
@@ -279,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--variant", choices=["fp16"], default=None)
     download.add_argument("--single-file", action="store_true", help="v1-5-pruned-emaonly.safetensors only")
     download.add_argument("--out", default=None, help="folder (default: the Hugging Face cache)")
+    download.add_argument("--overwrite", action="store_true", help="replace files in --out that no earlier download of this repo wrote")
     download.set_defaults(run=cmd_download)
 
     sweep = commands.add_parser("sweep", help="prompts x schedulers x steps x seeds from a JSON/TOML spec; runs under torchrun too")
@@ -286,12 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", default="sweep", help="output folder: one PNG per job, manifest.jsonl, grids/, index.html")
     sweep.add_argument("--dry-run", action="store_true", help="list the jobs and estimate the time from one measured UNet call")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sweep.add_argument("--allow-many-jobs", action="store_true", help="run a spec of more than 100000 jobs (refused without it)")
     sweep.set_defaults(run=cmd_sweep)
 
     tutorials = commands.add_parser("tutorials", help="export the tutorials as Jupyter notebooks (.ipynb), e.g. for Colab")
     tutorials.add_argument("--export", required=True, metavar="DIR", help="folder for the .ipynb files")
     tutorials.add_argument("--source", default=None, help="the tutorials folder (default: the checkout's tutorials/)")
     tutorials.add_argument("--git-url", default=None, help="what the Colab cell clones (default: the checkout's origin)")
+    tutorials.add_argument("--overwrite", action="store_true", help="replace .ipynb files already in DIR (refused without it)")
     tutorials.set_defaults(run=cmd_tutorials)
 
     convert = commands.add_parser("convert", help="single-file checkpoint <-> diffusers folder")
@@ -299,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst")
     convert.add_argument("--config", default=None, help="file -> folder: a folder of configs (default: SD 1.5's, bundled)")
     convert.add_argument("--use-ema", action="store_true", help="file -> folder: take the UNet's EMA weights")
+    convert.add_argument("--overwrite", action="store_true", help="replace DST's existing weights/configs (refused without it)")
     convert.set_defaults(run=cmd_convert)
     return parser
 

@@ -32,6 +32,7 @@ from minidiff.pipelines.compatibility import (
     correct_outdated_scheduler_config,
     warn_unused_parts,
 )
+from minidiff.pipelines.input_checks import check_finite, check_image_size
 from minidiff.pipelines.loading import StableDiffusionLoadingMixin
 from minidiff.schedulers.ddim import DDIMScheduler
 from minidiff.utils.cpu import conv_memory_format
@@ -264,6 +265,9 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         Only the prompt is positional (a subclass such as img2img adds its own positional inputs after it)."""
         self.check_inputs(prompt, height, width, prompt_embeds=prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        prompts = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else len(prompt_embeds)
+        check_image_size(height, width, prompts * num_images_per_prompt, getattr(self.vae, "use_tiling", False))
+        check_finite(guidance_scale=guidance_scale, eta=eta)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, self.device, num_images_per_prompt, guidance_scale > 1.0, negative_prompt,
             prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
