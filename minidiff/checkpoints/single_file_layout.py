@@ -120,6 +120,19 @@ def component_config(part: str, config: dict | str | os.PathLike | None = None) 
     raise FileNotFoundError(f"no {part}/config.json in {folder}; pass config= a diffusers-layout folder, or None for SD 1.5")
 
 
+UNET_CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"  # conv_in: (320, in_channels, 3, 3)
+
+
+def config_for_file(part: str, config: dict, checkpoint: CheckpointFile) -> dict:
+    """`config` with what the file itself decides: the UNet's `in_channels` is its conv_in's, so an inpainting
+    checkpoint (conv_in takes latents 4 + mask 1 + masked-image latents 4 = 9 channels) needs no config of its own."""
+    if part == "unet" and UNET_CONV_IN in checkpoint.keys():
+        in_channels = checkpoint.shape(UNET_CONV_IN)[1]
+        if in_channels != config.get("in_channels"):
+            config = {**config, "in_channels": in_channels}
+    return config
+
+
 def key_map_for(part: str, config: dict) -> KeyMap:
     if part == "unet":
         return unet_key_map(config)
