@@ -98,3 +98,19 @@ def test_bad_masks_are_refused():
         exact_conditional(model, model.means[0], torch.zeros(8, 8))
     with pytest.raises(ValueError, match=r"mask must be \(H, W\)"):
         exact_conditional(model, model.means[0], torch.zeros(4, 4))
+
+
+def test_the_conditional_model_samples_the_exact_conditional_without_a_blend():
+    from minidiff.lab.inpainting import conditional_model
+    from minidiff.schedulers import DDIMScheduler
+
+    model = accuracy.prototype_mixture(8)
+    known = model.means[4]
+    mask = torch.zeros(8, 8)
+    mask[:, 4:] = 1
+    conditional = conditional_model(model, known, mask)
+    exact = exact_conditional(model, known, mask)
+    torch.testing.assert_close(conditional.log_weights.double().exp(), exact.weights, atol=1e-6, rtol=0)
+    noise = torch.randn((64, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    _, samples = accuracy.run_scheduler(DDIMScheduler.from_config(accuracy.SD15_SCHEDULER_CONFIG), conditional, noise, 20)
+    assert measure(model, samples, known, mask).impossible == 0

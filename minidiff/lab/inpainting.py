@@ -86,6 +86,19 @@ def sample_exact_conditional(model: GaussianMixtureDenoiser, known: torch.Tensor
     return samples.to(model.dtype), components
 
 
+def conditional_model(model: GaussianMixtureDenoiser, known: torch.Tensor, mask: torch.Tensor) -> GaussianMixtureDenoiser:
+    """What a perfectly trained 9-channel inpainting UNet computes for this y and mask: the exact denoiser of
+    p(x_0 | y) itself, a mixture with weights w_k and means mu_k on the repainted pixels, y on the kept ones
+    (which get the same spread s; paste y back at the end). Plain sampling from it needs no blend."""
+    exact = exact_conditional(model, known, mask)
+    m = _pixels(mask, model.means.double())
+    means = m * model.means.double() + (1 - m) * known.double().to(model.means.device)
+    weights = exact.weights.clamp(min=1e-300)  # from_components needs positive weights
+    config = {key: model.config[key] for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
+    return GaussianMixtureDenoiser.from_components(means.to(model.dtype), weights, data_std=model.config.data_std,
+                                                   scheduler_config=config)
+
+
 # ----- three samplers that only call the denoiser ---------------------------------------------------
 
 
