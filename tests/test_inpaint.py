@@ -197,6 +197,14 @@ def test_inpainting_single_file_is_recognised_from_conv_in(tiny_sd15_folder, tin
     folder_unet = pipes[9][0].unet.state_dict()
     assert all(torch.equal(tensor, folder_unet[name]) for name, tensor in pipe.unet.state_dict().items())
     assert type(DiffusionPipeline.from_pretrained(tiny_inpainting_folder)) is StableDiffusionInpaintPipeline  # model_index
+    # DiffusionPipeline on a single file (bundled full-size configs there; the tiny ones here) picks it from conv_in
+    from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
+
+    load = StableDiffusionPipeline.from_single_file.__func__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StableDiffusionPipeline, "from_single_file",
+                      classmethod(lambda cls, file, dtype=None: load(cls, file, dtype=dtype, config=tiny_sd15_folder)))
+        assert type(DiffusionPipeline.from_pretrained(path)) is StableDiffusionInpaintPipeline
 
 
 # ----- bad input ----------------------------------------------------------------------------------
@@ -211,6 +219,8 @@ def test_bad_inputs_are_refused_before_any_work(pipes):
             ours(image=picture(), mask_image=box_mask(64, 80, (1, 1, 9, 9)), **common)
         with pytest.raises(ValueError, match="all black: nothing to repaint"):
             ours(image=picture(), mask_image=Image.new("L", (96, 80), 0), **common)
+        with pytest.raises(ValueError, match="all black: nothing to repaint"):
+            ours(image=picture(), mask_image=np.full((80, 96), 0.3, dtype=np.float32), **common)
         with pytest.raises(TypeError, match="mask_image must be a PIL image.*got str.*PIL.Image.open"):
             ours(image=picture(), mask_image="mask.png", **common)
         with pytest.raises(ValueError, match="padding_mask_crop.*output_type must be 'pil'"):

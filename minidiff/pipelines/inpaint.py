@@ -39,6 +39,15 @@ from minidiff.utils.torch_utils import randn_tensor
 UNET_CHANNELS = (4, 9)  # latents only; latents + mask (1) + masked-image latents (4)
 
 
+def mask_brightest(mask_image) -> float:
+    """The largest value of a mask in [0, 1] (PIL: after grayscale): below 0.5, binarising leaves nothing to repaint."""
+    items = mask_image if isinstance(mask_image, list) else [mask_image]
+    return max(
+        item.convert("L").getextrema()[1] / 255 if isinstance(item, Image.Image) else float(torch.as_tensor(item).max())
+        for item in items
+    )
+
+
 class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
     """Inpainting with SD 1.x: the 9-channel inpainting UNet, or the per-step blend with an ordinary UNet."""
 
@@ -87,7 +96,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
                 raise ValueError("padding_mask_crop needs image and mask_image as PIL images (one each)")
             if output_type != "pil":
                 raise ValueError(f"padding_mask_crop pastes the result back into the picture: output_type must be 'pil', got {output_type!r}")
-        if isinstance(mask_image, Image.Image) and mask_image.convert("L").getextrema()[1] < 128:
+        if mask_brightest(mask_image) < 0.5:
             raise ValueError(
                 "mask_image is all black: nothing to repaint (white marks the pixels to repaint, black the ones to "
                 "keep). Did you invert it, or pass an alpha channel?"
