@@ -248,3 +248,13 @@ def test_what_diffusers_does_with_the_inputs_we_refuse(pipes):
     np.testing.assert_array_equal(plain, given)
     with pytest.raises(ValueError, match="incorrect format"):
         theirs(mask_image="mask.png", **common)
+
+
+def test_custom_timesteps_and_sigmas_equal_diffusers(pipes):
+    ours, theirs = pipes[9]
+    for custom in ({"timesteps": [999, 700, 400, 100, 1]}, {"sigmas": [14.6, 5.0, 1.5, 0.4, 0.05]}):
+        a, b, *_ = run_both(ours, theirs, "EulerDiscreteScheduler", output_type="np", strength=0.8, **custom)
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="DDIMScheduler.set_timesteps takes no custom sigmas"):
+        ours.scheduler = minidiff.DDIMScheduler.from_config(ours.scheduler.config)
+        ours(PROMPT, picture(), box_mask(), sigmas=[1.0, 0.5], height=64, width=64)

@@ -178,6 +178,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         prompt: str | list[str] | None = None,
         image=None,
         mask_image=None,
+        *,
         masked_image_latents: torch.Tensor | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -201,6 +202,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
         """The inpainting loop as a generator of `DenoisingStep`s (latents after the blend, for a 4-channel UNet).
+        The prompt, image and mask are positional, the rest keyword-only (as img2img's `denoise`).
 
         After the last step, `self.inpaint_state` holds what decoding needs (the preprocessed image, the crop box)."""
         height = height or self.unet.config.sample_size * self.vae_scale_factor
@@ -329,10 +331,13 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         check_output_type(output_type)
         step = None
         for step in self.denoise(
-            prompt, image, mask_image, masked_image_latents, height, width, padding_mask_crop, strength,
-            num_inference_steps, timesteps, sigmas, guidance_scale, negative_prompt, num_images_per_prompt, eta,
-            generator, latents, prompt_embeds, negative_prompt_embeds, output_type, cross_attention_kwargs, clip_skip,
-            callback_on_step_end, callback_on_step_end_tensor_inputs,
+            prompt, image, mask_image, masked_image_latents=masked_image_latents, height=height, width=width,
+            padding_mask_crop=padding_mask_crop, strength=strength, num_inference_steps=num_inference_steps,
+            timesteps=timesteps, sigmas=sigmas, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, output_type=output_type,
+            cross_attention_kwargs=cross_attention_kwargs, clip_skip=clip_skip, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         ):
             pass
         images = self.finish(step.latents, output_type)
