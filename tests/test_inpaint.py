@@ -258,3 +258,20 @@ def test_custom_timesteps_and_sigmas_equal_diffusers(pipes):
     with pytest.raises(ValueError, match="DDIMScheduler.set_timesteps takes no custom sigmas"):
         ours.scheduler = minidiff.DDIMScheduler.from_config(ours.scheduler.config)
         ours(PROMPT, picture(), box_mask(), sigmas=[1.0, 0.5], height=64, width=64)
+
+
+def test_rgba_and_grayscale_pictures_work_where_diffusers_breaks(pipes):
+    """diffusers' image processor keeps a PIL picture's mode: an RGBA PNG (common: exported with transparency)
+    becomes a 4-channel tensor that prepare_latents takes for *latents* ("size of tensor a (64) must match ... (8)"),
+    and a grayscale one reaches the VAE with 1 channel. A bug; minidiff converts the picture to RGB first."""
+    ours, theirs = pipes[4]
+    ours.scheduler = minidiff.DDIMScheduler.from_config(ours.scheduler.config)
+    theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config)
+    rgba = Image.fromarray((np.random.default_rng(1).random((80, 96, 4)) * 255).astype("uint8"), "RGBA")
+    common = dict(mask_image=box_mask(), num_inference_steps=2, height=64, width=64, output_type="np")
+    for mode in ("RGBA", "L"):
+        with pytest.raises(RuntimeError):
+            theirs(PROMPT, image=rgba.convert(mode), **common)
+        a = ours(PROMPT, image=rgba.convert(mode), generator=torch.Generator().manual_seed(0), **common).images
+        b = ours(PROMPT, image=rgba.convert(mode).convert("RGB"), generator=torch.Generator().manual_seed(0), **common).images
+        np.testing.assert_array_equal(a, b)

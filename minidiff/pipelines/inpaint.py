@@ -229,7 +229,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
             crops_coords = self.mask_processor.get_crop_region(mask_image, width, height, pad=padding_mask_crop)
             resize_mode = "fill"
         if isinstance(image, Image.Image) and image.mode != "RGB":
-            image_rgb = image.convert("RGB")  # diffusers would hand an RGBA or grayscale picture to the VAE as it is
+            image_rgb = image.convert("RGB")  # diffusers keeps the mode: RGBA is taken for latents (a bug; see tests)
         else:
             image_rgb = image
         init_image = self.image_processor.preprocess(image_rgb, height, width, resize_mode, crops_coords).to(torch.float32)
