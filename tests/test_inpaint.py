@@ -275,3 +275,16 @@ def test_rgba_and_grayscale_pictures_work_where_diffusers_breaks(pipes):
         a = ours(PROMPT, image=rgba.convert(mode), generator=torch.Generator().manual_seed(0), **common).images
         b = ours(PROMPT, image=rgba.convert(mode).convert("RGB"), generator=torch.Generator().manual_seed(0), **common).images
         np.testing.assert_array_equal(a, b)
+
+
+def test_call_has_diffusers_arguments_in_diffusers_order():
+    import inspect
+
+    theirs = list(inspect.signature(diffusers.StableDiffusionInpaintPipeline.__call__).parameters)
+    ours = list(inspect.signature(StableDiffusionInpaintPipeline.__call__).parameters)
+    not_here = {"ip_adapter_image", "ip_adapter_image_embeds", "kwargs"}  # no IP-Adapter; no deprecated callback
+    assert ours == [name for name in theirs if name not in not_here]
+    for name in ours[1:]:
+        ours_default = inspect.signature(StableDiffusionInpaintPipeline.__call__).parameters[name].default
+        theirs_default = inspect.signature(diffusers.StableDiffusionInpaintPipeline.__call__).parameters[name].default
+        assert ours_default == theirs_default or (name == "callback_on_step_end_tensor_inputs" and list(ours_default) == theirs_default), name
