@@ -269,6 +269,20 @@ for folder in (helpers.tiny_sd15_folder(), tiny_inpainting):
     assert not np.array_equal(np.asarray(result)[~kept], np.asarray(photo)[~kept])
 
 # %% [markdown]
+# Without `padding_mask_crop` the result is the VAE's decoding of the whole picture, kept pixels included: they
+# drift (a little with real weights, completely with random ones). `image_processor.apply_overlay` is the
+# paste-back, callable on its own:
+
+# %%
+drifted = pipe("a red door", image=photo, mask_image=mask_image, height=64, width=80, num_inference_steps=4,
+               generator=torch.Generator().manual_seed(0)).images[0]
+drift = np.abs(np.asarray(drifted, dtype=int) - np.asarray(photo, dtype=int))[kept].mean()
+pasted = pipe.image_processor.apply_overlay(mask_image, photo, drifted)
+print(f"kept pixels without the paste-back: mean drift {drift:.1f} of 255; after apply_overlay: "
+      f"{np.abs(np.asarray(pasted, dtype=int) - np.asarray(photo, dtype=int))[kept].mean():.1f}")
+assert drift > 1 and np.array_equal(np.asarray(pasted)[kept], np.asarray(photo)[kept])
+
+# %% [markdown]
 # With real weights: `MINIDIFF_SD15` (any SD 1.5) runs the blend, `MINIDIFF_SD15_INPAINTING` (a folder or
 # single file of stable-diffusion-v1-5/stable-diffusion-inpainting) the 9-channel model, on a picture drawn
 # here: a house whose door is repainted. Minutes on a CPU; skipped when the variables are unset.
