@@ -11,7 +11,13 @@ from minidiff.lab.gaussian_mixture import GaussianMixtureDenoiser
 from minidiff.models.unet_2d import UNet2DModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
-from minidiff.pipelines import DDPMPipeline, DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from minidiff.pipelines import (
+    DDPMPipeline,
+    DiffusionPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
 from minidiff.schedulers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -58,6 +64,6 @@ __all__ = [
     "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
     "DPMSolverSDEScheduler", "DEISMultistepScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler",
-    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "DDPMPipeline", "DiffusionPipeline",
+    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline", "DDPMPipeline", "DiffusionPipeline",
     "load_textual_inversion",
 ]

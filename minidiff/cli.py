@@ -84,10 +84,13 @@ def check_writable(path: Path) -> Path:
     return path
 
 
-def load_pipeline(weights: str, dtype: str, vae_tiling: bool = False, compile: bool = False, low_memory: bool = False):
+def load_pipeline(weights: str, dtype: str, vae_tiling: bool = False, compile: bool = False, low_memory: bool = False,
+                  pipeline_class=None):
     import torch
 
     from minidiff.pipelines import StableDiffusionPipeline
+
+    StableDiffusionPipeline = pipeline_class or StableDiffusionPipeline  # noqa: N806 (the class to load)
 
     torch_dtype = fastest_cpu_dtype() if DTYPES[dtype] is None else getattr(torch, DTYPES[dtype])
     path = Path(weights).expanduser()
@@ -151,6 +154,71 @@ def cmd_generate(args) -> None:
         *_, final = steps
         last = pipeline.latents_to_output(final.latents, "pil")[0]
     last.save(out)
+    print(f"wrote {out}")
+
+
+def open_picture(path: str, what: str):
+    """A picture file the user named, opened with Pillow (read only), or one clear error."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(Path(path).expanduser()) as picture:
+            picture.load()
+            return picture
+    except FileNotFoundError:
+        raise CLIError(f"{what} {path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise CLIError(f"{what} {path}: not a picture Pillow can read ({error})") from None
+
+
+def cmd_inpaint(args) -> None:
+    """Repaint the white part of MASK in IMAGE (the 4-channel blend, or the 9-channel inpainting UNet)."""
+    import torch
+
+    from minidiff.pipelines import StableDiffusionInpaintPipeline
+
+    image, mask = open_picture(args.image, "IMAGE"), open_picture(args.mask, "MASK")
+    if image.size != mask.size:
+        raise CLIError(f"MASK is {mask.size[0]}x{mask.size[1]} but IMAGE is {image.size[0]}x{image.size[1]}: make them the same size")
+    width, height = parse_size(args.size) if args.size else (image.size[0] // 8 * 8, image.size[1] // 8 * 8)
+    if args.steps < 1:
+        raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"{out} exists; choose another --out, or pass --overwrite")
+    check_writable(out)
+    chosen_sampler = find_sampler(args.scheduler) if args.scheduler else None
+    pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, low_memory=args.low_memory,
+                             pipeline_class=StableDiffusionInpaintPipeline)
+    if chosen_sampler:
+        pipeline.scheduler = chosen_sampler.from_config(pipeline.scheduler.config)
+    if args.blur:
+        mask = pipeline.mask_processor.blur(mask.convert("L"), blur_factor=args.blur)
+    kind = "9-channel inpainting UNet" if pipeline.unet.config.in_channels == 9 else "4-channel UNet, blended each step"
+    print(f"inpainting {width}x{height} with a {kind}")
+    last = {}
+
+    def remembered(steps):  # the trace keeps pictures; the final paste-back needs the last latents
+        for step in steps:
+            last["latents"] = step.latents
+            yield step
+
+    steps = remembered(pipeline.denoise(
+        args.prompt, image=image, mask_image=mask, height=height, width=width, strength=args.strength,
+        padding_mask_crop=args.padding_mask_crop, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        negative_prompt=args.negative, generator=torch.Generator().manual_seed(args.seed),
+    ))
+    if args.trace:
+        from minidiff.viz import trace
+
+        frames = trace.record(steps, pipeline.latents_to_image, count=8)
+        print(f"wrote {trace.save_film_strip(frames, Path(args.trace) / 'film_strip.png')}")
+        print(f"wrote {trace.save_gif(frames, Path(args.trace) / 'denoising.gif')}")
+    else:
+        for _ in steps:
+            pass
+    result = pipeline.finish(last["latents"], "pil")[0]
+    result.save(out)
     print(f"wrote {out}")
 
 
@@ -289,6 +357,30 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             command.add_argument("--schedulers", default="all", help="comma-separated names (\"DPM++ 2M Karras,Euler a\"), or all: one per scheduler class")
             command.add_argument("--out", default="compare.png")
+
+    inpaint = commands.add_parser("inpaint", help="repaint the white part of a mask (white = repaint, black = keep)")
+    inpaint.add_argument("image", help="the picture (any file Pillow reads)")
+    inpaint.add_argument("mask", help="a picture of the same size: white = repaint, black = keep")
+    inpaint.add_argument("prompt")
+    inpaint.add_argument("--weights", default="stable-diffusion-v1-5/stable-diffusion-inpainting",
+                         help="folder, single file or hub repo id (a 9-channel inpainting model, or any SD 1.5)")
+    inpaint.add_argument("--steps", type=int, default=50)
+    inpaint.add_argument("--strength", type=float, default=1.0, help="1.0: start from noise; less keeps more of the picture under the mask")
+    inpaint.add_argument("--guidance", type=float, default=7.5)
+    inpaint.add_argument("--seed", type=int, default=0)
+    inpaint.add_argument("--size", default=None, help="WIDTHxHEIGHT to work at (default: the picture's, cut to multiples of 8)")
+    inpaint.add_argument("--padding-mask-crop", type=int, default=None,
+                         help="work on the box around the mask grown by this many pixels, then paste it back")
+    inpaint.add_argument("--blur", type=int, default=0, help="blur the mask's edge by this radius (soft paste-back with --padding-mask-crop)")
+    inpaint.add_argument("--negative", default=None, help="negative prompt")
+    inpaint.add_argument("--scheduler", default=None, help="a name as in `minidiff schedulers`")
+    inpaint.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
+    inpaint.add_argument("--vae-tiling", action="store_true")
+    inpaint.add_argument("--low-memory", action="store_true")
+    inpaint.add_argument("--out", default="inpainted.png")
+    inpaint.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    inpaint.add_argument("--trace", default=None, help="folder for a film strip PNG and a GIF of x_t and predicted x0")
+    inpaint.set_defaults(run=cmd_inpaint)
 
     download = commands.add_parser("download", help="fetch real weights from the Hugging Face hub")
     download.add_argument("what", choices=["sd15", "ddpm-cat"])

@@ -21,7 +21,7 @@ from minidiff.pipelines.stable_diffusion import DenoisingStep
 from minidiff.viz.trace import CAPTION_HEIGHT, evenly_spaced, record, save_film_strip, save_gif
 
 REPO = Path(__file__).resolve().parent.parent
-TUTORIALS = sorted((REPO / "tutorials").glob("0*.py"))
+TUTORIALS = sorted((REPO / "tutorials").glob("[0-9][0-9]_*.py"))
 TIMEOUT_SECONDS = 120  # the bar: each tutorial in under 2 minutes on 2 shared cores (README: each one's time)
 # Tutorials that train a network get more: 08 took 335 s on 2 heavily shared cores (its 400 training steps 278 s).
 TIMEOUT_SECONDS_OF = {"08_train_a_denoiser": 600}
@@ -37,6 +37,7 @@ PICTURES = {
     "07_a_scheduler_next_to_its_paper": ["trajectories.png"],
     "08_train_a_denoiser": ["data.png", "eps_error_vs_sigma.png", "samples.png"],
     "09_steering_the_loop": ["loss_guidance.png", "attention_maps.png"],
+    "12_inpainting_measured": ["methods.png"],
 }
 
 # Traces written by the tutorials: (frames recorded, frame width = height in pixels).
@@ -49,7 +50,7 @@ TRACES = {
 
 def run_tutorial(path: Path, out: Path, cwd: Path, **environment) -> subprocess.CompletedProcess:
     timeout = TIMEOUT_SECONDS_OF.get(path.stem, TIMEOUT_SECONDS)
-    env = {key: value for key, value in os.environ.items() if key not in ("MINIDIFF_SD15", "MINIDIFF_DDPM")}
+    env = {key: value for key, value in os.environ.items() if key not in ("MINIDIFF_SD15", "MINIDIFF_DDPM", "MINIDIFF_SD15_INPAINTING")}
     env.update(MINIDIFF_TUTORIAL_OUT=str(out), HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1", **environment)
     return subprocess.run(
         [sys.executable, str(path)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
