@@ -32,13 +32,14 @@ def find_sampler(name: str):
 
 
 def samplers_to_compare(text: str) -> list:
-    """--schedulers: "all" (the first name of every scheduler class) or comma-separated names."""
+    """--schedulers: "all" (the first name of every diffusion scheduler class) or comma-separated names."""
     from minidiff.schedulers import names
 
     if text == "all":
         first_of_each_class = {}
         for row in names.SAMPLER_NAMES:
-            first_of_each_class.setdefault(row.scheduler_class, row)
+            if row.family == "diffusion":  # the flow scheduler needs a velocity model, not SD 1.5's UNet
+                first_of_each_class.setdefault(row.scheduler_class, row)
         return list(first_of_each_class.values())
     return [find_sampler(name.strip()) for name in text.split(",")]
 
