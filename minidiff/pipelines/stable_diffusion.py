@@ -14,6 +14,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -27,6 +28,7 @@ from minidiff.models.clip_text import CLIPTextModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
 from minidiff.schedulers.ddim import DDIMScheduler
+from minidiff.schedulers.flow_match_euler import FlowMatchEulerDiscreteScheduler
 from minidiff.pipelines.common import (
     DenoisingStep,
     StableDiffusionPipelineOutput,
@@ -335,6 +337,22 @@ class StableDiffusionPipeline:
             )
         return {"generator": generator, "eta": eta}
 
+    def prepare_timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        """`scheduler.set_timesteps` for this loop. A flow-matching scheduler gets the levels of the rectified-flow
+        sampler (and of diffusers' Flux pipeline): sigma = 1, 1 - 1/N, ..., 1/N, then 0, i.e. timesteps 1000 (1 - i/N)
+        and steps of dt = -1/N; its `shift` config still applies on top (docs/flow_matching.md)."""
+        if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
+            N = num_inference_steps
+            self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / N, N), device=self.device)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        return self.scheduler.timesteps
+
+    def model_output_for_scheduler(self, model_output: torch.Tensor) -> torch.Tensor:
+        """The (guided) UNet output as the scheduler reads it; the identity here. RectifiedFlowPipeline flips the
+        sign: its checkpoints predict data - noise, diffusers' flow scheduler expects noise - data."""
+        return model_output
+
     def denoising_loop(self, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale: float,
                        step_kwargs: dict, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
                        cross_attention_kwargs: dict | None = None):
@@ -362,7 +380,7 @@ class StableDiffusionPipeline:
                 noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
 
             # compute the previous noisy sample x_t -> x_t-1
-            output = self.scheduler.step(noise_pred, t, latents, **step_kwargs)
+            output = self.scheduler.step(self.model_output_for_scheduler(noise_pred), t, latents, **step_kwargs)
             latents = output.prev_sample
 
             if callback_on_step_end is not None:
@@ -374,7 +392,8 @@ class StableDiffusionPipeline:
                     negative_prompt_embeds = changed.pop("negative_prompt_embeds", negative_prompt_embeds)
                     text_embeddings = (torch.cat([negative_prompt_embeds, prompt_embeds])
                                        if do_classifier_free_guidance else prompt_embeds)
-            yield DenoisingStep(step_index, len(timesteps), t, latents, noise_pred, output.pred_original_sample)
+            # (the flow scheduler's output has no x_0 estimate, as in diffusers)
+            yield DenoisingStep(step_index, len(timesteps), t, latents, noise_pred, getattr(output, "pred_original_sample", None))
 
     def denoise(
         self,
@@ -402,10 +421,10 @@ class StableDiffusionPipeline:
             prompt, self.device, num_images_per_prompt, guidance_scale > 1.0, negative_prompt,
             prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
         )
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        timesteps = self.prepare_timesteps(num_inference_steps)
         latents = self.prepare_latents(prompt_embeds.shape[0], height, width, prompt_embeds.dtype, generator, latents)
         yield from self.denoising_loop(
-            latents, self.scheduler.timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale,
+            latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale,
             self.step_kwargs(generator, eta), callback_on_step_end, callback_on_step_end_tensor_inputs,
             cross_attention_kwargs,
         )
