@@ -56,15 +56,8 @@ import numpy as np
 import torch
 
 from minidiff.configuration import check_choice, register_to_config
-from minidiff.schedulers.base import (
-    SchedulerMixin,
-    _broadcast,
-    beta_sigmas,
-    check_float_timestep,
-    check_one_noise_schedule,
-    exponential_sigmas,
-    karras_sigmas,
-)
+from minidiff.schedulers.base import SchedulerMixin, _broadcast, check_float_timestep
+from minidiff.schedulers.schedules import check_one_noise_ramp, chosen_noise_ramp, ramp_sigmas
 from minidiff.schedulers.parameterization import add_noise_flow
 from minidiff.schedulers.update_rules import flow_euler_step, flow_stochastic_step
 from minidiff.utils.outputs import BaseOutput
@@ -141,7 +134,7 @@ class FlowMatchEulerDiscreteScheduler(SchedulerMixin):
         time_shift_type: str = "exponential",
         stochastic_sampling: bool = False,
     ):
-        check_one_noise_schedule(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
+        check_one_noise_ramp(self.config)
         check_choice("time_shift_type", time_shift_type, TIME_SHIFT_TYPES, type(self).__name__)
         if shift_terminal is not None and not 0 <= shift_terminal < 1:
             raise ValueError(f"shift_terminal must be in [0, 1) (the last sigma of the schedule), got {shift_terminal}")
@@ -217,9 +210,9 @@ class FlowMatchEulerDiscreteScheduler(SchedulerMixin):
                     "stretched; use at least two steps or set shift_terminal=None"
                 )
             sigmas = self.stretch_shift_to_terminal(sigmas)
-        if config.use_karras_sigmas or config.use_exponential_sigmas or config.use_beta_sigmas:
-            ramp = karras_sigmas if config.use_karras_sigmas else exponential_sigmas if config.use_exponential_sigmas else beta_sigmas
-            sigmas = ramp(float(sigmas[-1]), float(sigmas[0]), num_inference_steps)
+        ramp = chosen_noise_ramp(config)
+        if ramp is not None:  # Karras / exponential / beta levels between the two ends of the schedule
+            sigmas = ramp_sigmas(ramp, float(sigmas[-1]), float(sigmas[0]), num_inference_steps, config)
 
         sigmas = torch.from_numpy(np.asarray(sigmas)).to(dtype=torch.float32, device=device)
         if custom_timesteps:
