@@ -50,6 +50,7 @@ sample at sigma = 1) and `scale_model_input` (the identity: the model sees x its
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -188,6 +189,12 @@ class FlowMatchEulerDiscreteScheduler(SchedulerMixin):
         self.num_inference_steps = num_inference_steps
 
         custom_timesteps = timesteps is not None
+        if custom_timesteps and sigmas is None:  # diffusers logs the same caution
+            warnings.warn(
+                "custom `timesteps` without `sigmas`: the timesteps are used as given, but the sigmas derived from them "
+                "(t / num_train_timesteps) are shifted, so the two may disagree; pass `sigmas` (or both) to control them",
+                stacklevel=2,
+            )
         if custom_timesteps:
             timesteps = np.asarray(timesteps).astype(np.float32)
         if sigmas is None:
