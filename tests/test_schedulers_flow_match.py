@@ -169,6 +169,7 @@ def test_config_round_trip_and_tuple_output(tmp_path):
         ({}, {"num_inference_steps": 3, "sigmas": [1.0, 0.5]}, "must agree"),
         ({}, {"sigmas": [1.0, 0.5], "timesteps": [1000.0]}, "same length"),
         ({}, {"num_inference_steps": 0}, "positive integer"),
+        ({}, {"sigmas": [0.5, 1.0]}, "strictly decrease"),
     ],
 )
 def test_bad_input_is_named(build, call, message):
@@ -182,5 +183,7 @@ def test_integer_timestep_and_add_noise_are_refused_with_advice():
     scheduler.set_timesteps(4)
     with pytest.raises(ValueError, match="integer timestep"):
         scheduler.step(torch.zeros(1), 3, torch.zeros(1))
+    with pytest.raises(ValueError, match="must have the sample's shape"):
+        scheduler.step(torch.zeros(2, 3), scheduler.timesteps[0], torch.zeros(2, 4))
     with pytest.raises(ValueError, match="scale_noise"):
         scheduler.add_noise(torch.zeros(1), torch.zeros(1), torch.tensor([999.0]))

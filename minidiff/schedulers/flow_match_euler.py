@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from minidiff.configuration import check_choice, register_to_config
-from minidiff.schedulers.base import SchedulerMixin, _broadcast, check_float_timestep
+from minidiff.schedulers.base import SchedulerMixin, _broadcast, check_decreasing, check_float_timestep
 from minidiff.schedulers.schedules import check_one_noise_ramp, chosen_noise_ramp, ramp_sigmas
 from minidiff.schedulers.parameterization import add_noise_flow
 from minidiff.schedulers.update_rules import flow_euler_step, flow_stochastic_step
@@ -112,6 +112,7 @@ def stretch_to_terminal(sigmas, shift_terminal: float):
 class FlowMatchEulerDiscreteScheduler(SchedulerMixin):
     """Euler steps on dx/dsigma = u(x, sigma), x = (1 - sigma) x_0 + sigma eps; see the module docstring."""
 
+    _tuple_has_pred_original_sample = False  # step(..., return_dict=False) is (prev_sample,), as diffusers
     _compatibles: list[str] = []  # as diffusers: no diffusion (eps/v) scheduler reads this config
     order = 1
     requires_set_timesteps = False  # as diffusers: a fresh one steps through all the training levels
@@ -259,6 +260,8 @@ class FlowMatchEulerDiscreteScheduler(SchedulerMixin):
         for name, values in (("sigmas", sigmas), ("timesteps", timesteps)):
             if values is not None and len(values) < 1:
                 raise ValueError(f"custom `{name}` must hold at least one value")
+            if values is not None:
+                check_decreasing(name, values)
 
     # ----- the forward process ------------------------------------------------------------------
 
@@ -301,6 +304,7 @@ class FlowMatchEulerDiscreteScheduler(SchedulerMixin):
 
         s_churn, s_tmin, s_tmax and s_noise are accepted and unused, as in diffusers."""
         check_float_timestep(timestep, f"{type(self).__name__}.step")
+        self._check_step_inputs(model_output, sample)
         if self.step_index is None:
             self._init_step_index(timestep)
         sample = sample.to(torch.float32)  # the update in fp32
