@@ -44,6 +44,17 @@ def samplers_to_compare(text: str) -> list:
     return [find_sampler(name.strip()) for name in text.split(",")]
 
 
+def refuse_velocity_samplers(rows) -> None:
+    """generate and compare load SD 1.5's noise-predicting UNet: a flow-matching sampler would give noise."""
+    for row in rows:
+        if row.family == "flow":
+            raise CLIError(
+                f"{row.name!r} ({row.scheduler_class.__name__}) steps a velocity model (rectified flow, SD3), but "
+                "generate and compare run SD 1.5's noise-predicting UNet; for SD 1.5 rectified-flow checkpoints use "
+                "minidiff.RectifiedFlowPipeline from Python (docs/flow_matching.md)"
+            )
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'512x768' -> (width 512, height 768), each a positive multiple of 8."""
     try:
@@ -116,6 +127,7 @@ def cmd_generate(args) -> None:
     if args.steps < 1:
         raise CLIError(f"--steps must be at least 1, got {args.steps}")
     chosen_sampler = find_sampler(args.scheduler) if args.scheduler else None
+    refuse_velocity_samplers([chosen_sampler] if chosen_sampler else [])
     out = check_writable(Path(args.out))
     pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory)
     if chosen_sampler:
@@ -145,6 +157,7 @@ def cmd_compare(args) -> None:
     from minidiff.viz.grid import labeled_grid
 
     samplers = samplers_to_compare(args.schedulers)
+    refuse_velocity_samplers(samplers)
     width, height = parse_size(args.size)
     if args.steps < 1:
         raise CLIError(f"--steps must be at least 1, got {args.steps}")
