@@ -51,6 +51,16 @@ def test_pipeline_latents_equal_the_published_sampler(rf_pipe, steps, guidance_s
     torch.testing.assert_close(pipe.scheduler.timesteps, torch.tensor([1000.0 * (1 - i / steps) for i in range(steps)]))
 
 
+def test_denoise_yields_the_x0_estimate_of_the_straight_line(rf_pipe):
+    """x0 = x - sigma u: one step from sigma = 1 to 0 lands exactly on it."""
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    steps = list(rf_pipe.denoise("x", height=64, width=64, num_inference_steps=1, guidance_scale=1.0, latents=noise))
+    torch.testing.assert_close(steps[0].pred_original_sample, steps[0].latents, rtol=1e-5, atol=1e-6)
+    steps = list(rf_pipe.denoise("x", height=64, width=64, num_inference_steps=3, guidance_scale=1.0, latents=noise))
+    assert all(step.pred_original_sample is not None for step in steps)
+    torch.testing.assert_close(steps[-1].pred_original_sample, steps[-1].latents, rtol=1e-5, atol=1e-6)  # last: to 0
+
+
 def test_stable_diffusion_pipeline_with_the_flow_scheduler_takes_diffusers_sign(tiny_sd15_folder):
     """A velocity model in diffusers' sign (noise - data) runs in StableDiffusionPipeline itself, on the same levels;
     RectifiedFlowPipeline differs only by the sign of the velocity. One step from the same noise: x_1 - x_0 = -v vs +v."""

@@ -36,6 +36,7 @@ from minidiff.pipelines.compatibility import (
 from minidiff.pipelines.loading import StableDiffusionLoadingMixin
 from minidiff.schedulers.ddim import DDIMScheduler
 from minidiff.schedulers.flow_match_euler import FlowMatchEulerDiscreteScheduler
+from minidiff.schedulers.parameterization import x0_from_flow_velocity
 from minidiff.utils.cpu import conv_memory_format
 from minidiff.utils.torch_utils import randn_tensor
 
@@ -247,7 +248,13 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
                 noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
 
             # compute the previous noisy sample x_t -> x_t-1
-            output = self.scheduler.step(self.model_output_for_scheduler(noise_pred), t, latents, **step_kwargs)
+            model_output = self.model_output_for_scheduler(noise_pred)
+            output = self.scheduler.step(model_output, t, latents, **step_kwargs)
+            x0_pred = getattr(output, "pred_original_sample", None)
+            if x0_pred is None and isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
+                # the flow scheduler's output has no x_0 estimate (as diffusers'); the line back from x: x - sigma u
+                sigma = self.scheduler.sigmas[self.scheduler.step_index - 1].to(latents.device)
+                x0_pred = x0_from_flow_velocity(model_output, latents, sigma)
             latents = output.prev_sample
 
             if callback_on_step_end is not None:
@@ -256,8 +263,7 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
                 latents = changed.pop("latents", latents)
                 prompt_embeds = changed.pop("prompt_embeds", prompt_embeds)
                 negative_prompt_embeds = changed.pop("negative_prompt_embeds", negative_prompt_embeds)
-            # (the flow scheduler's output has no x_0 estimate, as in diffusers)
-            yield DenoisingStep(step_index, len(timesteps), t, latents, noise_pred, getattr(output, "pred_original_sample", None))
+            yield DenoisingStep(step_index, len(timesteps), t, latents, noise_pred, x0_pred)
 
     def denoise(
         self,
