@@ -246,6 +246,7 @@ ratios = {name: chord_over_arc(path) for name, path in frames.items()}
 for name, ratio in ratios.items():
     print(f"{name:26s} mean chord / arc = {ratio:.3f}")
 print(f"flow, all the way from s = 1: chord / arc = {chord_over_arc(P):.3f}")
+assert ratios["VE   x / alpha"] > ratios["flow x / (alpha + sigma)"] < ratios["VP   x_t"]  # see below why
 
 # %% [markdown]
 # The mixture's exact paths are curved in every coordinate system (VE and VP look straighter only because their
