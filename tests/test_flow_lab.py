@@ -47,3 +47,13 @@ def test_flow_euler_converges_to_the_flow_ode_reference():
     result = accuracy.measure_convergence(accuracy.FLOW_SETUPS[0], model, noise, (10, 20, 40), cache={})
     assert result.errors[2] < result.errors[1] < result.errors[0]
     assert 0.85 < result.order < 1.15  # Euler: first order
+
+
+def test_the_flow_rows_are_the_same_with_diffusers_classes():
+    diffusers = __import__("pytest").importorskip("diffusers")
+    model = accuracy.mixture_2d(torch.float64)
+    noise = torch.randn(8, 2, 1, 1, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for setup in accuracy.FLOW_SETUPS:
+        ours = accuracy.measure_convergence(setup, model, noise, (3, 7), cache={})
+        theirs = accuracy.measure_convergence(setup, model, noise, (3, 7), library=diffusers, cache={})
+        assert ours.errors == theirs.errors, setup.label
