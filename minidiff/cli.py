@@ -32,15 +32,27 @@ def find_sampler(name: str):
 
 
 def samplers_to_compare(text: str) -> list:
-    """--schedulers: "all" (the first name of every scheduler class) or comma-separated names."""
+    """--schedulers: "all" (the first name of every diffusion scheduler class) or comma-separated names."""
     from minidiff.schedulers import names
 
     if text == "all":
         first_of_each_class = {}
         for row in names.SAMPLER_NAMES:
-            first_of_each_class.setdefault(row.scheduler_class, row)
+            if row.family == "diffusion":  # the flow scheduler needs a velocity model, not SD 1.5's UNet
+                first_of_each_class.setdefault(row.scheduler_class, row)
         return list(first_of_each_class.values())
     return [find_sampler(name.strip()) for name in text.split(",")]
+
+
+def refuse_velocity_samplers(rows) -> None:
+    """generate and compare load SD 1.5's noise-predicting UNet: a flow-matching sampler would give noise."""
+    for row in rows:
+        if row.family == "flow":
+            raise CLIError(
+                f"{row.name!r} ({row.scheduler_class.__name__}) steps a velocity model (rectified flow, SD3), but "
+                "generate and compare run SD 1.5's noise-predicting UNet; for SD 1.5 rectified-flow checkpoints use "
+                "minidiff.RectifiedFlowPipeline from Python (docs/flow_matching.md)"
+            )
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -134,6 +146,7 @@ def cmd_generate(args) -> None:
 
     width, height = check_generation_args(args)
     chosen_sampler = find_sampler(args.scheduler) if args.scheduler else None
+    refuse_velocity_samplers([chosen_sampler] if chosen_sampler else [])
     out = check_writable(Path(args.out))
     pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory)
     if chosen_sampler:
@@ -228,6 +241,7 @@ def cmd_compare(args) -> None:
     from minidiff.viz.grid import labeled_grid
 
     samplers = samplers_to_compare(args.schedulers)
+    refuse_velocity_samplers(samplers)
     width, height = check_generation_args(args)
     out = check_writable(Path(args.out))
     pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory)

@@ -84,6 +84,8 @@ BAD_INPUT = [
         (["generate", "x", "--size", "large"], "--size must look like 512x512"),
         (["generate", "x", "--steps", "-3"], "--steps must be at least 1"),
         (["compare", "x", "--schedulers", "ddim,nope"], "unknown scheduler 'nope'"),
+        (["generate", "x", "--scheduler", "flow"], "steps a velocity model"),
+        (["compare", "x", "--schedulers", "ddim,Flow Euler"], "use minidiff.RectifiedFlowPipeline"),
         (["generate", "x", "--weights", "/no/such/folder"], "no such file or folder"),
         (["generate", "x", "--out", "/proc/minidiff/out.png"], "cannot write to /proc/minidiff"),
         (["convert", "/no/such/file.safetensors", "out"], "does not exist"),

@@ -18,13 +18,15 @@ import torch
 from minidiff.checkpoints.hub import HubOptions, download_file
 from minidiff.pipelines.ddpm import DDPMPipeline
 from minidiff.pipelines.img2img import StableDiffusionImg2ImgPipeline
+from minidiff.pipelines.rectified_flow import RectifiedFlowPipeline
 from minidiff.pipelines.inpaint import StableDiffusionInpaintPipeline
 from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
 from minidiff.utils.torch_utils import resolve_dtype
 
 PIPELINES = {
     cls.__name__: cls
-    for cls in (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, DDPMPipeline)
+    for cls in (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, DDPMPipeline,
+                RectifiedFlowPipeline)
 }
 
 

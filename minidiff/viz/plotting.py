@@ -1,8 +1,9 @@
-"""A log-log line chart drawn with Pillow alone (no plotting library), and the fonts and colours of every picture.
+"""Line charts drawn with Pillow alone (no plotting library), and the fonts and colours of every picture.
 
     loglog_plot({"Euler": (steps, errors), ...}, "accuracy.png", title=..., x_label=..., y_label=...)
     loglog_panels({"first order": {...}, "multistep": {...}}, "accuracy.png", columns=2)   # one chart per group,
                                                                                            # the same axes in each
+    line_plot({"SD 1.5": (t, log_snr), ...}, "snr.png", ...)        linear axes; also 2-D paths (x = dim 0, y = dim 1)
 
 Grids of images are in grid.py.
 """
@@ -208,6 +209,89 @@ def loglog_image(
     ImageDraw.Draw(y_text).text((plot_h / 2, 12), y_label, fill=TEXT, font=font(14), anchor="mm")
     image.paste(y_text.rotate(90, expand=True), (8, top))
     return image
+
+
+def _nice_ticks(low: float, high: float, count: int = 6) -> list[float]:
+    """About `count` round tick values (1, 2 or 5 times a power of ten apart) covering [low, high]."""
+    raw = (high - low) / max(1, count - 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(low / step) * step
+    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
+
+
+def line_plot(
+    series: dict[str, tuple[list[float], list[float]]],
+    path: str | Path,
+    title: str = "",
+    x_label: str = "",
+    y_label: str = "",
+    colors: dict[str, int] | None = None,
+    markers: tuple[str, ...] = (),
+    size: tuple[int, int] = (1000, 640),
+    equal_aspect: bool = False,
+) -> Path:
+    """A line chart with linear axes of `series` (label -> (x values, y values)), written as PNG to `path`.
+
+    Labels starting with "_" are drawn but left out of the legend (e.g. many paths of one kind); `colors` maps a
+    label to a PALETTE index (default: its position); labels in `markers` get a dot at each point. Non-finite
+    values are left out. `equal_aspect` gives both axes the same scale (2-D paths)."""
+    points = {
+        label: [(x, y) for x, y in zip(xs, ys) if math.isfinite(x) and math.isfinite(y)] for label, (xs, ys) in series.items()
+    }
+    all_x = [x for pts in points.values() for x, _ in pts]
+    all_y = [y for pts in points.values() for _, y in pts]
+    if not all_x:
+        raise ValueError("line_plot needs at least one finite point to draw")
+    small, large = font(13), font(17)
+    shown = [label for label in series if not label.startswith("_")]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    legend_width = max([measure.textlength(label, font=small) for label in shown] or [0])
+    width, height = size[0] + max(0, int(legend_width) - 180), size[1]
+    left, right, top, bottom = 90, int(legend_width) + 60, 50, 70
+    plot_w, plot_h = width - left - right, height - top - bottom
+    x0, x1, y0, y1 = min(all_x), max(all_x), min(all_y), max(all_y)
+    x0, x1 = (x0, x1) if x1 > x0 else (x0 - 1, x1 + 1)
+    y0, y1 = (y0, y1) if y1 > y0 else (y0 - 1, y1 + 1)
+    if equal_aspect:  # widen the narrower range so one unit is as long on both axes
+        per_pixel = max((x1 - x0) / plot_w, (y1 - y0) / plot_h)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        x0, x1 = cx - per_pixel * plot_w / 2, cx + per_pixel * plot_w / 2
+        y0, y1 = cy - per_pixel * plot_h / 2, cy + per_pixel * plot_h / 2
+
+    def to_pixel(x: float, y: float) -> tuple[float, float]:
+        return left + (x - x0) / (x1 - x0) * plot_w, top + (y1 - y) / (y1 - y0) * plot_h
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    for value in _nice_ticks(y0, y1):
+        _, y = to_pixel(x0, value)
+        draw.line([(left, y), (left + plot_w, y)], fill=GRID)
+        draw.text((left - 8, y), f"{value:g}", fill=TEXT, font=small, anchor="rm")
+    for value in _nice_ticks(x0, x1):
+        x, _ = to_pixel(value, y0)
+        draw.line([(x, top), (x, top + plot_h)], fill=GRID)
+        draw.text((x, top + plot_h + 8), f"{value:g}", fill=TEXT, font=small, anchor="mt")
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline=AXIS)
+    for index, (label, pts) in enumerate(points.items()):
+        color = PALETTE[(colors or {}).get(label, index) % len(PALETTE)]
+        pixels = [to_pixel(x, y) for x, y in pts]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=color, width=2)
+        if label in markers:
+            for x, y in pixels:
+                draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
+    for row, label in enumerate(shown):
+        color = PALETTE[(colors or {}).get(label, list(series).index(label)) % len(PALETTE)]
+        legend_y = top + 6 + 20 * row
+        draw.line([(left + plot_w + 14, legend_y), (left + plot_w + 40, legend_y)], fill=color, width=3)
+        draw.text((left + plot_w + 46, legend_y), label, fill=TEXT, font=small, anchor="lm")
+    draw.text((left + plot_w / 2, 18), title, fill=TEXT, font=large, anchor="mt")
+    draw.text((left + plot_w / 2, height - 24), x_label, fill=TEXT, font=font(14), anchor="mm")
+    y_text = Image.new("RGB", (plot_h, 24), "white")
+    ImageDraw.Draw(y_text).text((plot_h / 2, 12), y_label, fill=TEXT, font=font(14), anchor="mm")
+    image.paste(y_text.rotate(90, expand=True), (8, top))
+    return save_png(image, path)
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
