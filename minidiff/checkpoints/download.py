@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from minidiff.checkpoints.hub import download_file, list_repo_files
+from minidiff.utils.no_clobber import refuse_to_replace
 
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD15_SINGLE_FILE = "v1-5-pruned-emaonly.safetensors"
@@ -65,7 +66,7 @@ def select_ddpm_files(repo_files: list[str]) -> list[str]:
     return [name for name in ("config.json", "scheduler_config.json", weights) if name in available]
 
 
-def _fetch(repo_id: str, choose, out: str | Path | None) -> Path:
+def _fetch(repo_id: str, choose, out: str | Path | None, overwrite: bool = False) -> Path:
     """List the repo, choose files, download each (resumable: huggingface_hub keeps partial files)."""
     try:
         files = list_repo_files(repo_id)
@@ -76,6 +77,10 @@ def _fetch(repo_id: str, choose, out: str | Path | None) -> Path:
             "with --weights. Without any weights, `minidiff demo` runs fully offline."
         ) from None
     chosen = choose(files)
+    if out:  # a file an earlier download of it left (hub metadata beside it) resumes; any other is the user's
+        written_by_hub = Path(out) / ".cache" / "huggingface" / "download"
+        theirs = [Path(out) / name for name in chosen if not (written_by_hub / f"{name}.metadata").is_file()]
+        refuse_to_replace(theirs, f"downloading {repo_id} into {out}", overwrite)
     local = None
     for name in chosen:
         local = download_file(repo_id, name, local_dir=out)
@@ -83,15 +88,17 @@ def _fetch(repo_id: str, choose, out: str | Path | None) -> Path:
     return root
 
 
-def download_sd15(out: str | Path | None = None, variant: str | None = None, single_file: bool = False) -> Path:
-    """Fetch SD 1.5; returns the folder (or file) to pass to `--weights`."""
-    root = _fetch(SD15_REPO, lambda files: select_sd15_files(files, variant, single_file), out)
+def download_sd15(out: str | Path | None = None, variant: str | None = None, single_file: bool = False,
+                  overwrite: bool = False) -> Path:
+    """Fetch SD 1.5; returns the folder (or file) to pass to `--weights`. Files in `out` that no earlier download
+    wrote are replaced only with `overwrite`."""
+    root = _fetch(SD15_REPO, lambda files: select_sd15_files(files, variant, single_file), out, overwrite)
     return root / SD15_SINGLE_FILE if single_file else root
 
 
-def download_ddpm_cat(out: str | Path | None = None) -> Path:
-    """Fetch google/ddpm-cat-256; returns its folder."""
-    return _fetch(DDPM_CAT_REPO, select_ddpm_files, out)
+def download_ddpm_cat(out: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Fetch google/ddpm-cat-256; returns its folder (`overwrite` as in download_sd15)."""
+    return _fetch(DDPM_CAT_REPO, select_ddpm_files, out, overwrite)
 
 
 def select_lora_file(repo_files: list[str], weight_name: str | None = None) -> list[str]:
@@ -109,7 +116,8 @@ def select_lora_file(repo_files: list[str], weight_name: str | None = None) -> l
     return candidates
 
 
-def download_lora(repo_id: str, weight_name: str | None = None, out: str | Path | None = None) -> Path:
+def download_lora(repo_id: str, weight_name: str | None = None, out: str | Path | None = None,
+                  overwrite: bool = False) -> Path:
     """Fetch one LoRA file of a hub repo; returns the file (for `--lora` / `pipe.load_lora_weights`)."""
     chosen: list[str] = []
 
@@ -117,5 +125,5 @@ def download_lora(repo_id: str, weight_name: str | None = None, out: str | Path 
         chosen.extend(select_lora_file(files, weight_name))
         return chosen
 
-    root = _fetch(repo_id, choose, out)
+    root = _fetch(repo_id, choose, out, overwrite)
     return root / chosen[0]

@@ -15,6 +15,7 @@ from minidiff.models.unet_2d import UNet2DModel
 from minidiff.checkpoints.hub import HubOptions
 from minidiff.loaders.scheduler import scheduler_from_folder
 from minidiff.pipelines.common import DenoisingStep, ProgressBarMixin, check_output_type, to_output_type, write_model_index
+from minidiff.pipelines.input_checks import check_image_size
 from minidiff.utils.torch_utils import randn_tensor, resolve_dtype
 from minidiff.utils.outputs import BaseOutput
 
@@ -83,6 +84,7 @@ class DDPMPipeline(ProgressBarMixin):
         """The loop as a generator: yields a DenoisingStep (x_{t-1} in `.latents`, here pixels) after every step."""
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
+        check_image_size(*size, batch_size)  # pixels, no VAE: the same plain bound
         image = randn_tensor((batch_size, self.unet.config.in_channels, *size), generator, self.device, self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         for step_index, t in enumerate(self.progress_bar(self.scheduler.timesteps)):

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from minidiff.pipelines.common import StableDiffusionPipelineOutput, check_output_type
+from minidiff.pipelines.input_checks import check_finite, check_image_size
 from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
 from minidiff.utils.torch_utils import randn_tensor
 
@@ -35,6 +36,16 @@ def preprocess_image(image, vae_scale_factor: int = 8) -> torch.Tensor:
         for item in images
     ]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2 - 1
+
+
+def image_size(image) -> tuple[int, int]:
+    """(width, height) of the input image(s), read without converting them (PIL's size, a tensor's last two dims)."""
+    first = image[0] if isinstance(image, list) and image else image
+    if isinstance(first, torch.Tensor):
+        return first.shape[-1], first.shape[-2]
+    if isinstance(first, Image.Image):
+        return first.size
+    raise TypeError(f"image must be a PIL image, a list of them, or a tensor; got {type(image).__name__}")
 
 
 class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
@@ -90,6 +101,10 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         but for height, width and latents: the image sets the size and the start."""
         if image is None:
             raise ValueError("img2img needs an `image` to start from")
+        check_finite(strength=strength, guidance_scale=guidance_scale, eta=eta)
+        width, height = image_size(image)
+        prompts = len(prompt) if isinstance(prompt, list) else 1
+        check_image_size(height, width, prompts * num_images_per_prompt, getattr(self.vae, "use_tiling", False))  # before any resize
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         image = preprocess_image(image, self.vae_scale_factor)

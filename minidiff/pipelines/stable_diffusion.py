@@ -16,6 +16,7 @@ This class is the loop and its steps; the rest comes from mixins, each in its ow
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -34,8 +35,11 @@ from minidiff.pipelines.compatibility import (
     correct_outdated_scheduler_config,
     warn_unused_parts,
 )
+from minidiff.pipelines.input_checks import check_finite, check_image_size
 from minidiff.pipelines.loading import StableDiffusionLoadingMixin
 from minidiff.schedulers.ddim import DDIMScheduler
+from minidiff.schedulers.flow_match_euler import FlowMatchEulerDiscreteScheduler
+from minidiff.schedulers.parameterization import x0_from_flow_velocity
 from minidiff.utils.cpu import conv_memory_format
 from minidiff.utils.torch_utils import randn_tensor
 
@@ -208,6 +212,22 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
             )
         return {"generator": generator, "eta": eta}
 
+    def prepare_timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        """`scheduler.set_timesteps` for this loop. A flow-matching scheduler gets the levels of the rectified-flow
+        sampler (and of diffusers' Flux pipeline): sigma = 1, 1 - 1/N, ..., 1/N, then 0, i.e. timesteps 1000 (1 - i/N)
+        and steps of dt = -1/N; its `shift` config still applies on top (docs/flow_matching.md)."""
+        if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
+            N = num_inference_steps
+            self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / N, N), device=self.device)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        return self.scheduler.timesteps
+
+    def model_output_for_scheduler(self, model_output: torch.Tensor) -> torch.Tensor:
+        """The (guided) UNet output as the scheduler reads it; the identity here. RectifiedFlowPipeline flips the
+        sign: its checkpoints predict data - noise, diffusers' flow scheduler expects noise - data."""
+        return model_output
+
     def denoising_loop(self, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale: float,
                        step_kwargs: dict, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
                        cross_attention_kwargs: dict | None = None):
@@ -237,7 +257,13 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
                 noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
 
             # compute the previous noisy sample x_t -> x_t-1
-            output = self.scheduler.step(noise_pred, t, latents, **step_kwargs)
+            model_output = self.model_output_for_scheduler(noise_pred)
+            output = self.scheduler.step(model_output, t, latents, **step_kwargs)
+            x0_pred = getattr(output, "pred_original_sample", None)
+            if x0_pred is None and isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
+                # the flow scheduler's output has no x_0 estimate (as diffusers'); the line back from x: x - sigma u
+                sigma = self.scheduler.sigmas[self.scheduler.step_index - 1].to(latents.device)
+                x0_pred = x0_from_flow_velocity(model_output, latents, sigma)
             latents = output.prev_sample
 
             if callback_on_step_end is not None:
@@ -246,7 +272,7 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
                 latents = changed.pop("latents", latents)
                 prompt_embeds = changed.pop("prompt_embeds", prompt_embeds)
                 negative_prompt_embeds = changed.pop("negative_prompt_embeds", negative_prompt_embeds)
-            yield DenoisingStep(step_index, len(timesteps), t, latents, noise_pred, output.pred_original_sample)
+            yield DenoisingStep(step_index, len(timesteps), t, latents, noise_pred, x0_pred)
 
     def denoise(
         self,
@@ -272,15 +298,18 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         Only the prompt is positional (a subclass such as img2img adds its own positional inputs after it)."""
         self.check_inputs(prompt, height, width, prompt_embeds=prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        prompts = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else len(prompt_embeds)
+        check_image_size(height, width, prompts * num_images_per_prompt, getattr(self.vae, "use_tiling", False))
+        check_finite(guidance_scale=guidance_scale, eta=eta)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, self.device, num_images_per_prompt, guidance_scale > 1.0, negative_prompt,
             prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
             lora_scale=(cross_attention_kwargs or {}).get("scale"),
         )
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        timesteps = self.prepare_timesteps(num_inference_steps)
         latents = self.prepare_latents(prompt_embeds.shape[0], height, width, prompt_embeds.dtype, generator, latents)
         yield from self.denoising_loop(
-            latents, self.scheduler.timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale,
+            latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale,
             self.step_kwargs(generator, eta), callback_on_step_end, callback_on_step_end_tensor_inputs,
             cross_attention_kwargs,
         )
