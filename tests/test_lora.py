@@ -75,7 +75,8 @@ def load_both(ours, theirs, state_dict, **kwargs):
         theirs.load_lora_weights(dict(state_dict), **kwargs)
 
 
-@pytest.mark.parametrize("layout", ["kohya", "peft", "processor"])
+# the attention-processor format is in the long grid: the default suite keeps to the two common formats
+@pytest.mark.parametrize("layout", ["kohya", "peft", pytest.param("processor", marks=pytest.mark.long)])
 def test_each_format_equals_diffusers_unfused_scaled_fused_unfused_unloaded(both, layout):
     ours, theirs = both
     base = base_state(ours)
@@ -161,6 +162,7 @@ def test_two_adapters_mixed_and_deleted_as_in_diffusers(both):
     assert_close(latents(ours), latents(theirs), "latents, after delete_adapters('a')")
 
 
+@pytest.mark.long
 def test_kohya_per_layer_alphas_follow_the_file(both):
     """Real kohya files often give convolutions another alpha than attention (conv_alpha). minidiff uses each layer's
     own .alpha. diffusers 0.42.1 has a bug here: its alpha_pattern keys for the UNet's attention layers and for
@@ -180,6 +182,7 @@ def test_kohya_per_layer_alphas_follow_the_file(both):
     assert_close(latents(ours), latents(theirs), "latents with per-layer alphas")
 
 
+@pytest.mark.long
 def test_sgm_block_names_and_text_encoder_keys_without_text_model(both):
     """Some SD 1.5 trainers write kohya names with the original blocks (input_blocks_1_1); transformers 5 writes
     CLIP without "text_model.". Both load to the same layers as the plain names (diffusers' SD pipeline does not
@@ -277,6 +280,7 @@ def test_rank_mismatch_wrong_width_and_repeated_name_are_refused(both):
     assert ours.get_list_adapters() == {"unet": ["x"], "text_encoder": ["x"]}
 
 
+@pytest.mark.long
 def test_pickled_lora_files_are_read_without_unpickling_code(both, tmp_path):
     ours, _ = both
     state_dict = random_lora(ours.unet, ours.text_encoder, "peft", seed=11, locon=False)

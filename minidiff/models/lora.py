@@ -74,6 +74,7 @@ class LoraLayer(nn.Module):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}  # weight * alpha / r, per adapter
+        self.use_rslora: dict[str, bool] = {}  # rsLoRA: alpha / sqrt(r) instead of alpha / r
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
@@ -112,8 +113,8 @@ class LoraLayer(nn.Module):
         self.lora_A[adapter_name], self.lora_B[adapter_name] = lora_A, lora_B
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
+        self.use_rslora[adapter_name] = use_rslora
         self.scaling[adapter_name] = lora_alpha / (r**0.5 if use_rslora else r)
-        self._use_rslora = use_rslora
         self.reset_lora_parameters(adapter_name, init_lora_weights)
 
     @torch.no_grad()
@@ -132,7 +133,7 @@ class LoraLayer(nn.Module):
     def set_scale(self, adapter_name: str, weight: float) -> None:
         """scaling = weight * alpha / r: the adapter's weight in a mix (set_adapters)."""
         if adapter_name in self.scaling:
-            rank = self.r[adapter_name] ** 0.5 if self._use_rslora else self.r[adapter_name]
+            rank = self.r[adapter_name] ** 0.5 if self.use_rslora[adapter_name] else self.r[adapter_name]
             self.scaling[adapter_name] = weight * self.lora_alpha[adapter_name] / rank
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -163,7 +164,7 @@ class LoraLayer(nn.Module):
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             if adapter_name in table:
                 del table[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling):
+        for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
             table.pop(adapter_name, None)
         if adapter_name in self.active_adapters:
             self.active_adapters.remove(adapter_name)
