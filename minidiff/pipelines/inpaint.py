@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from minidiff.pipelines.common import DenoisingStep, StableDiffusionPipelineOutput, check_output_type
+from minidiff.pipelines.devices import SCHEDULE_DEVICE
 from minidiff.pipelines.img2img import StableDiffusionImg2ImgPipeline
 from minidiff.pipelines.mask_processing import VaeImageProcessor, check_is_image, image_size
 from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
@@ -112,9 +113,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
             if name not in inspect.signature(self.scheduler.set_timesteps).parameters:
                 raise ValueError(f"{type(self.scheduler).__name__}.set_timesteps takes no custom {name}; use a scheduler that does (e.g. Euler)")
         if custom:
-            self.scheduler.set_timesteps(device=self.device, **custom)
+            self.scheduler.set_timesteps(device=SCHEDULE_DEVICE, **custom)
             return self.scheduler.timesteps, len(self.scheduler.timesteps)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        self.scheduler.set_timesteps(num_inference_steps, device=SCHEDULE_DEVICE)
         return self.scheduler.timesteps, num_inference_steps
 
     # ----- latents -----
@@ -137,11 +138,11 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
             raise ValueError(f"{len(generator)} generators for a batch of {batch_size} images: give one per image")
         image_latents = None
         if need_image_latents or (latents is None and not is_strength_max):
-            init_image = init_image.to(device=self.device, dtype=self.vae.dtype)
+            init_image = init_image.to(device=self._execution_device, dtype=self.vae.dtype)
             image_latents = init_image if init_image.shape[1] == 4 else self._encode_vae_image(init_image, generator)
             image_latents = image_latents.to(dtype).repeat(batch_size // image_latents.shape[0], 1, 1, 1)
         if latents is None:
-            noise = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+            noise = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
             if is_strength_max:
                 latents = noise * self.scheduler.init_noise_sigma
             else:
@@ -149,7 +150,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         else:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
-            noise = latents.to(device=self.device, dtype=dtype)
+            noise = latents.to(device=self._execution_device, dtype=dtype)
             latents = noise * self.scheduler.init_noise_sigma
         return latents, noise, image_latents
 
@@ -159,8 +160,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         """The mask on the latent grid (nearest neighbour) and the masked image's latents, repeated to the batch
         (and doubled for classifier-free guidance)."""
         mask = torch.nn.functional.interpolate(mask, size=(height // self.vae_scale_factor, width // self.vae_scale_factor))
-        mask = mask.to(device=self.device, dtype=dtype)
-        masked_image = masked_image.to(device=self.device, dtype=dtype if masked_image.shape[1] == 4 else self.vae.dtype)
+        mask = mask.to(device=self._execution_device, dtype=dtype)
+        masked_image = masked_image.to(device=self._execution_device, dtype=dtype if masked_image.shape[1] == 4 else self.vae.dtype)
         masked_latents = masked_image if masked_image.shape[1] == 4 else self._encode_vae_image(masked_image, generator)
         for name, tensor in (("masks", mask), ("images", masked_latents)):
             if batch_size % tensor.shape[0]:
@@ -169,7 +170,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         masked_latents = masked_latents.repeat(batch_size // masked_latents.shape[0], 1, 1, 1)
         if do_classifier_free_guidance:
             mask, masked_latents = torch.cat([mask] * 2), torch.cat([masked_latents] * 2)
-        return mask, masked_latents.to(device=self.device, dtype=dtype)
+        return mask, masked_latents.to(device=self._execution_device, dtype=dtype)
 
     # ----- the loop -----
 
@@ -211,7 +212,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         self.check_inpaint_inputs(image, mask_image, masked_image_latents, strength, output_type, padding_mask_crop)
         do_cfg = guidance_scale > 1.0
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, self.device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            prompt, self._execution_device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds,
             clip_skip=clip_skip,
         )
         batch_size = prompt_embeds.shape[0]
