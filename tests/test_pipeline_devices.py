@@ -40,6 +40,10 @@ def test_every_sampler_runs_with_the_models_on_another_device(on_meta, name):
     row = next(row for row in SAMPLER_NAMES if row.name == name)
     for pipeline, inputs in ((txt2img, {"height": 64, "width": 64}), (img2img, {"image": IMAGE, "strength": 0.6})):
         pipeline.scheduler = row.from_config(sd15_config)
+        if pipeline is img2img and name == "Flow Euler":
+            with pytest.raises(ValueError, match="no add_noise"):  # velocity models only: refused, as diffusers has none
+                pipeline(PROMPT, num_inference_steps=3, output_type="latent", **inputs)
+            continue
         latents = pipeline(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
                            output_type="latent", **inputs).images
         assert latents.device.type == "meta" and latents.shape == (1, 4, 8, 8)
@@ -125,10 +129,10 @@ def test_float16_img2img_runs_and_equals_diffusers(tiny_sd15_folder):
     kwargs = dict(prompt=PROMPT, image=IMAGE, strength=0.75, num_inference_steps=4)
     a = ours(generator=torch.Generator().manual_seed(1), output_type="latent", **kwargs).images
     b = theirs(generator=torch.Generator().manual_seed(1), output_type="latent", **kwargs).images
-    # Not to the bit: the image's latents are channels-last (both libraries keep the layout of the PIL array), and on
-    # those one of PNDM's UNet calls differs by 1e-3 between the libraries in float16 (contiguous inputs agree to the
-    # bit); PNDM's multistep sums carry it to 2e-2. txt2img (contiguous noise) agrees to the bit, above.
-    torch.testing.assert_close(a, b, rtol=0, atol=3e-2)
+    # To the bit, on channels-last latents (both libraries keep the layout of the PIL array): it differed by up to
+    # 3e-2 while minidiff's Transformer2DModel kept that layout where diffusers makes its output contiguous, and the
+    # CPU's float16 GroupNorm sums in another order on channels-last maps (PNDM's multistep sums carried the 1e-3).
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
     ours.scheduler = minidiff.DDIMScheduler.from_config(ours.scheduler.config)
     theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config)
     a = ours(generator=torch.Generator().manual_seed(1), output_type="latent", **kwargs).images
