@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from minidiff.pipelines.common import DenoisingStep, StableDiffusionPipelineOutput, check_output_type
+from minidiff.pipelines.compatibility import refuse_unsupported_arguments
 from minidiff.pipelines.devices import SCHEDULE_DEVICE
 from minidiff.pipelines.img2img import StableDiffusionImg2ImgPipeline
 from minidiff.pipelines.mask_processing import VaeImageProcessor, check_is_image, image_size
@@ -321,6 +322,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict | None = None,
@@ -328,7 +331,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ) -> StableDiffusionPipelineOutput | tuple:
-        """Inpaint `image` where `mask_image` is white; diffusers 0.42.1's arguments (no IP-Adapter)."""
+        """Inpaint `image` where `mask_image` is white; diffusers 0.42.1's arguments and positions (the IP-Adapter's are
+        refused unless None)."""
+        refuse_unsupported_arguments(ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
         check_output_type(output_type)
         step = None
         for step in self.denoise(
