@@ -22,22 +22,9 @@ import diffusers
 import minidiff
 from scheduler_parity import assert_close, dummy_sample, fake_model
 
-NAMES = [
-    "DDIMScheduler",
-    "DDPMScheduler",
-    "PNDMScheduler",
-    "LMSDiscreteScheduler",
-    "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "HeunDiscreteScheduler",
-    "DPMSolverMultistepScheduler",
-    "DPMSolverSinglestepScheduler",
-    "DPMSolverSDEScheduler",
-    "DEISMultistepScheduler",
-    "KDPM2DiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler",
-    "UniPCMultistepScheduler",
-]
+# The fourteen classes of SD 1.5's `pipeline.scheduler.compatibles` (diffusers' KarrasDiffusionSchedulers that minidiff has).
+NAMES = sorted(cls.__name__ for cls in minidiff.DDIMScheduler.compatibles)
+assert len(NAMES) == 14, NAMES
 # Integer-valued timesteps wherever the class has a spacing (so an int names a real entry of `timesteps`).
 LEADING = {"timestep_spacing": "leading"}
 NO_SPACING = {"DPMSolverSinglestepScheduler"}

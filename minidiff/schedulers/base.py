@@ -26,18 +26,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from minidiff.configuration import CONFIG_CLASSES, ConfigMixin
+from minidiff.configuration import CONFIG_CLASSES, ConfigMixin, check_choice
 from minidiff.schedulers import parameterization
-from minidiff.schedulers.parameterization import vp_from_alpha_bar
+from minidiff.schedulers.parameterization import PREDICTION_TYPES, vp_from_alpha_bar
+from minidiff.schedulers.schedules import (
+    BETA_SCHEDULES,
+    TIMESTEP_SPACINGS,
+    check_one_noise_ramp,
+    make_betas,
+    sigmas_from_alphas_cumprod,
+)
 from minidiff.utils.outputs import BaseOutput
-from minidiff.schedulers.schedules import BETA_SCHEDULES, make_betas, sigmas_from_alphas_cumprod
 
 # Old import paths, kept so that code importing these names from `base` keeps working (noqa: F401):
-from minidiff.configuration import check_choice  # noqa: F401,E402
-from minidiff.schedulers.parameterization import PREDICTION_TYPES, dynamic_threshold  # noqa: F401,E402
+from minidiff.schedulers.parameterization import dynamic_threshold  # noqa: F401,E402
 from minidiff.utils.torch_utils import randn_tensor  # noqa: F401,E402
 from minidiff.schedulers.schedules import (  # noqa: F401,E402  (the pure schedule functions, moved from here)
-    TIMESTEP_SPACINGS,
     beta_ppf,
     beta_sigmas,
     betas_for_alpha_bar,
@@ -268,6 +272,21 @@ class SchedulerMixin(ConfigMixin):
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The v-prediction target v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (`sample` is x_0)."""
         return velocity_vp(self.alphas_cumprod, sample, noise, timesteps)
+
+    _prediction_types: tuple[str, ...] = PREDICTION_TYPES  # PNDM takes fewer
+
+    def _check_common_config(self) -> None:
+        """The config checks every scheduler makes at construction: prediction_type, timestep_spacing (where the
+        class has one), at most one noise ramp (`schedules.check_one_noise_ramp`)."""
+        config = self.config
+        check_choice("prediction_type", config.prediction_type, self._prediction_types)
+        if "timestep_spacing" in config:
+            check_choice("timestep_spacing", config.timestep_spacing, TIMESTEP_SPACINGS)
+        check_one_noise_ramp(config)
+
+    def _clip_range(self) -> float | None:
+        """DDPM's and DDIM's clip_sample: the range x0_pred is clamped to, or None (`parameterization.limit_x0`)."""
+        return self.config.clip_sample_range if self.config.clip_sample else None
 
     def _check_step_inputs(self, model_output: torch.Tensor, sample: torch.Tensor, learned_variance: bool = False) -> None:
         """What every `step` checks first: the shapes match (`check_step_shapes`), and set_timesteps was called

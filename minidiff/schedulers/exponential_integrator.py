@@ -26,8 +26,6 @@ from minidiff.configuration import check_choice
 from minidiff.schedulers.base import SchedulerMixin, check_decreasing, check_num_inference_steps
 from minidiff.schedulers.parameterization import PREDICTION_TYPES, add_noise_vp, vp_from_sigma
 from minidiff.schedulers.schedules import (
-    TIMESTEP_SPACINGS,
-    check_one_noise_ramp,
     chosen_noise_ramp,
     make_betas,
     ramp_sigmas,
@@ -140,10 +138,8 @@ class ExponentialIntegratorMixin(SchedulerMixin):
         config = self.config
         check_vp_only(config.prediction_type, use_flow_sigmas=config.get("use_flow_sigmas"),
                       use_dynamic_shifting=config.get("use_dynamic_shifting"))
-        check_one_noise_ramp(config)
-        check_choice("prediction_type", config.prediction_type, PREDICTION_TYPES)
-        for field, allowed in (("timestep_spacing", TIMESTEP_SPACINGS), ("final_sigmas_type", FINAL_SIGMAS_TYPES),
-                               ("variance_type", VARIANCE_TYPES)):
+        self._check_common_config()
+        for field, allowed in (("final_sigmas_type", FINAL_SIGMAS_TYPES), ("variance_type", VARIANCE_TYPES)):
             if field in config:
                 check_choice(field, config[field], allowed)
         order, max_order = config.solver_order, self.max_solver_order

@@ -34,10 +34,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minidiff.configuration import check_choice, register_to_config
+from minidiff.configuration import register_to_config
 from minidiff.schedulers.base import SigmaSchedulerMixin, check_num_inference_steps
-from minidiff.schedulers.parameterization import PREDICTION_TYPES, to_x0_ve
-from minidiff.schedulers.schedules import TIMESTEP_SPACINGS, check_one_noise_ramp, spaced_sigmas
+from minidiff.schedulers.parameterization import to_x0_ve
+from minidiff.schedulers.schedules import spaced_sigmas
 from minidiff.schedulers.update_rules import lagrange_basis_integral, lms_coefficients, lms_step, to_d  # noqa: F401
 
 
@@ -62,9 +62,7 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
     ):
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        check_one_noise_ramp(self.config)
+        self._check_common_config()
         self.set_training_sigmas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
 
         self.use_karras_sigmas = use_karras_sigmas  # a plain attribute as in diffusers (no deprecation warning)
