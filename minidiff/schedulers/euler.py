@@ -46,7 +46,13 @@ import torch
 from minidiff.configuration import check_choice, register_to_config
 from minidiff.schedulers.base import SigmaSchedulerMixin, check_decreasing, check_float_timestep, check_num_inference_steps
 from minidiff.schedulers.parameterization import to_x0_ve
-from minidiff.schedulers.schedules import chosen_noise_ramp, replace_by_noise_ramp, sigma_to_t, spaced_timesteps
+from minidiff.schedulers.schedules import (
+    check_no_ramp_for_custom_timesteps,
+    chosen_noise_ramp,
+    replace_by_noise_ramp,
+    sigma_to_t,
+    spaced_timesteps,
+)
 from minidiff.schedulers.update_rules import churn, euler_step
 from minidiff.utils.torch_utils import randn_tensor
 
@@ -141,9 +147,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         if num_inference_steps is not None:
             check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
         if timesteps is not None:
-            ramp = chosen_noise_ramp(self.config)
-            if ramp is not None:
-                raise ValueError(f"custom `timesteps` cannot be used with use_{ramp}_sigmas=True, which picks its own noise levels")
+            check_no_ramp_for_custom_timesteps(chosen_noise_ramp(self.config))
             if self.config.timestep_type == "continuous" and self.config.prediction_type == "v_prediction":
                 raise ValueError(
                     "custom `timesteps` cannot be used with timestep_type='continuous' and v_prediction, whose "

@@ -26,6 +26,7 @@ from minidiff.configuration import check_choice
 from minidiff.schedulers.base import SchedulerMixin, check_decreasing, check_num_inference_steps
 from minidiff.schedulers.parameterization import PREDICTION_TYPES, add_noise_vp, vp_from_sigma
 from minidiff.schedulers.schedules import (
+    check_no_ramp_for_custom_timesteps,
     chosen_noise_ramp,
     make_betas,
     ramp_sigmas,
@@ -63,13 +64,11 @@ def multistep_timesteps(
     return points.round()[:-1].astype(np.int64)
 
 
-def custom_timesteps(timesteps, config) -> np.ndarray:
+def custom_timesteps(timesteps, num_train_timesteps: int, ramp: str | None) -> np.ndarray:
     """`set_timesteps(timesteps=[...])`: a strictly decreasing list of training timesteps instead of spaced ones,
     checked (a sigma ramp chooses its own timesteps, so it cannot be combined with a custom list)."""
-    for flag in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas"):
-        if config.get(flag):
-            raise ValueError(f"custom timesteps cannot be used with {flag}=True: the sigma ramp chooses the timesteps")
-    T = config.num_train_timesteps
+    check_no_ramp_for_custom_timesteps(ramp)
+    T = num_train_timesteps
     timesteps = np.array(timesteps).astype(np.int64)
     if timesteps.ndim != 1 or len(timesteps) == 0 or timesteps.min() < 0 or timesteps.max() >= T:
         raise ValueError(f"custom timesteps must be a non-empty list of training timesteps in [0, {T - 1}], got {timesteps}")
@@ -162,7 +161,7 @@ class ExponentialIntegratorMixin(SchedulerMixin):
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps to set_timesteps")
         if timesteps is not None:
-            return custom_timesteps(timesteps, self.config)
+            return custom_timesteps(timesteps, self.config.num_train_timesteps, self._noise_ramp())
         T = self.config.num_train_timesteps
         check_num_inference_steps(num_inference_steps, T)
         clipped = torch.searchsorted(torch.flip(self.lambda_t, [0]), lambda_min_clipped).item()

@@ -41,7 +41,7 @@ import torch
 from minidiff.configuration import register_to_config
 from minidiff.schedulers.base import SigmaSchedulerMixin, check_decreasing, check_num_inference_steps
 from minidiff.schedulers.parameterization import to_x0_ve
-from minidiff.schedulers.schedules import BETA_SCHEDULES, spaced_sigmas
+from minidiff.schedulers.schedules import BETA_SCHEDULES, check_no_ramp_for_custom_timesteps, chosen_noise_ramp, spaced_sigmas
 from minidiff.schedulers.two_model_calls import sigmas_per_model_call, twice_after_first
 from minidiff.schedulers.update_rules import euler_step, heun_correction, to_d
 
@@ -88,9 +88,7 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin):
         config = self.config
         num_train_timesteps = num_train_timesteps or config.num_train_timesteps
         if timesteps is not None:
-            replacing = [name for name in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if config[name]]
-            if replacing:
-                raise ValueError(f"custom `timesteps` cannot be used with {replacing[0]}=True, which picks its own noise levels")
+            check_no_ramp_for_custom_timesteps(chosen_noise_ramp(config))
             check_decreasing("timesteps", timesteps)
             timesteps = np.asarray(timesteps, dtype=np.float32)
             num_inference_steps = len(timesteps)

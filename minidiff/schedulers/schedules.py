@@ -12,8 +12,9 @@ Functions (stable names):
   training schedule   make_betas, betas_for_alpha_bar (cosine_alpha_bar, exp_alpha_bar), rescale_zero_terminal_snr,
                       check_training_schedule, sigmas_from_alphas_cumprod
   spacing             spaced_timesteps, sigma_to_t, spaced_sigmas
-  noise ramps         check_one_noise_ramp, chosen_noise_ramp, ramp_sigmas, replace_by_noise_ramp,
-                      karras_sigmas, exponential_sigmas, beta_sigmas (beta_ppf, regularized_incomplete_beta)
+  noise ramps         check_one_noise_ramp, chosen_noise_ramp, check_no_ramp_for_custom_timesteps, ramp_sigmas,
+                      replace_by_noise_ramp, karras_sigmas, exponential_sigmas, beta_sigmas
+                      (beta_ppf, regularized_incomplete_beta)
 """
 
 from __future__ import annotations
@@ -178,6 +179,14 @@ def check_one_noise_ramp(config) -> None:
 def chosen_noise_ramp(config) -> str | None:
     """The ramp that replaces the spaced noise levels: "karras", "exponential", "beta", or None (keep them)."""
     return next((ramp for flag, ramp in NOISE_RAMP_FLAGS.items() if config.get(flag)), None)
+
+
+def check_no_ramp_for_custom_timesteps(ramp: str | None) -> None:
+    """Custom timesteps replace the spacing, and a noise ramp (`chosen_noise_ramp`, or "lu" for DPM-Solver's
+    use_lu_lambdas) picks its own timesteps: the two cannot go together."""
+    if ramp is not None:
+        flag = "use_lu_lambdas" if ramp == "lu" else f"use_{ramp}_sigmas"
+        raise ValueError(f"custom `timesteps` cannot be used with {flag}=True, which picks its own noise levels")
 
 
 def ramp_sigmas(ramp: str, sigma_min: float, sigma_max: float, num_inference_steps: int, config=None) -> np.ndarray:
