@@ -118,6 +118,12 @@ def test_custom_timesteps_and_sigmas_must_decrease(name, argument, values):
         scheduler.set_timesteps(**{argument: values})
 
 
+def test_custom_sigmas_must_be_finite():
+    scheduler = minidiff.EulerDiscreteScheduler(num_train_timesteps=100)
+    with pytest.raises(ValueError, match="custom `sigmas` must be finite numbers, got nan"):
+        scheduler.set_timesteps(sigmas=[14.0, float("nan"), 1.0, 0.0])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_training_schedule_checked_at_construction(name):
     cls = getattr(minidiff, name)

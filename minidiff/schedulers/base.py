@@ -20,6 +20,7 @@ schedulers (Karras et al. 2022, "EDM", arXiv 2206.00364) rewrite it as x = x_0 +
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -38,7 +39,10 @@ from minidiff.schedulers.schedules import (
 )
 from minidiff.utils.outputs import BaseOutput
 
-# Old import paths, kept so that code importing these names from `base` keeps working (noqa: F401):
+# Old import paths: these names lived here; code that imports them from `base` keeps working. Their homes:
+# PREDICTION_TYPES, dynamic_threshold -> parameterization.py; randn_tensor -> utils/torch_utils.py; check_choice ->
+# configuration.py; the schedule functions (make_betas, spaced_timesteps, karras_sigmas, ..., TIMESTEP_SPACINGS,
+# BETA_SCHEDULES, and check_one_noise_schedule, now check_one_noise_ramp) -> schedules.py. New code imports them there.
 from minidiff.schedulers.parameterization import dynamic_threshold  # noqa: F401,E402
 from minidiff.utils.torch_utils import randn_tensor  # noqa: F401,E402
 from minidiff.schedulers.schedules import (  # noqa: F401,E402  (the pure schedule functions, moved from here)
@@ -112,8 +116,12 @@ def check_num_inference_steps(num_inference_steps, num_train_timesteps: int) -> 
 
 
 def check_decreasing(name: str, values) -> None:
-    """Custom `timesteps` or `sigmas` must strictly decrease: the loop goes from the noisiest level to the cleanest."""
+    """Custom `timesteps` or `sigmas` must be finite and strictly decrease: the loop goes from the noisiest level
+    to the cleanest (a NaN would pass any comparison unnoticed)."""
     values = [float(value) for value in values]
+    not_finite = [value for value in values if not math.isfinite(value)]
+    if not_finite:
+        raise ValueError(f"custom `{name}` must be finite numbers, got {not_finite[0]} in {values}")
     for i, (earlier, later) in enumerate(zip(values, values[1:])):
         if later >= earlier:
             raise ValueError(
@@ -310,9 +318,10 @@ class SchedulerMixin(ConfigMixin):
 
 
 class SigmaSchedulerMixin(SchedulerMixin):
-    """What Euler, Euler Ancestral and LMS share: they move x = x_0 + sigma eps (Karras et al. 2022), but the
-    model was trained on x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps = x / sqrt(sigma^2 + 1).
-    Subclasses set `self.sigmas` (N+1 values, the last 0) in `set_timesteps`."""
+    """What the VE-frame schedulers share (Euler, Euler a, LMS, Heun, DPM2, DPM2 a, DPM++ SDE): they move
+    x = x_0 + sigma eps (Karras et al. 2022), but the model was trained on
+    x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps = x / sqrt(sigma^2 + 1).
+    Subclasses call `set_training_sigmas` in `__init__` and set `self.sigmas` (the last one 0) in `set_timesteps`."""
 
     is_scale_input_called = False
 
