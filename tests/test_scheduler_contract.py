@@ -134,6 +134,24 @@ def test_training_schedule_checked_at_construction(name):
         cls(num_train_timesteps=100, trained_betas=[0.01] * 10)
 
 
+RAMP_CLASSES = [name for name in NAMES if name not in ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerAncestralDiscreteScheduler")]
+
+
+@pytest.mark.parametrize("name", RAMP_CLASSES)
+def test_noise_ramp_bounds_kept_from_an_euler_config_as_diffusers(name):
+    """A config carrying Euler's sigma_min / sigma_max bounds every ramp, as diffusers' `hasattr(self.config,
+    "sigma_min")` does, except where diffusers forgot it: the Karras ramp of LMS and DPM++ SDE ignores them."""
+    for ramp in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+        euler = pair("EulerDiscreteScheduler", sigma_min=0.1, sigma_max=10.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours = getattr(minidiff, name).from_config(euler[0].config, **{ramp: True})
+            theirs = getattr(diffusers, name).from_config(euler[1].config, **{ramp: True})
+            ours.set_timesteps(8)
+            theirs.set_timesteps(8)
+        assert_close(ours.sigmas, theirs.sigmas.float(), f"{name} {ramp} sigmas")
+
+
 def test_heun_exp_beta_schedule_matches_diffusers():
     ours, theirs = pair("HeunDiscreteScheduler", beta_schedule="exp")
     assert torch.equal(ours.betas, theirs.betas)

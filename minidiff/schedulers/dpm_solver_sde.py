@@ -109,7 +109,7 @@ class DPMSolverSDEScheduler(SigmaSchedulerMixin):
         self.num_inference_steps = num_inference_steps
 
         timesteps, sigmas = spaced_sigmas(config, self.train_sigmas, self.log_train_sigmas, num_inference_steps,
-                                          num_train_timesteps, timestep_dtype=np.float64)  # (N,) float64 both
+                                          num_train_timesteps, np.float64, karras_takes_config_bounds=False)
         midpoint_timesteps = sigma_to_t(self._midpoint_sigmas(sigmas), self.log_train_sigmas)  # (N-1,)
 
         sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))  # (N+1,)

@@ -88,7 +88,7 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
         self.num_inference_steps = num_inference_steps
         timesteps, sigmas = spaced_sigmas(self.config, self.train_sigmas, self.log_train_sigmas, num_inference_steps,
-                                          self.config.num_train_timesteps)  # (N,) float32 timesteps
+                                          self.config.num_train_timesteps, karras_takes_config_bounds=False)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # (N+1,)
         repeated = np.flatnonzero(sigmas[:-1] == sigmas[1:])
         if len(repeated):
