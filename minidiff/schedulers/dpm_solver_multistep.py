@@ -236,10 +236,6 @@ class DPMSolverMultistepScheduler(ExponentialIntegratorMixin):
         self._step_index += 1
         return self._step_output(prev_sample, x0_pred, return_dict)
 
-    def _x0_from_eps(self, eps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        alpha_t, sigma_t, _ = self._alpha_sigma_lambda(self.step_index)
-        return x0_from_eps(eps, sample, alpha_t, sigma_t)
-
     def _sde_noise(self, like: torch.Tensor, generator, variance_noise) -> torch.Tensor | None:
         """z ~ N(0, I) in float32 for the SDE variants, drawn on every step (even a first-order one)."""
         if not self.config.algorithm_type.startswith("sde-"):

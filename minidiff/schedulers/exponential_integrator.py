@@ -24,7 +24,7 @@ import torch
 
 from minidiff.configuration import check_choice
 from minidiff.schedulers.base import SchedulerMixin, check_decreasing, check_num_inference_steps
-from minidiff.schedulers.parameterization import PREDICTION_TYPES, add_noise_vp, vp_from_sigma
+from minidiff.schedulers.parameterization import PREDICTION_TYPES, add_noise_vp, vp_from_sigma, x0_from_eps
 from minidiff.schedulers.schedules import (
     check_no_ramp_for_custom_timesteps,
     chosen_noise_ramp,
@@ -239,6 +239,11 @@ class ExponentialIntegratorMixin(SchedulerMixin):
         """alpha_t, sigma_t, lambda_t of `sigmas[index]`."""
         sigma = self.sigmas[index]
         return vp_from_sigma(sigma if device is None else sigma.to(device))
+
+    def _x0_from_eps(self, eps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """x0_pred = (x_t - sigma_t eps) / alpha_t at the current step (DDPM eq. 15), for `pred_original_sample`."""
+        alpha_t, sigma_t, _ = self._alpha_sigma_lambda(self.step_index, sample.device)
+        return x0_from_eps(eps, sample, alpha_t, sigma_t)
 
     # ----- the forward process -----
 

@@ -57,7 +57,7 @@ import torch
 from minidiff.configuration import register_to_config
 from minidiff.schedulers.base import SchedulerMixin
 from minidiff.schedulers.exponential_integrator import ExponentialIntegratorMixin
-from minidiff.schedulers.parameterization import limit_x0, to_eps, to_x0, x0_from_eps
+from minidiff.schedulers.parameterization import limit_x0, to_eps, to_x0
 from minidiff.schedulers.update_rules import uni_c_update, uni_p_update, unipc_bh_coefficients, unipc_differences
 
 
@@ -216,6 +216,3 @@ class UniPCMultistepScheduler(ExponentialIntegratorMixin):
         self._step_index += 1
         return self._step_output(prev_sample, x0_pred, return_dict)
 
-    def _x0_from_eps(self, eps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        alpha_t, sigma_t, _ = self._alpha_sigma_lambda(self.step_index, sample.device)
-        return x0_from_eps(eps, sample, alpha_t, sigma_t)
