@@ -11,7 +11,14 @@ from minidiff.lab.gaussian_mixture import GaussianMixtureDenoiser
 from minidiff.models.unet_2d import UNet2DModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
-from minidiff.pipelines import DDPMPipeline, DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from minidiff.pipelines import (
+    DDPMPipeline,
+    DiffusionPipeline,
+    RectifiedFlowPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
 from minidiff.schedulers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -24,6 +31,7 @@ from minidiff.schedulers import (
     DPMSolverSinglestepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
     SchedulerMixin,
@@ -57,7 +65,7 @@ __all__ = [
     "SchedulerMixin", "SchedulerOutput", "PNDMScheduler", "DDIMScheduler", "DDPMScheduler", "LMSDiscreteScheduler",
     "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
     "DPMSolverSDEScheduler", "DEISMultistepScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler",
-    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "DDPMPipeline", "DiffusionPipeline",
+    "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler",
+    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline", "DDPMPipeline", "DiffusionPipeline", "RectifiedFlowPipeline",
     "load_textual_inversion",
 ]

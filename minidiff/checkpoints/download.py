@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from minidiff.checkpoints.hub import download_file, list_repo_files
+from minidiff.utils.no_clobber import refuse_to_replace
 
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD15_SINGLE_FILE = "v1-5-pruned-emaonly.safetensors"
@@ -65,7 +66,7 @@ def select_ddpm_files(repo_files: list[str]) -> list[str]:
     return [name for name in ("config.json", "scheduler_config.json", weights) if name in available]
 
 
-def _fetch(repo_id: str, choose, out: str | Path | None) -> Path:
+def _fetch(repo_id: str, choose, out: str | Path | None, overwrite: bool = False) -> Path:
     """List the repo, choose files, download each (resumable: huggingface_hub keeps partial files)."""
     try:
         files = list_repo_files(repo_id)
@@ -76,6 +77,10 @@ def _fetch(repo_id: str, choose, out: str | Path | None) -> Path:
             "with --weights. Without any weights, `minidiff demo` runs fully offline."
         ) from None
     chosen = choose(files)
+    if out:  # a file an earlier download of it left (hub metadata beside it) resumes; any other is the user's
+        written_by_hub = Path(out) / ".cache" / "huggingface" / "download"
+        theirs = [Path(out) / name for name in chosen if not (written_by_hub / f"{name}.metadata").is_file()]
+        refuse_to_replace(theirs, f"downloading {repo_id} into {out}", overwrite)
     local = None
     for name in chosen:
         local = download_file(repo_id, name, local_dir=out)
@@ -83,12 +88,14 @@ def _fetch(repo_id: str, choose, out: str | Path | None) -> Path:
     return root
 
 
-def download_sd15(out: str | Path | None = None, variant: str | None = None, single_file: bool = False) -> Path:
-    """Fetch SD 1.5; returns the folder (or file) to pass to `--weights`."""
-    root = _fetch(SD15_REPO, lambda files: select_sd15_files(files, variant, single_file), out)
+def download_sd15(out: str | Path | None = None, variant: str | None = None, single_file: bool = False,
+                  overwrite: bool = False) -> Path:
+    """Fetch SD 1.5; returns the folder (or file) to pass to `--weights`. Files in `out` that no earlier download
+    wrote are replaced only with `overwrite`."""
+    root = _fetch(SD15_REPO, lambda files: select_sd15_files(files, variant, single_file), out, overwrite)
     return root / SD15_SINGLE_FILE if single_file else root
 
 
-def download_ddpm_cat(out: str | Path | None = None) -> Path:
-    """Fetch google/ddpm-cat-256; returns its folder."""
-    return _fetch(DDPM_CAT_REPO, select_ddpm_files, out)
+def download_ddpm_cat(out: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Fetch google/ddpm-cat-256; returns its folder (`overwrite` as in download_sd15)."""
+    return _fetch(DDPM_CAT_REPO, select_ddpm_files, out, overwrite)

@@ -61,6 +61,11 @@ Functions (stable names), grouped by the frame they work in, in the order of thi
       deis_logrho_coefficients(rho_t, rho_s0, rho_s1, rho_s2=None)         C_j, the "logrho" weights
       deis_multistep_update(x, eps_list, alpha_t, alpha_s0, coefficients)  x_t = alpha_t (x_s0 / alpha_s0 + sum C_j eps_sj)
 
+  flow frame (velocity): x = (1 - sigma) x_0 + sigma eps, u = dx/dsigma (Lipman et al. 2023, arXiv 2210.02747;
+  Liu et al. 2023, arXiv 2209.03003)
+    flow_euler_step(sample, velocity, sigma, sigma_next)                 x + (sigma_next - sigma) u
+    flow_stochastic_step(sample, velocity, sigma, sigma_next, noise)     re-noise the predicted x_0 to sigma_next
+
 A new rule goes into the section of its frame, and into this index.
 """
 
@@ -579,3 +584,20 @@ def deis_multistep_update(x, eps_list, alpha_t, alpha_s0, coefficients):
     for C_j, eps_j in zip(coefficients, eps_list):
         total = total + C_j * eps_j
     return alpha_t * total
+
+
+# ===== Flow matching (x = (1 - sigma) x_0 + sigma eps, u = dx/dsigma) =============================
+
+
+def flow_euler_step(sample: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    """One Euler step of the flow ODE dx/dsigma = u(x, sigma) from sigma to sigma_next:
+    x_next = x + (sigma_next - sigma) u. With u = (x - x0_pred) / sigma this is `euler_step` in the flow frame."""
+    return sample + (sigma_next - sigma) * velocity
+
+
+def flow_stochastic_step(sample: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next, noise: torch.Tensor) -> torch.Tensor:
+    """The stochastic variant of diffusers' FlowMatchEulerDiscreteScheduler: predict x_0 = x - sigma u, then put it
+    back on the line at sigma_next with fresh noise, x_next = (1 - sigma_next) x_0 + sigma_next z (the flow-frame
+    twin of DDPM-style ancestral sampling with all the noise renewed)."""
+    x0_pred = sample - sigma * velocity
+    return (1.0 - sigma_next) * x0_pred + sigma_next * noise
