@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from minidiff.utils.cpu import fastest_cpu_dtype, keep_freed_memory
+from minidiff.utils.cpu import keep_freed_memory
+from minidiff.utils.device import as_device, auto_dtype, is_cpu
 
-DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # auto: fastest_cpu_dtype()
+DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # auto: auto_dtype(device)
 
 
 class CLIError(Exception):
@@ -130,14 +131,19 @@ def check_writable(path: Path) -> Path:
 
 
 def load_pipeline(weights: str, dtype: str, vae_tiling: bool = False, compile: bool = False, low_memory: bool = False,
-                  pipeline_class=None):
+                  device: str | None = None, pipeline_class=None):
+    """The pipeline the command line runs: loaded in `dtype` ("auto": `auto_dtype` of the device), on `device`
+    (None: CUDA when there is one, else the CPU)."""
     import torch
 
     from minidiff.pipelines import StableDiffusionPipeline
 
     StableDiffusionPipeline = pipeline_class or StableDiffusionPipeline  # noqa: N806 (the class to load)
 
-    torch_dtype = fastest_cpu_dtype() if DTYPES[dtype] is None else getattr(torch, DTYPES[dtype])
+    target = as_device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: PyTorch sees no CUDA GPU here (torch {torch.__version__}); use --device cpu")
+    torch_dtype = auto_dtype(target) if DTYPES[dtype] is None else getattr(torch, DTYPES[dtype])
     path = Path(weights).expanduser()
     if path.is_file():
         pipeline = StableDiffusionPipeline.from_single_file(path, dtype=torch_dtype)
@@ -148,7 +154,8 @@ def load_pipeline(weights: str, dtype: str, vae_tiling: bool = False, compile: b
             pipeline = StableDiffusionPipeline.from_pretrained(weights, dtype=torch_dtype)
         except OSError as error:
             raise CLIError(str(error).splitlines()[0]) from None
-    if not low_memory:  # after loading: the weights live as long as the process, their blocks need no reuse
+    pipeline.to(target)
+    if not low_memory and is_cpu(target):  # after loading: the weights live as long as the process, their blocks need no reuse
         keep_freed_memory()
     if vae_tiling:
         pipeline.enable_vae_tiling()
@@ -182,7 +189,7 @@ def cmd_generate(args) -> None:
     loras = [parse_lora(text) for text in args.lora or []]
     refuse_velocity_samplers([chosen_sampler] if chosen_sampler else [])
     out = check_writable(Path(args.out))
-    pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory)
+    pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory, args.device)
     if chosen_sampler:
         pipeline.scheduler = chosen_sampler.from_config(pipeline.scheduler.config)
     apply_loras(pipeline, loras)
@@ -236,7 +243,7 @@ def cmd_inpaint(args) -> None:
         raise CLIError(f"{out} exists; choose another --out, or pass --overwrite")
     check_writable(out)
     chosen_sampler = find_sampler(args.scheduler) if args.scheduler else None
-    pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, low_memory=args.low_memory,
+    pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, low_memory=args.low_memory, device=args.device,
                              pipeline_class=StableDiffusionInpaintPipeline)
     if chosen_sampler:
         pipeline.scheduler = chosen_sampler.from_config(pipeline.scheduler.config)
@@ -279,7 +286,7 @@ def cmd_compare(args) -> None:
     refuse_velocity_samplers(samplers)
     width, height = check_generation_args(args)
     out = check_writable(Path(args.out))
-    pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory)
+    pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory, args.device)
     base_config = pipeline.scheduler.config
     images, labels = [], []
     for sampler in samplers:
@@ -348,7 +355,8 @@ def cmd_sweep(args) -> None:
               f"{seconds_per_call * calls / 60:.1f} min on one process (plus loading and decoding)")
         return
     check_job_count(spec, args.allow_many_jobs)  # before the folder is made
-    counts = run_sweep(spec, check_writable(Path(args.out)), progress=not args.no_progress, allow_many_jobs=args.allow_many_jobs)
+    counts = run_sweep(spec, check_writable(Path(args.out)), progress=not args.no_progress, allow_many_jobs=args.allow_many_jobs,
+                       backend=args.backend)
     print(f"sweep: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} already done, "
           f"of {counts['total']} jobs; see {Path(args.out) / 'index.html'}")
 
@@ -395,8 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--weights", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="folder, single file or hub repo id")
         command.add_argument(
             "--dtype", choices=sorted(DTYPES), default="auto",
-            help="auto (default): bf16 on a CPU with AMX-BF16 or AVX512-BF16 (about 3.5x faster), else fp32",
+            help="auto (default): fp16 on a CUDA GPU; on a CPU bf16 with AMX-BF16 or AVX512-BF16 (about 3.5x faster), else fp32",
         )
+        command.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when PyTorch sees a GPU, else cpu)")
         command.add_argument("--vae-tiling", action="store_true", help="decode tile by tile: bounded memory for large images")
         command.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder (compiles on first use)")
         command.add_argument(
@@ -434,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint.add_argument("--negative", default=None, help="negative prompt")
     inpaint.add_argument("--scheduler", default=None, help="a name as in `minidiff schedulers`")
     inpaint.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
+    inpaint.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when PyTorch sees a GPU, else cpu)")
     inpaint.add_argument("--vae-tiling", action="store_true")
     inpaint.add_argument("--low-memory", action="store_true")
     inpaint.add_argument("--out", default="inpainted.png")
@@ -457,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", default="sweep", help="output folder: one PNG per job, manifest.jsonl, grids/, index.html")
     sweep.add_argument("--dry-run", action="store_true", help="list the jobs and estimate the time from one measured UNet call")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sweep.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto",
+                       help="torchrun's process group: auto = nccl with a GPU per local rank, else gloo")
     sweep.add_argument("--allow-many-jobs", action="store_true", help="run a spec of more than 100000 jobs (refused without it)")
     sweep.set_defaults(run=cmd_sweep)
 

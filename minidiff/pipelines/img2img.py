@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 
 from minidiff.pipelines.common import StableDiffusionPipelineOutput, check_output_type
+from minidiff.pipelines.compatibility import refuse_unsupported_arguments
+from minidiff.pipelines.devices import SCHEDULE_DEVICE
 from minidiff.pipelines.input_checks import check_finite, check_image_size
 from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
 from minidiff.utils.torch_utils import randn_tensor
@@ -62,7 +64,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
     @torch.no_grad()
     def prepare_image_latents(self, image: torch.Tensor, timestep: torch.Tensor, batch_size: int, dtype, generator=None):
         """z_0 = scaling_factor * E(image) sampled from the latent distribution, then noised to `timestep`."""
-        image = image.to(device=self.device, dtype=dtype)
+        image = image.to(device=self._execution_device, dtype=self.vae.dtype)  # the VAE's dtype: float32 after upcast_vae()
         if isinstance(generator, list):
             if image.shape[0] < batch_size:
                 image = torch.cat([image] * (batch_size // image.shape[0]))
@@ -71,11 +73,11 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
             )
         else:
             init_latents = self.vae.encode(image).latent_dist.sample(generator)
-        init_latents = self.vae.config.scaling_factor * init_latents
+        init_latents = self.vae.config.scaling_factor * init_latents.to(dtype)
         if batch_size % init_latents.shape[0]:
             raise ValueError(f"cannot repeat {init_latents.shape[0]} image(s) to a batch of {batch_size} prompts")
         init_latents = torch.cat([init_latents] * (batch_size // init_latents.shape[0]))
-        noise = randn_tensor(init_latents.shape, generator=generator, device=self.device, dtype=dtype)
+        noise = randn_tensor(init_latents.shape, generator=generator, device=self._execution_device, dtype=dtype)
         return self.scheduler.add_noise(init_latents, noise, timestep)
 
     def denoise(
@@ -111,13 +113,13 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         self.check_inputs(prompt, image.shape[-2], image.shape[-1], prompt_embeds=prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, self.device, num_images_per_prompt, guidance_scale > 1.0, negative_prompt,
+            prompt, self._execution_device, num_images_per_prompt, guidance_scale > 1.0, negative_prompt,
             prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
             lora_scale=(cross_attention_kwargs or {}).get("scale"),
         )
         batch_size = prompt_embeds.shape[0]
 
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        self.scheduler.set_timesteps(num_inference_steps, device=SCHEDULE_DEVICE)
         timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength)
         if num_inference_steps < 1:
             raise ValueError(f"strength {strength} leaves no step to run; raise strength or num_inference_steps")
@@ -133,23 +135,29 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         prompt: str | list[str] | None = None,
         image=None,
         strength: float = 0.8,
-        negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
         eta: float = 0.0,
-        output_type: str = "pil",
-        cross_attention_kwargs: dict | None = None,
-        *,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
         clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-        return_dict: bool = True,
     ) -> StableDiffusionPipelineOutput | tuple:
-        """Image to image: the `denoise` loop run to the end, then decoded (`output_type` as text-to-image's)."""
+        """Image to image: the `denoise` loop run to the end, then decoded (`output_type` as text-to-image's).
+        Arguments and positions are diffusers 0.42.1's; timesteps, sigmas and the IP-Adapter's are refused unless None."""
+        refuse_unsupported_arguments(timesteps=timesteps, sigmas=sigmas, ip_adapter_image=ip_adapter_image,
+                                     ip_adapter_image_embeds=ip_adapter_image_embeds)
         check_output_type(output_type)  # the other inputs: in denoise
         step = None
         for step in self.denoise(
@@ -162,4 +170,5 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         ):
             pass
         images = self.latents_to_output(step.latents, output_type)
+        self.maybe_free_model_hooks()  # with CPU offload: the VAE goes back to the CPU
         return StableDiffusionPipelineOutput(images=images) if return_dict else (images, None)

@@ -31,6 +31,9 @@ import torch
 from PIL import Image
 
 from minidiff.pipelines.common import DenoisingStep, StableDiffusionPipelineOutput, check_output_type
+from minidiff.pipelines.compatibility import refuse_unsupported_arguments
+from minidiff.pipelines.devices import SCHEDULE_DEVICE
+from minidiff.pipelines.input_checks import check_finite, check_image_size
 from minidiff.pipelines.img2img import StableDiffusionImg2ImgPipeline
 from minidiff.pipelines.mask_processing import VaeImageProcessor, check_is_image, image_size
 from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
@@ -112,9 +115,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
             if name not in inspect.signature(self.scheduler.set_timesteps).parameters:
                 raise ValueError(f"{type(self.scheduler).__name__}.set_timesteps takes no custom {name}; use a scheduler that does (e.g. Euler)")
         if custom:
-            self.scheduler.set_timesteps(device=self.device, **custom)
+            self.scheduler.set_timesteps(device=SCHEDULE_DEVICE, **custom)
             return self.scheduler.timesteps, len(self.scheduler.timesteps)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        self.scheduler.set_timesteps(num_inference_steps, device=SCHEDULE_DEVICE)
         return self.scheduler.timesteps, num_inference_steps
 
     # ----- latents -----
@@ -137,11 +140,11 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
             raise ValueError(f"{len(generator)} generators for a batch of {batch_size} images: give one per image")
         image_latents = None
         if need_image_latents or (latents is None and not is_strength_max):
-            init_image = init_image.to(device=self.device, dtype=self.vae.dtype)
+            init_image = init_image.to(device=self._execution_device, dtype=self.vae.dtype)
             image_latents = init_image if init_image.shape[1] == 4 else self._encode_vae_image(init_image, generator)
             image_latents = image_latents.to(dtype).repeat(batch_size // image_latents.shape[0], 1, 1, 1)
         if latents is None:
-            noise = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+            noise = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
             if is_strength_max:
                 latents = noise * self.scheduler.init_noise_sigma
             else:
@@ -149,7 +152,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         else:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
-            noise = latents.to(device=self.device, dtype=dtype)
+            noise = latents.to(device=self._execution_device, dtype=dtype)
             latents = noise * self.scheduler.init_noise_sigma
         return latents, noise, image_latents
 
@@ -159,8 +162,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         """The mask on the latent grid (nearest neighbour) and the masked image's latents, repeated to the batch
         (and doubled for classifier-free guidance)."""
         mask = torch.nn.functional.interpolate(mask, size=(height // self.vae_scale_factor, width // self.vae_scale_factor))
-        mask = mask.to(device=self.device, dtype=dtype)
-        masked_image = masked_image.to(device=self.device, dtype=dtype if masked_image.shape[1] == 4 else self.vae.dtype)
+        mask = mask.to(device=self._execution_device, dtype=dtype)
+        masked_image = masked_image.to(device=self._execution_device, dtype=dtype if masked_image.shape[1] == 4 else self.vae.dtype)
         masked_latents = masked_image if masked_image.shape[1] == 4 else self._encode_vae_image(masked_image, generator)
         for name, tensor in (("masks", mask), ("images", masked_latents)):
             if batch_size % tensor.shape[0]:
@@ -169,7 +172,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         masked_latents = masked_latents.repeat(batch_size // masked_latents.shape[0], 1, 1, 1)
         if do_classifier_free_guidance:
             mask, masked_latents = torch.cat([mask] * 2), torch.cat([masked_latents] * 2)
-        return mask, masked_latents.to(device=self.device, dtype=dtype)
+        return mask, masked_latents.to(device=self._execution_device, dtype=dtype)
 
     # ----- the loop -----
 
@@ -207,11 +210,22 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         After the last step, `self.inpaint_state` holds what decoding needs (the preprocessed image, the crop box)."""
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
+        # the shared checks of every pipeline (pipelines/input_checks.py), before any work: finite numbers, then sizes
+        check_finite(guidance_scale=guidance_scale, strength=strength, eta=eta)
+        prompts = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None or prompt_embeds is None else len(prompt_embeds)
+        tiling = getattr(self.vae, "use_tiling", False)
+        check_image_size(height, width, prompts * num_images_per_prompt, tiling)  # what the loop makes and decodes
+        for name, given in (("image", image), ("mask_image", mask_image)):  # what is read and resized (None: below)
+            if given is not None:
+                check_is_image(given, name)
+                given_wh = image_size(given)  # None for latents
+                if given_wh is not None:
+                    check_image_size(given_wh[1], given_wh[0], 1, tiling)
         self.check_inputs(prompt, height, width, output_type, prompt_embeds, callback_on_step_end_tensor_inputs)
         self.check_inpaint_inputs(image, mask_image, masked_image_latents, strength, output_type, padding_mask_crop)
         do_cfg = guidance_scale > 1.0
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, self.device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            prompt, self._execution_device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds,
             clip_skip=clip_skip,
         )
         batch_size = prompt_embeds.shape[0]
@@ -320,6 +334,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict | None = None,
@@ -327,7 +343,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ) -> StableDiffusionPipelineOutput | tuple:
-        """Inpaint `image` where `mask_image` is white; diffusers 0.42.1's arguments (no IP-Adapter)."""
+        """Inpaint `image` where `mask_image` is white; diffusers 0.42.1's arguments and positions (the IP-Adapter's are
+        refused unless None)."""
+        refuse_unsupported_arguments(ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
         check_output_type(output_type)
         step = None
         for step in self.denoise(

@@ -12,6 +12,7 @@ This class is the loop and its steps; the rest comes from mixins, each in its ow
     loaders/textual_inversion.py    load_textual_inversion, maybe_convert_prompt
     pipelines/compatibility.py      diffusers' deprecated spellings and switches; its scheduler-config fix
     pipelines/common.py             the progress bar (shared with DDPMPipeline)
+    pipelines/devices.py            to(), device, dtype, where tensors are made; CPU offload (pipelines/offload.py)
 """
 
 from __future__ import annotations
@@ -33,29 +34,32 @@ from minidiff.pipelines.common import (
 from minidiff.pipelines.compatibility import (
     DiffusersCompatibilityMixin,
     correct_outdated_scheduler_config,
+    refuse_unsupported_arguments,
     warn_unused_parts,
 )
+from minidiff.pipelines.devices import SCHEDULE_DEVICE, DevicePlacementMixin
 from minidiff.pipelines.input_checks import check_finite, check_image_size
 from minidiff.pipelines.loading import StableDiffusionLoadingMixin
 from minidiff.schedulers.ddim import DDIMScheduler
 from minidiff.schedulers.flow_match_euler import FlowMatchEulerDiscreteScheduler
 from minidiff.schedulers.parameterization import x0_from_flow_velocity
-from minidiff.utils.cpu import conv_memory_format
 from minidiff.utils.torch_utils import randn_tensor
 
 
 class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoaderMixin, DiffusersCompatibilityMixin,
-                              StableDiffusionLoraLoaderMixin, ProgressBarMixin):
+                              StableDiffusionLoraLoaderMixin, DevicePlacementMixin, ProgressBarMixin):
     """Text-to-image with Stable Diffusion 1.x: tokenizer, CLIP text encoder, UNet, scheduler, VAE.
 
     The precision is the models' dtype (`from_pretrained(..., dtype=torch.bfloat16)`): bfloat16 is the
-    fast path on CPUs with AMX or AVX512-BF16 (see `fastest_cpu_dtype` and docs/performance.md). In float16
-    the VAE is kept in float32 when its config says `force_upcast` (SD 1.5's does): its activations reach
-    beyond float16's range on some images, and on a CPU an fp16 decode is no faster anyway.
+    fast path on CPUs with AMX or AVX512-BF16 (see `fastest_cpu_dtype` and docs/performance.md), float16 on a
+    GPU. As in diffusers' SD 1.x pipelines, every model keeps that dtype, the VAE included: SD 1.5's VAE decodes
+    fine in float16 (its config's `force_upcast` is read only by SDXL's pipelines, whose VAE overflows);
+    `pipe.upcast_vae()` puts it in float32 if you want.
     """
 
     # What `callback_on_step_end` may read and replace, as in diffusers.
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    _cpu_layout_models = ("unet", "vae")  # channels-last conv weights on a CPU (pipelines/devices.py)
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
                  requires_safety_checker: bool = False, image_encoder=None):
@@ -66,20 +70,7 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         self.tokenizer = tokenizer
         self.unet = unet
         self.scheduler = scheduler
-        self._upcast_vae_if_float16()
-        self.vae.to(memory_format=conv_memory_format("vae", self.vae.dtype))  # no copy if loaded that way
-        self.unet.to(memory_format=conv_memory_format("unet", self.unet.dtype))
-
-    def _upcast_vae_if_float16(self) -> None:
-        if self.vae.dtype == torch.float16 and self.vae.config.force_upcast:
-            self.vae.to(torch.float32)
-
-    def to(self, device=None, dtype: torch.dtype | None = None, memory_format: torch.memory_format | None = None):
-        """Move and/or cast every model; `memory_format` sets the conv weights' layout (see `_convolutions_channels_last`)."""
-        for module in (self.vae, self.text_encoder, self.unet):
-            module.to(device=device, dtype=dtype, memory_format=memory_format)
-        self._upcast_vae_if_float16()
-        return self
+        self._set_conv_layout()  # no copy if loaded that way
 
     def compile(self) -> None:
         """Opt-in: `torch.compile` the UNet and the VAE decoder in place, with inductor's `freezing` (weights
@@ -90,10 +81,6 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         """
         for module in (self.unet, self.vae.decoder):
             module.forward = torch.compile(module.forward, options={"freezing": True})  # state-dict names unchanged
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
 
     @property
     def vae_scale_factor(self) -> int:
@@ -152,7 +139,7 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         if prompt_embeds is None:
             prompt = [prompt] if isinstance(prompt, str) else prompt
             prompt_embeds = self._text_embeddings(self.maybe_convert_prompt(prompt), clip_skip)
-        prompt_embeds = prompt_embeds.to(dtype=self.text_encoder.dtype, device=device or self.device)
+        prompt_embeds = prompt_embeds.to(dtype=self.text_encoder.dtype, device=device or self._execution_device)
         batch = prompt_embeds.shape[0]
         if do_classifier_free_guidance and negative_prompt_embeds is None:
             if negative_prompt is None:
@@ -168,7 +155,7 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
             uncond_tokens = self.maybe_convert_prompt(uncond_tokens)
             negative_prompt_embeds = self._text_embeddings(uncond_tokens, clip_skip=None, max_length=prompt_embeds.shape[1])
         if negative_prompt_embeds is not None:
-            negative_prompt_embeds = negative_prompt_embeds.to(dtype=self.text_encoder.dtype, device=device or self.device)
+            negative_prompt_embeds = negative_prompt_embeds.to(dtype=self.text_encoder.dtype, device=device or self._execution_device)
             if negative_prompt_embeds.shape != prompt_embeds.shape:
                 raise ValueError(
                     f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} and prompt_embeds "
@@ -186,7 +173,7 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
             texts, padding="max_length", max_length=max_length or self.tokenizer.model_max_length, truncation=True,
             return_tensors="pt",
         )
-        input_ids = tokens.input_ids.to(self.text_encoder.device)
+        input_ids = tokens.input_ids.to(self._execution_device)
         if clip_skip is None:
             return self.text_encoder(input_ids)[0]
         hidden_states = self.text_encoder(input_ids, output_hidden_states=True).hidden_states
@@ -196,10 +183,10 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         """x_T ~ N(0, I) of shape (B, 4, H/8, W/8), scaled by the scheduler's `init_noise_sigma`."""
         shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+            latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for this prompt batch and size, got {tuple(latents.shape)}")
-        return latents.to(self.device) * self.scheduler.init_noise_sigma
+        return latents.to(self._execution_device) * self.scheduler.init_noise_sigma
 
     def step_kwargs(self, generator, eta: float) -> dict:
         """Every scheduler's `step` takes `generator` (the deterministic ones ignore it); `eta` is DDIM's (eq. 16)."""
@@ -218,9 +205,9 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         and steps of dt = -1/N; its `shift` config still applies on top (docs/flow_matching.md)."""
         if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
             N = num_inference_steps
-            self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / N, N), device=self.device)
+            self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / N, N), device=SCHEDULE_DEVICE)
         else:
-            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+            self.scheduler.set_timesteps(num_inference_steps, device=SCHEDULE_DEVICE)
         return self.scheduler.timesteps
 
     def model_output_for_scheduler(self, model_output: torch.Tensor) -> torch.Tensor:
@@ -302,7 +289,7 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         check_image_size(height, width, prompts * num_images_per_prompt, getattr(self.vae, "use_tiling", False))
         check_finite(guidance_scale=guidance_scale, eta=eta)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, self.device, num_images_per_prompt, guidance_scale > 1.0, negative_prompt,
+            prompt, self._execution_device, num_images_per_prompt, guidance_scale > 1.0, negative_prompt,
             prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
             lora_scale=(cross_attention_kwargs or {}).get("scale"),
         )
@@ -319,7 +306,7 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         """z -> image: undo the latent scaling (1 / 0.18215 for SD 1.5), decode with the VAE, convert to `output_type`."""
         if output_type == "latent":
             return latents
-        latents = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)  # the VAE may be float32 (upcast)
+        latents = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)  # float32 after upcast_vae()
         image = self.vae.decode(latents).sample  # (B, 3, H, W) in [-1, 1]
         return to_output_type(image, output_type)
 
@@ -330,25 +317,36 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
     def __call__(
         self,
         prompt: str | list[str] | None = None,
-        negative_prompt: str | list[str] | None = None,
         height: int = 512,
         width: int = 512,
         num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
+        eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
-        eta: float = 0.0,
-        output_type: str = "pil",
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
+        guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-        cross_attention_kwargs: dict | None = None,
-        return_dict: bool = True,
     ) -> StableDiffusionPipelineOutput | tuple:
-        """Text to image: the `denoise` loop run to the end, then decoded (`output_type` "pil", "np", "pt" or "latent")."""
+        """Text to image: the `denoise` loop run to the end, then decoded (`output_type` "pil", "np", "pt" or "latent").
+
+        The arguments and their positions are diffusers 0.42.1's, so `pipe("a cat", 512, 512, 20)` is height, width and
+        steps there and here. timesteps, sigmas, the IP-Adapter's and guidance_rescale are not implemented: they
+        are in the signature only to keep those positions, and refused unless left at their default."""
+        refuse_unsupported_arguments(timesteps=timesteps, sigmas=sigmas, ip_adapter_image=ip_adapter_image,
+                                     ip_adapter_image_embeds=ip_adapter_image_embeds, guidance_rescale=guidance_rescale)
         check_output_type(output_type)  # the other inputs: check_inputs, first thing in denoise
         step = None
         for step in self.denoise(
@@ -362,4 +360,5 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         ):
             pass
         images = self.latents_to_output(step.latents, output_type)
+        self.maybe_free_model_hooks()  # with CPU offload: the VAE goes back to the CPU
         return StableDiffusionPipelineOutput(images=images) if return_dict else (images, None)
