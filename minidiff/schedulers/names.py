@@ -6,6 +6,9 @@ own mapping (docs, "Schedulers" overview: "A1111/k-diffusion -> Diffusers"), wri
 
     "DPM++ 2M Karras"  ->  DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)
 
+"LCM" and "TCD" are not on that page: they are the samplers of consistency-distilled models (LCM-LoRA, TCD-LoRA),
+and an ordinary SD 1.5 gives blurs with them. Like diffusers, they are in no other scheduler's `compatibles`.
+
 Two rows differ from that page, on purpose:
 - "DPM++ SDE" is k-diffusion's `sample_dpmpp_sde` (a 2-stage SDE solver with Brownian-tree noise), which
   is what diffusers' `DPMSolverSDEScheduler` implements; the page lists `DPMSolverSinglestepScheduler`.
@@ -35,8 +38,10 @@ from minidiff.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from minidiff.schedulers.heun import HeunDiscreteScheduler
 from minidiff.schedulers.kdpm2 import KDPM2DiscreteScheduler
 from minidiff.schedulers.kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
+from minidiff.schedulers.lcm import LCMScheduler
 from minidiff.schedulers.lms import LMSDiscreteScheduler
 from minidiff.schedulers.pndm import PNDMScheduler
+from minidiff.schedulers.tcd import TCDScheduler
 from minidiff.schedulers.unipc import UniPCMultistepScheduler
 
 
@@ -84,6 +89,9 @@ SAMPLER_NAMES = [
     SamplerName("DPM++ 2S a", DPMSolverSinglestepScheduler, SDE, True, 1, "closest to A1111's ancestral 2S: SDE-DPM-Solver++ 2S"),
     SamplerName("DPM++ 2S a Karras", DPMSolverSinglestepScheduler, {**SDE, **KARRAS}, True, 1, "DPM++ 2S a on Karras sigmas"),
     SamplerName("DEIS", DEISMultistepScheduler, {}, False, 2, "exponential integrator, Adams-Bashforth in log rho (AB-DEIS)"),
+    # Few-step samplers: only for consistency-distilled models (LCM-LoRA, LCM Dreamshaper, TCD-LoRA), 2-8 steps.
+    SamplerName("LCM", LCMScheduler, {}, True, 1, "latent consistency: predict x0, re-noise; for LCM models and LCM-LoRA (4 steps)"),
+    SamplerName("TCD", TCDScheduler, {}, True, 1, "trajectory consistency: ODE jump to s, noise up to t_prev (gamma = eta)"),
 ]
 
 
