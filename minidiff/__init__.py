@@ -11,7 +11,13 @@ from minidiff.lab.gaussian_mixture import GaussianMixtureDenoiser
 from minidiff.models.unet_2d import UNet2DModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
-from minidiff.pipelines import DDPMPipeline, DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from minidiff.pipelines import (
+    DDPMPipeline,
+    DiffusionPipeline,
+    LatentConsistencyModelPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+)
 from minidiff.schedulers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -60,6 +66,6 @@ __all__ = [
     "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
     "DPMSolverSDEScheduler", "DEISMultistepScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler", "LCMScheduler", "TCDScheduler",
-    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "DDPMPipeline", "DiffusionPipeline",
+    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "DDPMPipeline", "DiffusionPipeline", "LatentConsistencyModelPipeline",
     "load_textual_inversion",
 ]

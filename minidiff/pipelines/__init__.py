@@ -3,6 +3,8 @@
 from minidiff.pipelines.auto import DiffusionPipeline
 from minidiff.pipelines.ddpm import DDPMPipeline
 from minidiff.pipelines.img2img import StableDiffusionImg2ImgPipeline
+from minidiff.pipelines.latent_consistency import LatentConsistencyModelPipeline
 from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline, StableDiffusionPipelineOutput
 
-__all__ = ["DiffusionPipeline", "DDPMPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionPipeline", "StableDiffusionPipelineOutput"]
+__all__ = ["DiffusionPipeline", "DDPMPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionPipeline", "StableDiffusionPipelineOutput",
+           "LatentConsistencyModelPipeline"]

@@ -17,10 +17,12 @@ import torch
 from minidiff.checkpoints.hub import HubOptions, download_file
 from minidiff.pipelines.ddpm import DDPMPipeline
 from minidiff.pipelines.img2img import StableDiffusionImg2ImgPipeline
+from minidiff.pipelines.latent_consistency import LatentConsistencyModelPipeline
 from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
 from minidiff.utils.torch_utils import resolve_dtype
 
-PIPELINES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, DDPMPipeline)}
+PIPELINES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, DDPMPipeline,
+                                            LatentConsistencyModelPipeline)}
 
 
 class DiffusionPipeline:

@@ -88,7 +88,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         image = preprocess_image(image, self.vae_scale_factor)
         self.check_inputs(prompt, image.shape[-2], image.shape[-1])
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, self.device, num_images_per_prompt, guidance_scale > 1.0, negative_prompt
+            prompt, self.device, num_images_per_prompt, self.uses_classifier_free_guidance(guidance_scale), negative_prompt
         )
         batch_size = prompt_embeds.shape[0]
 
