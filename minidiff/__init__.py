@@ -11,6 +11,7 @@ from minidiff.lab.gaussian_mixture import GaussianMixtureDenoiser
 from minidiff.models.unet_2d import UNet2DModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
+from minidiff.models.autoencoder_tiny import AutoencoderTiny
 from minidiff.pipelines import (
     DDPMPipeline,
     DiffusionPipeline,
@@ -61,7 +62,7 @@ for _old, _new in MOVED_MODULES.items():
 
 __all__ = [
     "ConfigMixin", "FrozenConfig", "register_to_config",
-    "CLIPTokenizer", "CLIPTextModel", "UNet2DConditionModel", "AutoencoderKL", "UNet2DModel", "GaussianMixtureDenoiser",
+    "CLIPTokenizer", "CLIPTextModel", "UNet2DConditionModel", "AutoencoderKL", "AutoencoderTiny", "UNet2DModel", "GaussianMixtureDenoiser",
     "SchedulerMixin", "SchedulerOutput", "PNDMScheduler", "DDIMScheduler", "DDPMScheduler", "LMSDiscreteScheduler",
     "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
     "DPMSolverSDEScheduler", "DEISMultistepScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
