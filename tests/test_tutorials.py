@@ -21,7 +21,7 @@ from minidiff.pipelines.stable_diffusion import DenoisingStep
 from minidiff.trace import CAPTION_HEIGHT, evenly_spaced, record, save_film_strip, save_gif
 
 REPO = Path(__file__).resolve().parent.parent
-TUTORIALS = sorted((REPO / "tutorials").glob("0*.py"))
+TUTORIALS = sorted((REPO / "tutorials").glob("[0-9][0-9]_*.py"))
 TIMEOUT_SECONDS = 120  # the bar: each tutorial in under 2 minutes on 2 shared cores (they take 3-10 s)
 # Tutorials that train a network get more (at most 240 s).
 TIMEOUT_SECONDS_OF = {"08_train_a_denoiser": 240}
@@ -37,6 +37,7 @@ PICTURES = {
     "07_a_scheduler_next_to_its_paper": ["samples.png"],
     "08_train_a_denoiser": ["data.png", "eps_error_vs_sigma.png", "samples.png"],
     "09_steering_the_loop": ["loss_guidance.png", "attention_maps.png"],
+    "11_four_steps": ["samples.png", "previews.png", "image.png"],
 }
 
 # Traces written by the tutorials: (frames recorded, frame width = height in pixels).
