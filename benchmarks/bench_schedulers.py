@@ -18,7 +18,7 @@ import torch
 
 import diffusers
 import minidiff
-from minidiff.checkpoints.single_file_layout import sd15_config
+from minidiff.data import sd15_config
 
 SD15_SCHEDULER_CONFIG = sd15_config("scheduler")
 

@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "minidiff"
 
 # Bottom to top. A module may import its own part and the parts listed before it, never one listed after.
 LAYERS = [
+    "minidiff.data",
     "minidiff.utils",
     "minidiff.checkpoints",
     "minidiff.configuration",
@@ -130,3 +131,25 @@ def test_the_checker_sees_deferred_and_relative_imports(tmp_path):
     source.write_text("def f():\n    from minidiff import trace\n    from . import b\n")
     found = imported_modules("minidiff.utils.mod", source, {"minidiff", "minidiff.utils", "minidiff.utils.b"})
     assert found == {"minidiff", "minidiff.utils.b"}
+
+
+def test_one_module_talks_to_the_hub():
+    """checkpoints/hub.py says it is the one place minidiff calls huggingface_hub: every other module goes through it."""
+    callers = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            imported = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                        else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(module.split(".")[0] == "huggingface_hub" for module in imported):
+                callers.append(name)
+    assert sorted(set(callers)) == ["minidiff.checkpoints.hub"]
+
+
+def test_sd15_config_lives_with_the_bundled_configs_and_keeps_its_old_address():
+    from minidiff.checkpoints import single_file_layout
+    from minidiff.data import SD15_CONFIGS, sd15_config
+
+    assert single_file_layout.sd15_config is sd15_config and single_file_layout.SD15_CONFIGS == SD15_CONFIGS
+    assert sd15_config("scheduler")["_class_name"] == "PNDMScheduler"
+    sources = {name: path.read_text(encoding="utf-8") for name, path in modules().items()}
+    assert not [name for name, text in sources.items() if "single_file_layout import sd15_config" in text]

@@ -11,6 +11,7 @@ kernels and summation order); a pipeline reloaded from its own folder gives the 
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -287,3 +288,51 @@ def test_load_textual_inversion_refuses_what_diffusers_refuses(both_pipelines):
             theirs.load_textual_inversion(source, token=token)
     assert ours.tokenizer.get_vocab() == vocabulary
     assert torch.equal(ours.text_encoder.get_input_embeddings().weight, table)
+
+
+# ----- the Deep Dive's textual-inversion ending: a pipeline built around a hand-made PNDM scheduler -----------
+
+
+def outdated_config_warnings(build) -> tuple:
+    """The pipeline `build()` returns, and the FutureWarnings it gave about its scheduler's config (the config shown
+    in them without minidiff's own version key, the one difference between the two libraries' scheduler reprs)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipeline = build()
+    messages = [str(w.message) for w in caught if issubclass(w.category, FutureWarning) and "this scheduler:" in str(w.message)]
+    return pipeline, [re.sub(r'\n  "_minidiff_version": "[^"]*",', "", message) for message in messages]
+
+
+@pytest.mark.parametrize("scheduler_name, kwargs", [
+    ("PNDMScheduler", dict(skip_prk_steps=True)),  # the Deep Dive's: steps_offset 0 -> 1
+    ("DDIMScheduler", dict()),  # a bare DDIMScheduler: steps_offset 0 -> 1, clip_sample True -> False
+])
+def test_pipeline_constructor_corrects_outdated_scheduler_configs_as_diffusers(both_pipelines, scheduler_name, kwargs):
+    import minidiff
+    from minidiff.pipelines.img2img import StableDiffusionImg2ImgPipeline
+    from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
+
+    ours, theirs = both_pipelines
+    schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", **kwargs)
+    parts = {name: getattr(ours, name) for name in ("vae", "text_encoder", "tokenizer", "unet")}
+    their_parts = {name: getattr(theirs, name) for name in ("vae", "text_encoder", "tokenizer", "unet")}
+    ours, our_warnings = outdated_config_warnings(lambda: StableDiffusionPipeline(
+        **parts, scheduler=getattr(minidiff, scheduler_name)(**schedule), safety_checker=None, feature_extractor=None))
+    theirs, their_warnings = outdated_config_warnings(lambda: diffusers.StableDiffusionPipeline(
+        **their_parts, scheduler=getattr(diffusers, scheduler_name)(**schedule), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False))
+    assert our_warnings == their_warnings and len(our_warnings) == (1 if scheduler_name == "PNDMScheduler" else 2)
+    assert ours.scheduler.config.steps_offset == 1 and ours.scheduler.config.get("clip_sample", False) is False
+    _, img2img_warnings = outdated_config_warnings(lambda: StableDiffusionImg2ImgPipeline(
+        **parts, scheduler=getattr(minidiff, scheduler_name)(**schedule)))
+    assert img2img_warnings == our_warnings
+
+    for pipeline in (ours, theirs):
+        pipeline.set_progress_bar_config(disable=True)
+        pipeline.scheduler.set_timesteps(6)
+    assert ours.scheduler.timesteps.tolist() == theirs.scheduler.timesteps.tolist()
+    assert ours.scheduler.timesteps.tolist()[::-1][:1] == [1] and ours.scheduler.timesteps[0] == 831
+    call = dict(prompt="a photo of a cat toy", height=64, width=64, num_inference_steps=6, output_type="latent")
+    latents = ours(generator=torch.Generator().manual_seed(0), **call).images
+    their_latents = theirs(generator=torch.Generator().manual_seed(0), **call).images
+    torch.testing.assert_close(latents, their_latents, rtol=RTOL, atol=1e-5)

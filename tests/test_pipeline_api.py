@@ -85,6 +85,49 @@ def test_callback_on_step_end_sees_and_changes_the_latents_as_in_diffusers(pipel
         ours("a cat", callback_on_step_end=callback("ours"), callback_on_step_end_tensor_inputs=["noise"])
 
 
+def test_callback_on_step_end_replaces_the_text_batch_as_in_diffusers(pipelines):
+    """diffusers hands a callback the text batch the UNet sees, [negative; prompt] under guidance; what the callback
+    returns is that batch from then on (here: the Deep Dive's 'guidance off after step 1', both halves conditional)."""
+    ours, theirs = pipelines
+    shapes = {"ours": [], "theirs": []}
+
+    def callback(name):
+        def on_step_end(pipe, step, t, tensors):
+            shapes[name].append(tuple(tensors["prompt_embeds"].shape))
+            if step == 1:
+                conditional = tensors["prompt_embeds"].chunk(2)[1]
+                return {"prompt_embeds": torch.cat([conditional, conditional])}
+            return {}
+        return on_step_end
+
+    kwargs = dict(prompt="a cat", callback_on_step_end_tensor_inputs=["prompt_embeds", "negative_prompt_embeds"])
+    images = [generate(p, callback_on_step_end=callback(n), **kwargs) for p, n in ((ours, "ours"), (theirs, "theirs"))]
+    assert shapes["ours"] == shapes["theirs"] and shapes["ours"][0] == (2, 77, ours.text_encoder.config.hidden_size)
+    np.testing.assert_allclose(images[0], images[1], rtol=0, atol=TOLERANCE)
+    assert np.abs(images[0] - generate(ours, prompt="a cat")).max() > 1e-4  # the change reached the UNet
+
+
+def test_check_inputs_runs_once_per_call_and_img2img_extends_denoise(pipelines, monkeypatch):
+    import inspect
+
+    from minidiff import StableDiffusionImg2ImgPipeline
+
+    ours, _ = pipelines
+    calls = []
+    check_inputs = ours.check_inputs
+    monkeypatch.setattr(ours, "check_inputs", lambda *args, **kwargs: calls.append(1) or check_inputs(*args, **kwargs))
+    generate(ours, prompt="a cat", num_inference_steps=1)
+    assert calls == [1]
+    with pytest.raises(ValueError, match="unknown output_type"):
+        generate(ours, prompt="a cat", output_type="jpg")
+    # img2img's denoise takes text-to-image's positional argument (the prompt) and adds image, strength after it
+    base = inspect.signature(StableDiffusionPipeline.denoise).parameters
+    img2img = inspect.signature(StableDiffusionImg2ImgPipeline.denoise).parameters
+    positional = [name for name, p in base.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert positional == ["self", "prompt"] and list(img2img)[:5] == ["self", "prompt", "image", "strength", "negative_prompt"]
+    assert set(base) - set(img2img) == {"height", "width", "latents"}  # the image sets the size and the start
+
+
 def test_decode_latents_numpy_to_pil_and_attention_slicing(pipelines):
     ours, theirs = pipelines
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))

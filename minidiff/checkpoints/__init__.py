@@ -5,7 +5,8 @@
     single_file_layout.py  the original one-file SD 1.x checkpoint: what it holds, recognising it, where each part is
     key_map.py             the original names <-> diffusers' names, both directions
     errors.py              one error naming every missing, unexpected and mis-shaped key
-    hub.py, download.py    the Hugging Face hub, through huggingface_hub (offline: a clear error)
+    hub.py                 the one module that calls huggingface_hub (offline: a clear error)
+    download.py            `minidiff download`: which files of SD 1.5 / DDPM to fetch (through hub.py)
 """
 
 from minidiff.checkpoints.errors import CheckpointError, check_state_dict

@@ -1,4 +1,5 @@
-"""Download real weights through huggingface_hub: only the files minidiff needs, resumable, with progress.
+"""Download real weights (through hub.py, minidiff's one door to huggingface_hub): only the files minidiff needs,
+resumable, with progress.
 
     minidiff download sd15                     # diffusers folder layout, fp32 (about 4.3 GB)
     minidiff download sd15 --variant fp16      # the fp16 files (about 2.1 GB)
@@ -12,6 +13,8 @@ them (`select_sd15_files`), so the choice is tested without a network.
 from __future__ import annotations
 
 from pathlib import Path
+
+from minidiff.checkpoints.hub import download_file, list_repo_files
 
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD15_SINGLE_FILE = "v1-5-pruned-emaonly.safetensors"
@@ -64,10 +67,8 @@ def select_ddpm_files(repo_files: list[str]) -> list[str]:
 
 def _fetch(repo_id: str, choose, out: str | Path | None) -> Path:
     """List the repo, choose files, download each (resumable: huggingface_hub keeps partial files)."""
-    import huggingface_hub
-
     try:
-        files = huggingface_hub.list_repo_files(repo_id)
+        files = list_repo_files(repo_id)
     except Exception as error:
         raise ConnectionError(
             f"cannot reach the Hugging Face hub to download {repo_id} ({type(error).__name__}). "
@@ -77,7 +78,7 @@ def _fetch(repo_id: str, choose, out: str | Path | None) -> Path:
     chosen = choose(files)
     local = None
     for name in chosen:
-        local = huggingface_hub.hf_hub_download(repo_id, name, local_dir=str(out) if out else None)
+        local = download_file(repo_id, name, local_dir=out)
     root = Path(out) if out else Path(local).parents[len(Path(chosen[-1]).parts) - 1]
     return root
 

@@ -1,4 +1,5 @@
-"""The one place minidiff talks to the Hugging Face hub: fetch a file of a repo, or say clearly why not."""
+"""The one place minidiff talks to the Hugging Face hub: list a repo, fetch a file or a component's files, or say
+clearly why not. Every other module (configs, models, tokenizer, `minidiff download`) goes through these functions."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-class HubUnavailableError(OSError):
+class HubUnavailableError(ConnectionError):
     """The hub could not be reached (or the file is not there) and no local copy exists."""
 
 
@@ -24,17 +25,27 @@ class HubOptions:
         return {key: value for key, value in asdict(self).items() if value is not None}
 
 
-def download_file(repo_id: str, filename: str, subfolder: str | None = None, hub: HubOptions | None = None) -> str:
+def list_repo_files(repo_id: str) -> list[str]:
+    """The path of every file in `repo_id` (to choose what to download); huggingface_hub's errors as they are."""
+    import huggingface_hub
+
+    return huggingface_hub.list_repo_files(repo_id)
+
+
+def download_file(repo_id: str, filename: str, subfolder: str | None = None, hub: HubOptions | None = None,
+                  local_dir: str | os.PathLike | None = None) -> str:
     """Returns the local path of `subfolder/filename` of `repo_id`, downloading it through huggingface_hub.
 
-    Uses the local cache when it has the file. When the hub cannot be reached the error says so and
-    names the local-folder alternative.
+    Uses the local cache when it has the file (`local_dir`: a plain copy there instead). When the hub cannot be
+    reached the error says so and names the local-folder alternative.
     """
     import huggingface_hub
 
     where = f"{repo_id}/{subfolder + '/' if subfolder else ''}{filename}"
+    where_to = {"local_dir": str(local_dir)} if local_dir is not None else {}
     try:
-        return huggingface_hub.hf_hub_download(repo_id, filename, subfolder=subfolder or None, **(hub or HubOptions()).as_kwargs())
+        return huggingface_hub.hf_hub_download(repo_id, filename, subfolder=subfolder or None,
+                                               **(hub or HubOptions()).as_kwargs(), **where_to)
     except Exception as error:  # offline, unknown repo, missing file, gated repo: all reported the same clear way
         raise HubUnavailableError(
             f"could not get {where} from the Hugging Face hub ({type(error).__name__}: {str(error).splitlines()[0]}). "

@@ -12,7 +12,7 @@ What the file holds (keys of `v1-5-pruned.safetensors`):
 
 The file holds only weights: the architecture configs, the default scheduler config (PNDM, scaled_linear
 0.00085-0.012, skip_prk_steps, steps_offset 1) and the CLIP vocabulary come with minidiff (`minidiff/data/sd15/`,
-the one copy of SD 1.5's configs). One network is loaded from such a file by `ModelMixin.from_single_file`;
+the one copy of SD 1.5's configs, read by `minidiff.data.sd15_config`). One network is loaded from such a file by `ModelMixin.from_single_file`;
 the whole pipeline by `minidiff.loaders.single_file`.
 """
 
@@ -37,8 +37,8 @@ from minidiff.checkpoints.key_map import (
     vae_key_map,
 )
 from minidiff.checkpoints.reader import CheckpointFile
+from minidiff.data import SD15_CONFIGS, sd15_config  # noqa: F401 (sd15_config: its old address, kept importable)
 
-SD15_CONFIGS = Path(__file__).resolve().parent.parent / "data" / "sd15"
 POSITION_IDS = TEXT_ENCODER_PREFIX + "text_model.embeddings.position_ids"
 EMA_BOOKKEEPING = (EMA_PREFIX + "decay", EMA_PREFIX + "num_updates")
 # The buffers LDM's `DDPM.register_schedule` stores next to the weights (Rombach et al. 2022, ldm/models/diffusion/ddpm.py).
@@ -64,12 +64,6 @@ PARTS = {
     "text_encoder": (TEXT_ENCODER_PREFIX, ["model.safetensors", "pytorch_model.bin"]),
 }
 PART_OF_CLASS = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "CLIPTextModel": "text_encoder"}
-
-
-def sd15_config(part: str) -> dict:
-    """SD 1.5's bundled config of `part` ("unet", "vae", "text_encoder", "scheduler"), read from its JSON file."""
-    name = "scheduler_config.json" if part == "scheduler" else "config.json"
-    return json.loads((SD15_CONFIGS / part / name).read_text(encoding="utf-8"))
 
 
 # ----- recognising what the file is ----------------------------------------------------------------

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minidiff.checkpoints.single_file_layout import sd15_config
+from minidiff.data import sd15_config
 from minidiff.lab.gaussian_mixture import GaussianMixtureDenoiser
 
 # Stable Diffusion 1.5's scheduler_config.json (bundled with minidiff: the one copy of SD 1.5's configs; docs/schedulers.md §1).

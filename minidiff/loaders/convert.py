@@ -25,13 +25,13 @@ from minidiff.checkpoints.reader import CheckpointFile, read_state_dict
 from minidiff.checkpoints.single_file_layout import (
     PARTS,
     POSITION_IDS,
-    SD15_CONFIGS,
     check_is_sd1,
     check_part_fits,
     component_config,
     key_map_for,
     stored_keys,
 )
+from minidiff.data import SD15_CONFIGS
 from minidiff.loaders.scheduler import scheduler_from_folder
 from minidiff.loaders.single_file import account_for_other_keys, config_folder, tokenizer_from_config_folder
 from minidiff.models.clip_text import CLIPTextModel

@@ -29,9 +29,9 @@ from minidiff.checkpoints.single_file_layout import (
     PARTS,
     POSITION_IDS,
     SCHEDULE_BUFFERS,
-    SD15_CONFIGS,
     check_is_sd1,
 )
+from minidiff.data import SD15_CONFIGS
 from minidiff.loaders.scheduler import scheduler_from_folder
 from minidiff.models.clip_text import CLIPTextModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel

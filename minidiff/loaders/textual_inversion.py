@@ -16,6 +16,9 @@ The files it reads (what diffusers' `load_textual_inversion` reads):
 Pickled files are read with torch.load(weights_only=True): tensors, numbers and strings only, no code.
 A concept of n > 1 vectors becomes n tokens "<tok>", "<tok>_1", ..., "<tok>_{n-1}"; a prompt that names
 "<tok>" must then spell them all out, which `maybe_convert_prompt` does.
+
+`TextualInversionLoaderMixin` (at the end) gives a pipeline diffusers' two methods on top of these functions:
+`pipe.load_textual_inversion(...)` and `pipe.maybe_convert_prompt(...)`.
 """
 
 from __future__ import annotations
@@ -175,3 +178,29 @@ def _token_and_embedding(state_dict: dict | torch.Tensor, token: str | None) -> 
     if not isinstance(token, str) or not token:
         raise ValueError("the file names no token: pass token='<my-concept>'")
     return token, embedding.detach()
+
+
+class TextualInversionLoaderMixin:
+    """diffusers' pipeline methods for textual inversion, on a pipeline that has `tokenizer` and `text_encoder`."""
+
+    def load_textual_inversion(
+        self,
+        pretrained_model_name_or_path: str | os.PathLike | dict | torch.Tensor | list,
+        token: str | list[str] | None = None,
+        tokenizer=None,
+        text_encoder=None,
+        weight_name: str | None = None,
+    ) -> list[str]:
+        """Add learned concepts to this pipeline's tokenizer and text encoder (or the ones given), as diffusers'
+        `load_textual_inversion`: see `load_textual_inversion` above for what it reads. A concept of n vectors
+        becomes tokens "<tok>", "<tok>_1", ...; prompts naming "<tok>" get them all (`maybe_convert_prompt`).
+        Returns the tokens added (diffusers returns None)."""
+        return load_textual_inversion(tokenizer or self.tokenizer, text_encoder or self.text_encoder,
+                                      pretrained_model_name_or_path, token=token, weight_name=weight_name)
+
+    def maybe_convert_prompt(self, prompt: str | list[str], tokenizer=None) -> str | list[str]:
+        """Spell out multi-vector concepts in a prompt (or a list of prompts): "a <tok>" -> "a <tok> <tok>_1"."""
+        tokenizer = tokenizer or self.tokenizer
+        if isinstance(prompt, str):
+            return maybe_convert_prompt(prompt, tokenizer)
+        return [maybe_convert_prompt(text, tokenizer) for text in prompt]

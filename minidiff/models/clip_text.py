@@ -290,7 +290,7 @@ class CLIPTextModel(ModelMixin):
 
     Textual inversion (Gal et al. 2022, arXiv:2208.01618) trains new rows of E_token: after
     `tokenizer.add_tokens`, `resize_token_embeddings(len(tokenizer))` and `get_input_embeddings()`; see also
-    minidiff/textual_inversion.py. Hand-made input embeddings go through `text_model.encoder` (CLIPEncoder).
+    minidiff/loaders/textual_inversion.py. Hand-made input embeddings go through `text_model.encoder` (CLIPEncoder).
 
     Defaults are transformers' `CLIPTextConfig` defaults (so a config that leaves a key out means the
     same here as there); SD 1.5's config sets hidden_size 768, intermediate_size 3072, 12 heads.

@@ -11,7 +11,8 @@ Its shape is the PixelCNN++ / Wide-ResNet UNet of the paper:
                   then a stride-2 conv, except at the last level          (B, C_i, H/2^i, W/2^i)
     mid_block:    resnet, self-attention, resnet at the lowest resolution
     up_blocks:    per level, `layers_per_block + 1` resnets, each fed the concatenation with one
-                  saved down-path activation (the U's skip connections), then a nearest x2 + conv
+                  down-path activation popped off the skip stack (the U's skip connections, last in
+                  first out, as in UNet2DConditionModel), then a nearest x2 + conv
     conv_norm_out, SiLU, conv_out                                          (B, 3, H, W)
 
 Every resnet also receives the timestep embedding temb = MLP(sinusoid(t)) (Transformer positional
@@ -126,8 +127,8 @@ class DownBlock2D(nn.Module):
     """One level of the contracting path: `num_layers` resnets (each followed by self-attention when
     `with_attention`, i.e. diffusers' AttnDownBlock2D), then a downsampler unless it is the last level.
 
-    forward returns the block's output and every intermediate activation, which the up path
-    concatenates back: (B, C_in, H, W) -> (B, C_out, H/2, W/2), (num_layers [+ 1]) skip tensors.
+    Pushes every output onto `skips`, the stack the up path pops (as in UNet2DConditionModel):
+    (B, C_in, H, W) -> (B, C_out, H/2, W/2), num_layers [+ 1] pushes.
     """
 
     def __init__(self, in_channels, out_channels, temb_channels, num_layers, with_attention, add_downsample,
@@ -153,21 +154,20 @@ class DownBlock2D(nn.Module):
                 out_channels, use_conv=True, out_channels=out_channels, padding=downsample_padding)])
         self.gradient_checkpointing = False  # set by the model's enable_gradient_checkpointing()
 
-    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        skips = ()
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             hidden_states = checkpointed(self.gradient_checkpointing, resnet, hidden_states, temb)
             if self.attentions is not None:
                 hidden_states = self.attentions[i](hidden_states)
-            skips += (hidden_states,)
+            skips.append(hidden_states)
         if self.downsamplers is not None:
             downsampler = self.downsamplers[0]
             if isinstance(downsampler, ResnetBlock2D):
                 hidden_states = downsampler(hidden_states, temb)
             else:
                 hidden_states = downsampler(hidden_states)  # (B, C_out, H/2, W/2)
-            skips += (hidden_states,)
-        return hidden_states, skips
+            skips.append(hidden_states)
+        return hidden_states
 
 
 class UNetMidBlock2D(nn.Module):
@@ -195,8 +195,8 @@ class UNetMidBlock2D(nn.Module):
 
 
 class UpBlock2D(nn.Module):
-    """One level of the expanding path: one resnet per skip tensor it takes (layers_per_block + 1), each on
-    [hidden_states, skip] concatenated along channels (each followed by self-attention when
+    """One level of the expanding path: one resnet per skip tensor it pops off the stack (layers_per_block + 1),
+    each on [hidden_states, skip] concatenated along channels (each followed by self-attention when
     `with_attention`: diffusers' AttnUpBlock2D), then an upsampler unless it is the last level.
     (B, C_prev, H, W) -> (B, C_out, 2H, 2W).
 
@@ -225,9 +225,9 @@ class UpBlock2D(nn.Module):
             self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)])
         self.gradient_checkpointing = False
 
-    def forward(self, hidden_states: torch.Tensor, skips: tuple[torch.Tensor, ...], temb: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
-            hidden_states = torch.cat([hidden_states, skips[-1 - i]], dim=1)  # (B, C + C_skip, H, W)
+            hidden_states = torch.cat([hidden_states, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
             hidden_states = checkpointed(self.gradient_checkpointing, resnet, hidden_states, temb)
             if self.attentions is not None:
                 hidden_states = self.attentions[i](hidden_states)
@@ -323,7 +323,7 @@ class UNet2DModel(ModelMixin, AttentionMixin):
         self.class_embedding = self._class_embedding(class_embed_type, num_class_embeds, timestep_input_dim,
                                                      time_embed_dim)
 
-        # contracting path; skip_channels records the channels of every activation it saves
+        # contracting path; skip_channels is the stack of the channels of every activation it pushes
         self.down_blocks = nn.ModuleList()
         self.up_blocks = nn.ModuleList()  # filled below; registered before mid_block, as in diffusers (module order)
         skip_channels = [channels[0]]
@@ -343,7 +343,7 @@ class UNet2DModel(ModelMixin, AttentionMixin):
                 channels[-1], time_embed_dim, {**resnet, "output_scale_factor": mid_block_scale_factor},
                 attention_head_dim, attention_groups, add_attention)
 
-        # expanding path: each level takes layers_per_block + 1 skips, deepest first
+        # expanding path: each level pops layers_per_block + 1 skips, last in first out
         reversed_channels = channels[::-1]
         for level, block_type in enumerate(up_block_types):
             is_last = level == len(channels) - 1
@@ -417,17 +417,15 @@ class UNet2DModel(ModelMixin, AttentionMixin):
         temb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))  # (B, 4*C0)
         temb = temb + self._class_embedding_of(class_labels, sample.dtype)
 
+        # down: every intermediate activation goes on the skip stack; up: each resnet pops the last one
         hidden_states = self.conv_in(sample)  # (B, C0, H, W)
-        skips = (hidden_states,)
+        skips = [hidden_states]
         for block in self.down_blocks:
-            hidden_states, block_skips = block(hidden_states, temb)  # (B, C_i, H/2^i, W/2^i)
-            skips += block_skips
+            hidden_states = block(hidden_states, temb, skips)  # (B, C_i, H/2^i, W/2^i)
         if self.mid_block is not None:
             hidden_states = self.mid_block(hidden_states, temb)
         for block in self.up_blocks:
-            taken = len(block.resnets)
-            hidden_states = block(hidden_states, skips[-taken:], temb)  # back up to (B, C0, H, W)
-            skips = skips[:-taken]
+            hidden_states = block(hidden_states, temb, skips)  # back up to (B, C0, H, W)
 
         sample = self.conv_out(self.conv_act(self.conv_norm_out(hidden_states)))  # (B, C_out, H, W)
         if self.config.time_embedding_type == "fourier":

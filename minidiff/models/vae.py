@@ -146,8 +146,10 @@ class UpDecoderBlock2D(nn.Module):
         return hidden_states
 
 
-class UNetMidBlock2D(nn.Module):
-    """The VAE's bottleneck: resnet, single-head spatial self-attention (GroupNorm, residual), resnet."""
+class VAEMidBlock2D(nn.Module):
+    """The VAE's bottleneck: resnet, single-head spatial self-attention (GroupNorm, residual), resnet.
+    (diffusers builds it from its UNetMidBlock2D, as the pixel UNet's in unet_2d.py; the state-dict keys,
+    `mid_block.resnets.0...`, are diffusers'.)"""
 
     def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool = True):
         super().__init__()
@@ -186,7 +188,7 @@ class Encoder(nn.Module):
             )
             for i in range(len(block_out_channels))
         )
-        self.mid_block = UNetMidBlock2D(block_out_channels[-1], norm_num_groups, act_fn, mid_block_add_attention)
+        self.mid_block = VAEMidBlock2D(block_out_channels[-1], norm_num_groups, act_fn, mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(num_groups=norm_num_groups, num_channels=block_out_channels[-1], eps=1e-6)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(block_out_channels[-1], 2 * latent_channels, kernel_size=3, padding=1)
@@ -209,7 +211,7 @@ class Decoder(nn.Module):
         reversed_channels = list(reversed(block_out_channels))
         last = len(block_out_channels) - 1
         self.conv_in = nn.Conv2d(latent_channels, block_out_channels[-1], kernel_size=3, stride=1, padding=1)
-        self.mid_block = UNetMidBlock2D(block_out_channels[-1], norm_num_groups, act_fn, mid_block_add_attention)
+        self.mid_block = VAEMidBlock2D(block_out_channels[-1], norm_num_groups, act_fn, mid_block_add_attention)
         self.up_blocks = nn.ModuleList(
             UpDecoderBlock2D(
                 reversed_channels[max(i - 1, 0)], reversed_channels[i], layers_per_block + 1,

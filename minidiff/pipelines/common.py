@@ -1,4 +1,5 @@
-"""What the pipelines share: the step the loop yields, the output types, and turning an image tensor into them."""
+"""What the pipelines share: the step the loop yields, the output types and turning an image tensor into them,
+model_index.json, and the progress bar."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tqdm.auto import tqdm
+
 from minidiff.configuration import DIFFUSERS_CONFIG_VERSION
 from minidiff.utils.outputs import BaseOutput
+
 
 @dataclass
 class StableDiffusionPipelineOutput(BaseOutput):
@@ -76,3 +80,16 @@ def write_model_index(folder: Path, class_name: str, components: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return folder / "model_index.json"
+
+
+class ProgressBarMixin:
+    """diffusers' `set_progress_bar_config(**tqdm_options)` and the bar the loop runs under."""
+
+    _progress_bar_config: dict = {}
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Options for tqdm, e.g. `disable=True` to turn the progress bars off."""
+        self._progress_bar_config = kwargs
+
+    def progress_bar(self, iterable):
+        return tqdm(iterable, **self._progress_bar_config)

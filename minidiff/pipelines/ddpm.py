@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from minidiff.models.unet_2d import UNet2DModel
 from minidiff.checkpoints.hub import HubOptions
 from minidiff.loaders.scheduler import scheduler_from_folder
-from minidiff.pipelines.common import DenoisingStep, check_output_type, to_output_type, write_model_index
+from minidiff.pipelines.common import DenoisingStep, ProgressBarMixin, check_output_type, to_output_type, write_model_index
 from minidiff.utils.torch_utils import randn_tensor, resolve_dtype
 from minidiff.utils.outputs import BaseOutput
 
@@ -25,13 +24,12 @@ class ImagePipelineOutput(BaseOutput):
     images: list
 
 
-class DDPMPipeline:
+class DDPMPipeline(ProgressBarMixin):
     """`DDPMPipeline(unet, scheduler)`; `DDPMPipeline.from_pretrained(folder)` reads `unet/` (or the root) and `scheduler/`."""
 
     def __init__(self, unet, scheduler):
         self.unet = unet
         self.scheduler = scheduler
-        self._progress_bar_config: dict = {}
 
     @property
     def components(self) -> dict:
@@ -81,16 +79,13 @@ class DDPMPipeline:
     def device(self) -> torch.device:
         return self.unet.device
 
-    def set_progress_bar_config(self, **kwargs) -> None:
-        self._progress_bar_config = kwargs
-
     def denoise(self, batch_size: int = 1, generator=None, num_inference_steps: int = 1000):
         """The loop as a generator: yields a DenoisingStep (x_{t-1} in `.latents`, here pixels) after every step."""
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         image = randn_tensor((batch_size, self.unet.config.in_channels, *size), generator, self.device, self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        for step_index, t in enumerate(tqdm(self.scheduler.timesteps, **self._progress_bar_config)):
+        for step_index, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             with torch.no_grad():
                 model_output = self.unet(image, t).sample
             output = self.scheduler.step(model_output, t, image, generator=generator)

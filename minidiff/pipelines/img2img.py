@@ -69,26 +69,35 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
 
     def denoise(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         image=None,
         strength: float = 0.8,
+        *,
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         eta: float = 0.0,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         cross_attention_kwargs: dict | None = None,
     ):
-        """The image-to-image loop as a generator of `DenoisingStep`s."""
+        """The image-to-image loop as a generator of `DenoisingStep`s. The keyword arguments are text-to-image's,
+        but for height, width and latents: the image sets the size and the start."""
         if image is None:
             raise ValueError("img2img needs an `image` to start from")
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         image = preprocess_image(image, self.vae_scale_factor)
-        self.check_inputs(prompt, image.shape[-2], image.shape[-1])
+        self.check_inputs(prompt, image.shape[-2], image.shape[-1], prompt_embeds=prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, self.device, num_images_per_prompt, self.uses_classifier_free_guidance(guidance_scale), negative_prompt
+            prompt, self.device, num_images_per_prompt, self.uses_classifier_free_guidance(guidance_scale), negative_prompt,
+            prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
         )
         batch_size = prompt_embeds.shape[0]
 
@@ -100,12 +109,12 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         latents = self.prepare_image_latents(image, latent_timestep, batch_size, prompt_embeds.dtype, generator)
         yield from self.denoising_loop(
             latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale, self.step_kwargs(generator, eta),
-            cross_attention_kwargs=cross_attention_kwargs,
+            callback_on_step_end, callback_on_step_end_tensor_inputs, cross_attention_kwargs,
         )
 
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         image=None,
         strength: float = 0.8,
         negative_prompt: str | list[str] | None = None,
@@ -116,12 +125,25 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         eta: float = 0.0,
         output_type: str = "pil",
         cross_attention_kwargs: dict | None = None,
-    ) -> StableDiffusionPipelineOutput:
-        check_output_type(output_type)
+        *,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        return_dict: bool = True,
+    ) -> StableDiffusionPipelineOutput | tuple:
+        """Image to image: the `denoise` loop run to the end, then decoded (`output_type` as text-to-image's)."""
+        check_output_type(output_type)  # the other inputs: in denoise
         step = None
         for step in self.denoise(
-            prompt, image, strength, negative_prompt, num_inference_steps, guidance_scale,
-            num_images_per_prompt, generator, eta, cross_attention_kwargs,
+            prompt, image, strength, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator, eta=eta,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            cross_attention_kwargs=cross_attention_kwargs,
         ):
             pass
-        return StableDiffusionPipelineOutput(images=self.latents_to_output(step.latents, output_type))
+        images = self.latents_to_output(step.latents, output_type)
+        return StableDiffusionPipelineOutput(images=images) if return_dict else (images, None)

@@ -37,6 +37,7 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
     def denoise(
         self,
         prompt: str | list[str] | None = None,
+        *,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 4,
@@ -59,8 +60,8 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, prompt_embeds=prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
-        prompt_embeds, _ = self.encode_prompt(prompt, self.device, num_images_per_prompt, False, None, prompt_embeds,
-                                              None, clip_skip=clip_skip)
+        prompt_embeds, _ = self.encode_prompt(prompt, self.device, num_images_per_prompt, False, None,
+                                              prompt_embeds=prompt_embeds, clip_skip=clip_skip)
         if timesteps is not None:
             self.scheduler.set_timesteps(device=self.device, timesteps=timesteps, original_inference_steps=original_inference_steps)
         else:
@@ -121,9 +122,11 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
         self.check_inputs(prompt, height, width, output_type, prompt_embeds, callback_on_step_end_tensor_inputs)
         step = None
         for step in self.denoise(
-            prompt, height, width, num_inference_steps, original_inference_steps, timesteps, guidance_scale,
-            num_images_per_prompt, generator, latents, prompt_embeds, cross_attention_kwargs, clip_skip,
-            callback_on_step_end, callback_on_step_end_tensor_inputs,
+            prompt, height=height, width=width, num_inference_steps=num_inference_steps,
+            original_inference_steps=original_inference_steps, timesteps=timesteps, guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents, prompt_embeds=prompt_embeds,
+            cross_attention_kwargs=cross_attention_kwargs, clip_skip=clip_skip, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         ):
             pass
         denoised = step.pred_original_sample.to(step.latents.dtype)

@@ -6,42 +6,43 @@
 a tutorial can stop, look at the latents, the guided noise prediction and the predicted x0, and
 resume. `__call__` runs it to the end and decodes. The order of operations (and of random draws)
 is diffusers', so the same weights, prompt and seed give the same image.
+
+This class is the loop and its steps; the rest comes from mixins, each in its own module:
+    pipelines/loading.py            from_pretrained, from_single_file, save_pretrained, components
+    loaders/textual_inversion.py    load_textual_inversion, maybe_convert_prompt
+    pipelines/compatibility.py      diffusers' deprecated spellings and switches; its scheduler-config fix
+    pipelines/common.py             the progress bar (shared with DDPMPipeline)
 """
 
 from __future__ import annotations
 
 import inspect
-import os
-import warnings
-from pathlib import Path
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
-from minidiff.checkpoints.hub import HubOptions
-from minidiff.loaders.scheduler import scheduler_from_folder
-from minidiff.loaders.single_file import load_single_file
-from minidiff.loaders.textual_inversion import load_textual_inversion, maybe_convert_prompt
-from minidiff.utils.torch_utils import randn_tensor, resolve_dtype
-from minidiff.models.clip_text import CLIPTextModel
+from minidiff.loaders.textual_inversion import TextualInversionLoaderMixin
 from minidiff.models.layers import guidance_scale_embedding
-from minidiff.models.unet_2d_condition import UNet2DConditionModel
-from minidiff.models.vae import AutoencoderKL
-from minidiff.schedulers.ddim import DDIMScheduler
 from minidiff.pipelines.common import (
     DenoisingStep,
+    ProgressBarMixin,
     StableDiffusionPipelineOutput,
     predicted_x0,
     check_output_type,
     to_output_type,
-    write_model_index,
 )
-from minidiff.tokenizer import CLIPTokenizer
+from minidiff.pipelines.compatibility import (
+    DiffusersCompatibilityMixin,
+    correct_outdated_scheduler_config,
+    warn_unused_parts,
+)
+from minidiff.pipelines.loading import StableDiffusionLoadingMixin
 from minidiff.utils.cpu import conv_memory_format
+from minidiff.utils.torch_utils import randn_tensor
 
 
-class StableDiffusionPipeline:
+class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoaderMixin, DiffusersCompatibilityMixin,
+                              ProgressBarMixin):
     """Text-to-image with Stable Diffusion 1.x: tokenizer, CLIP text encoder, UNet, scheduler, VAE.
 
     The precision is the models' dtype (`from_pretrained(..., dtype=torch.bfloat16)`): bfloat16 is the
@@ -55,134 +56,20 @@ class StableDiffusionPipeline:
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
                  requires_safety_checker: bool = False, image_encoder=None):
-        if safety_checker is not None or feature_extractor is not None or image_encoder is not None:
-            warnings.warn(
-                "minidiff has no safety checker, feature extractor or image encoder: the one given is not used. "
-                "Pass safety_checker=None (as diffusers' SD 1.5 users who disable it do) to silence this.",
-                stacklevel=2,
-            )
+        warn_unused_parts(safety_checker, feature_extractor, image_encoder)
+        correct_outdated_scheduler_config(scheduler)
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.unet = unet
         self.scheduler = scheduler
-        self._progress_bar_config: dict = {}
         self._upcast_vae_if_float16()
         self.vae.to(memory_format=conv_memory_format("vae", self.vae.dtype))  # no copy if loaded that way
         self.unet.to(memory_format=conv_memory_format("unet", self.unet.dtype))
 
-    @property
-    def components(self) -> dict:
-        """The pipeline's parts by name, as diffusers' `pipe.components`: `OtherPipeline(**pipe.components)`."""
-        return {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "unet": self.unet,
-                "scheduler": self.scheduler, "safety_checker": None, "feature_extractor": None}
-
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write the diffusers folder layout: model_index.json and one subfolder per part (diffusers can load it)."""
-        folder = Path(folder)
-        self.vae.save_pretrained(folder / "vae")
-        self.text_encoder.save_pretrained(folder / "text_encoder")
-        self.unet.save_pretrained(folder / "unet")
-        self.tokenizer.save_pretrained(folder / "tokenizer")
-        self.scheduler.save_config(folder / "scheduler")
-        write_model_index(folder, type(self).__name__, {
-            "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "unet": self.unet,
-            "scheduler": self.scheduler, "safety_checker": None, "feature_extractor": None,
-        })
-        return folder
-
     def _upcast_vae_if_float16(self) -> None:
         if self.vae.dtype == torch.float16 and self.vae.config.force_upcast:
             self.vae.to(torch.float32)
-
-    # ----- loading -----
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path_or_repo_id: str | os.PathLike,
-        torch_dtype: torch.dtype | None = None,
-        variant: str | None = None,
-        *,
-        dtype: torch.dtype | None = None,
-        use_safetensors: bool | None = None,
-        low_cpu_mem_usage: bool = True,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool | None = None,
-    ):
-        """Load every component of a diffusers-layout folder (or hub repo id): unet/, vae/, text_encoder/, tokenizer/, scheduler/.
-
-        `dtype` is the weights' dtype; the old name `torch_dtype` still works, with diffusers' FutureWarning (both at
-        once is an error, as in diffusers' pipelines). `variant`, `use_safetensors`, `revision`, `cache_dir`,
-        `local_files_only` and `low_cpu_mem_usage` go to every model's `ModelMixin.from_pretrained`, which says
-        what each does (`low_cpu_mem_usage` has no effect: loading always builds on the meta device).
-        """
-        dtype = resolve_dtype(dtype, torch_dtype, deprecated=True)
-        path = Path(path_or_repo_id)
-        if path.is_file():
-            return cls.from_single_file(path, dtype=dtype)
-        hub = HubOptions(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-        load = dict(dtype=dtype, variant=variant, use_safetensors=use_safetensors, low_cpu_mem_usage=low_cpu_mem_usage,
-                    **hub.as_kwargs())
-        layout_dtype = dtype or torch.get_default_dtype()
-        return cls(
-            vae=AutoencoderKL.from_pretrained(
-                path_or_repo_id, subfolder="vae", memory_format=conv_memory_format("vae", layout_dtype), **load
-            ),
-            text_encoder=CLIPTextModel.from_pretrained(path_or_repo_id, subfolder="text_encoder", **load),
-            tokenizer=CLIPTokenizer.from_pretrained(path_or_repo_id, subfolder="tokenizer", hub=hub),
-            unet=UNet2DConditionModel.from_pretrained(
-                path_or_repo_id, subfolder="unet", memory_format=conv_memory_format("unet", layout_dtype), **load
-            ),
-            scheduler=scheduler_from_folder(path_or_repo_id, hub=hub),
-        )
-
-    @classmethod
-    def from_single_file(
-        cls,
-        path: str | os.PathLike,
-        torch_dtype: torch.dtype | None = None,
-        use_ema: bool = False,
-        config: str | os.PathLike | None = None,
-        *,
-        dtype: torch.dtype | None = None,
-    ):
-        """Load an original one-file checkpoint (e.g. v1-5-pruned-emaonly.safetensors), offline.
-
-        `config`: a diffusers-layout folder whose configs describe the file (default: SD 1.5's, bundled).
-        `dtype` (or `torch_dtype`; `dtype` wins when both are given, silently, as in diffusers' from_single_file)."""
-        dtype = resolve_dtype(dtype, torch_dtype, deprecated=False)
-        layout_dtype = dtype or torch.get_default_dtype()
-        memory_formats = {model: conv_memory_format(model, layout_dtype) for model in ("unet", "vae")}
-        parts = load_single_file(path, torch_dtype=dtype, use_ema=use_ema, config=config, memory_formats=memory_formats)
-        return cls(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet, scheduler=parts.scheduler)
-
-    def load_textual_inversion(
-        self,
-        pretrained_model_name_or_path: str | os.PathLike | dict | torch.Tensor | list,
-        token: str | list[str] | None = None,
-        tokenizer=None,
-        text_encoder=None,
-        weight_name: str | None = None,
-    ) -> list[str]:
-        """Add learned concepts (Gal et al. 2022, arXiv:2208.01618) to this pipeline's tokenizer and text encoder.
-
-        As diffusers' `load_textual_inversion`: a file (learned_embeds.safetensors / .bin, or AUTOMATIC1111's
-        .pt with `string_to_param`), a folder or hub repo holding one, a state dict `{token: tensor}`, a tensor
-        with `token=`, or a list of these with a list of tokens. A concept of n vectors becomes tokens "<tok>",
-        "<tok>_1", ...; prompts naming "<tok>" get them all (`maybe_convert_prompt`, called by `encode_prompt`).
-        See minidiff/loaders/textual_inversion.py. Returns the tokens added (diffusers returns None).
-        """
-        return load_textual_inversion(tokenizer or self.tokenizer, text_encoder or self.text_encoder,
-                                      pretrained_model_name_or_path, token=token, weight_name=weight_name)
-
-    def maybe_convert_prompt(self, prompt: str | list[str], tokenizer=None) -> str | list[str]:
-        """Spell out multi-vector concepts in a prompt (or a list of prompts): "a <tok>" -> "a <tok> <tok>_1"."""
-        tokenizer = tokenizer or self.tokenizer
-        if isinstance(prompt, str):
-            return maybe_convert_prompt(prompt, tokenizer)
-        return [maybe_convert_prompt(text, tokenizer) for text in prompt]
 
     def to(self, device=None, dtype: torch.dtype | None = None, memory_format: torch.memory_format | None = None):
         """Move and/or cast every model; `memory_format` sets the conv weights' layout (see `_convolutions_channels_last`)."""
@@ -209,15 +96,6 @@ class StableDiffusionPipeline:
     def vae_scale_factor(self) -> int:
         """8 for SD: the VAE halves the resolution once per block but the last."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    # ----- progress bars -----
-
-    def set_progress_bar_config(self, **kwargs) -> None:
-        """Options for tqdm, e.g. `disable=True` to turn the progress bars off."""
-        self._progress_bar_config = kwargs
-
-    def progress_bar(self, iterable):
-        return tqdm(iterable, **self._progress_bar_config)
 
     # ----- the steps of the tutorial -----
 
@@ -305,19 +183,6 @@ class StableDiffusionPipeline:
         hidden_states = self.text_encoder(input_ids, output_hidden_states=True).hidden_states
         return self.text_encoder.text_model.final_layer_norm(hidden_states[-(clip_skip + 1)])
 
-    def _encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None,
-                       prompt_embeds=None, negative_prompt_embeds=None, lora_scale=None):
-        """The old spelling: [negative; prompt] as one batch. Deprecated, as in diffusers: use encode_prompt."""
-        warnings.warn(
-            "`_encode_prompt()` is deprecated and it will be removed in a future version. Use `encode_prompt()` instead. "
-            "Also, be aware that the output format changed from a concatenated tensor to a tuple.",
-            FutureWarning,
-            stacklevel=2,
-        )
-        positive, negative = self.encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance,
-                                                negative_prompt, prompt_embeds, negative_prompt_embeds, lora_scale)
-        return torch.cat([negative, positive]) if negative is not None else positive
-
     def prepare_latents(self, batch_size: int, height: int, width: int, dtype, generator=None, latents=None) -> torch.Tensor:
         """x_T ~ N(0, I) of shape (B, 4, H/8, W/8), scaled by the scheduler's `init_noise_sigma`."""
         shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -364,12 +229,14 @@ class StableDiffusionPipeline:
         """The loop of the tutorial. Yields a DenoisingStep after each scheduler step.
 
         `callback_on_step_end(pipe, i, t, {name: tensor})`, as in diffusers, is called after each step with the
-        tensors named in `callback_on_step_end_tensor_inputs`, and may return new ones to continue with.
+        tensors named in `callback_on_step_end_tensor_inputs`, and may return new ones to continue with. As in
+        diffusers, "prompt_embeds" is the text batch the UNet sees: [negative; prompt] under guidance, (2B, 77, D).
         `cross_attention_kwargs` go to the UNet's attention processors (models/attention_processor.py)."""
         do_classifier_free_guidance = self.uses_classifier_free_guidance(guidance_scale)
         timestep_cond = self.guidance_condition(guidance_scale, latents.shape[0], latents)  # LCM UNets only
         # one batch instead of two forward passes: the first half is unconditional, (2B, 77, 768)
-        text_embeddings = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_classifier_free_guidance else prompt_embeds
+        if do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
         for step_index, t in enumerate(self.progress_bar(timesteps)):
             # expand the latents for classifier-free guidance: (2B, 4, H/8, W/8)
             latent_model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
@@ -377,7 +244,7 @@ class StableDiffusionPipeline:
 
             # predict the noise residual
             with torch.no_grad():
-                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=text_embeddings,
+                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=prompt_embeds,
                                        timestep_cond=timestep_cond, cross_attention_kwargs=cross_attention_kwargs).sample
 
             # perform guidance
@@ -393,16 +260,14 @@ class StableDiffusionPipeline:
                 current = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
                 changed = callback_on_step_end(self, step_index, t, {name: current[name] for name in callback_on_step_end_tensor_inputs})
                 latents = changed.pop("latents", latents)
-                if "prompt_embeds" in changed or "negative_prompt_embeds" in changed:
-                    prompt_embeds = changed.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = changed.pop("negative_prompt_embeds", negative_prompt_embeds)
-                    text_embeddings = (torch.cat([negative_prompt_embeds, prompt_embeds])
-                                       if do_classifier_free_guidance else prompt_embeds)
+                prompt_embeds = changed.pop("prompt_embeds", prompt_embeds)
+                negative_prompt_embeds = changed.pop("negative_prompt_embeds", negative_prompt_embeds)
             yield DenoisingStep(step_index, len(timesteps), t, latents, noise_pred, predicted_x0(output))
 
     def denoise(
         self,
         prompt: str | list[str] | None = None,
+        *,
         negative_prompt: str | list[str] | None = None,
         height: int = 512,
         width: int = 512,
@@ -421,6 +286,7 @@ class StableDiffusionPipeline:
         preview_vae=None,
     ):
         """The whole text-to-image loop as a generator of `DenoisingStep`s: stop at any step, inspect, resume.
+        Only the prompt is positional (a subclass such as img2img adds its own positional inputs after it).
 
         preview_vae: an autoencoder (typically `AutoencoderTiny`, TAESD) that decodes each step's predicted x0 of the
         first image into `step.preview`, a PIL image: a live preview at a small fraction of a full VAE decode."""
@@ -458,37 +324,6 @@ class StableDiffusionPipeline:
         image = self.vae.decode(latents).sample  # (B, 3, H, W) in [-1, 1]
         return to_output_type(image, output_type)
 
-    def decode_latents(self, latents: torch.Tensor):
-        """diffusers' (deprecated) decode_latents: a float (B, H, W, 3) numpy array in [0, 1]."""
-        warnings.warn(
-            "The decode_latents method is deprecated and will be removed in 1.0.0. Please use "
-            "VaeImageProcessor.postprocess(...) instead (in minidiff: pipe.latents_to_output(latents, output_type))",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return self.latents_to_output(latents, "np")
-
-    @staticmethod
-    def numpy_to_pil(images) -> list[Image.Image]:
-        """A (B, H, W, 3) (or (H, W, 3)) float array in [0, 1] -> PIL images, as diffusers' numpy_to_pil."""
-        images = images[None] if images.ndim == 3 else images
-        return [Image.fromarray(pixels) for pixels in (images * 255).round().astype("uint8")]
-
-    def enable_attention_slicing(self, slice_size="auto") -> None:
-        """Accepted for diffusers' API; changes nothing here. Slicing computes attention a few heads at a time to
-        save GPU memory; minidiff's attention is torch's scaled_dot_product_attention, which on a CPU already
-        works without materialising the whole (tokens x tokens) matrix of every head at once."""
-
-    def disable_attention_slicing(self) -> None:
-        """See enable_attention_slicing: nothing to undo."""
-
-    def enable_vae_tiling(self, tile_size: int = 64, tile_overlap: int = 16) -> None:
-        """Decode large images tile by tile (memory of one 512x512 tile for SD 1.5); see AutoencoderKL.tiled_decode."""
-        self.vae.enable_tiling(tile_size, tile_overlap)
-
-    def disable_vae_tiling(self) -> None:
-        self.vae.disable_tiling()
-
     def latents_to_image(self, latents: torch.Tensor) -> Image.Image:
         """The first image of a latent batch, decoded to PIL (for traces and step-through tutorials)."""
         return self.latents_to_output(latents[:1], "pil")[0]
@@ -515,14 +350,17 @@ class StableDiffusionPipeline:
         return_dict: bool = True,
     ) -> StableDiffusionPipelineOutput | tuple:
         """Text to image: the `denoise` loop run to the end, then decoded (`output_type` "pil", "np", "pt" or "latent")."""
-        self.check_inputs(prompt, height, width, output_type, prompt_embeds, callback_on_step_end_tensor_inputs)
+        check_output_type(output_type)  # the other inputs: check_inputs, first thing in denoise
         step = None
         for step in self.denoise(
-            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
-            generator, latents, eta, prompt_embeds, negative_prompt_embeds, clip_skip, callback_on_step_end,
-            callback_on_step_end_tensor_inputs, cross_attention_kwargs,
+            prompt, negative_prompt=negative_prompt, height=height, width=width,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents, eta=eta,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            cross_attention_kwargs=cross_attention_kwargs,
         ):
             pass
         images = self.latents_to_output(step.latents, output_type)
         return StableDiffusionPipelineOutput(images=images) if return_dict else (images, None)
-

@@ -1,4 +1,4 @@
-"""What every scheduler shares: the training noise schedule, timestep spacing, add_noise, the step index.
+"""What every scheduler shares: the step's output, the checks of its inputs, add_noise, the step index.
 
 The forward (noising) process of DDPM (Ho et al. 2020, arXiv 2006.11239, eq. 4) is
 
@@ -9,23 +9,47 @@ schedulers (Karras et al. 2022, "EDM", arXiv 2206.00364) rewrite it as x = x_0 +
 
     sigma = sqrt( (1 - alpha_bar_t) / alpha_bar_t )
 
-(the names of the two frames are set out in `parameterization.py`). The update rules are pure functions in
-`update_rules.py`; each scheduler class (one per file) picks the noise levels, keeps the state and calls them.
+(the names of the two frames are set out in `parameterization.py`). Where the files are:
+- `schedules.py`: the pure schedule functions (training betas, timestep spacing, sigma ramps);
+- this file: `SchedulerMixin` (every scheduler) and `SigmaSchedulerMixin` (the VE-frame schedulers);
+- `exponential_integrator.py`: the base of DPM-Solver multistep / singlestep, DEIS and UniPC;
+- `two_model_calls.py`: the schedule of the samplers that call the model twice a step;
+- `update_rules.py`: every update rule as a pure function; each scheduler class (one per file) picks the
+  noise levels, keeps the state and calls them.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from minidiff.configuration import CONFIG_CLASSES, ConfigMixin, check_choice
+from minidiff.configuration import CONFIG_CLASSES, ConfigMixin
 from minidiff.schedulers import parameterization
-from minidiff.schedulers.parameterization import PREDICTION_TYPES, dynamic_threshold, vp_from_alpha_bar  # noqa: F401
+from minidiff.schedulers.parameterization import vp_from_alpha_bar
 from minidiff.utils.outputs import BaseOutput
-from minidiff.utils.torch_utils import randn_tensor  # noqa: F401  (re-exported: old import path)
+from minidiff.schedulers.schedules import BETA_SCHEDULES, make_betas, sigmas_from_alphas_cumprod
+
+# Old import paths, kept so that code importing these names from `base` keeps working (noqa: F401):
+from minidiff.configuration import check_choice  # noqa: F401,E402
+from minidiff.schedulers.parameterization import PREDICTION_TYPES, dynamic_threshold  # noqa: F401,E402
+from minidiff.utils.torch_utils import randn_tensor  # noqa: F401,E402
+from minidiff.schedulers.schedules import (  # noqa: F401,E402  (the pure schedule functions, moved from here)
+    TIMESTEP_SPACINGS,
+    beta_ppf,
+    beta_sigmas,
+    betas_for_alpha_bar,
+    exponential_sigmas,
+    karras_sigmas,
+    regularized_incomplete_beta,
+    rescale_zero_terminal_snr,
+    sigma_to_t,
+    spaced_sigmas,
+    spaced_timesteps,
+)
+from minidiff.schedulers.schedules import check_one_noise_ramp as check_one_noise_schedule  # noqa: F401,E402
 
 # The scheduler classes that read each other's configs: diffusers' `KarrasDiffusionSchedulers` enum.
 # `compatibles` keeps the ones minidiff implements.
@@ -47,9 +71,6 @@ KARRAS_DIFFUSION_SCHEDULERS = [
     "EDMEulerScheduler",
 ]
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
-
 
 @dataclass
 class SchedulerOutput(BaseOutput):
@@ -59,77 +80,7 @@ class SchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
-# ----- the training noise schedule ---------------------------------------------------------------
-
-
-def betas_for_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
-    """The cosine schedule of Nichol & Dhariwal 2021 (arXiv 2102.09672, eq. 17), "squaredcos_cap_v2":
-
-    alpha_bar(t) = cos^2( (t + 0.008) / 1.008 * pi/2 ),   beta_i = min(1 - alpha_bar((i+1)/T) / alpha_bar(i/T), max_beta)
-    """
-
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    T = num_train_timesteps
-    betas = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), max_beta) for i in range(T)]
-    return torch.tensor(betas, dtype=torch.float32)
-
-
-def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Rescale betas so the last timestep has zero SNR (Lin et al. 2023, arXiv 2305.08891, Algorithm 1).
-
-    sqrt(alpha_bar) is shifted so its last value is 0 and scaled so its first value is unchanged.
-    """
-    sqrt_alpha_bar = torch.cumprod(1.0 - betas, dim=0).sqrt()
-    first, last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
-    sqrt_alpha_bar = (sqrt_alpha_bar - last) * (first / (first - last))
-    alpha_bar = sqrt_alpha_bar**2
-    alphas = torch.cat([alpha_bar[0:1], alpha_bar[1:] / alpha_bar[:-1]])
-    return 1 - alphas
-
-
-def make_betas(
-    beta_schedule: str,
-    beta_start: float,
-    beta_end: float,
-    num_train_timesteps: int,
-    trained_betas=None,
-    rescale_betas_zero_snr: bool = False,
-) -> torch.Tensor:
-    """beta_1..beta_T in float32, from `trained_betas` when given, else from the named schedule.
-
-    linear:            beta_t = linspace(beta_start, beta_end, T)
-    scaled_linear:     beta_t = linspace(sqrt(beta_start), sqrt(beta_end), T)^2      (latent diffusion, SD 1.x)
-    squaredcos_cap_v2: the cosine schedule (`betas_for_alpha_bar`)
-    """
-    if trained_betas is not None:
-        betas = torch.tensor(np.asarray(trained_betas), dtype=torch.float32)
-    else:
-        check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
-        if beta_schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
-        elif beta_schedule == "scaled_linear":
-            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
-        else:
-            betas = betas_for_alpha_bar(num_train_timesteps)
-    if rescale_betas_zero_snr:
-        betas = rescale_zero_terminal_snr(betas)
-    return betas
-
-
-def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> np.ndarray:
-    """sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t) (VE) for every training timestep t, as float32 numpy.
-
-    Computed in float32, as diffusers does: Karras/exponential timesteps come from `sigma_to_t` on
-    `np.log` of these values, and float64 sigmas shift those timesteps by a float32 ulp often enough
-    to break exact timestep parity.
-    """
-    alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float32)
-    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
-
-
-# ----- which timesteps to visit --------------------------------------------------------------------
+# ----- checks of what the user passes -------------------------------------------------------------
 
 
 def integer_timestep(timestep, scheduler_name: str) -> int:
@@ -156,27 +107,28 @@ def check_num_inference_steps(num_inference_steps, num_train_timesteps: int) -> 
         )
 
 
-def spaced_timesteps(spacing: str, num_inference_steps: int, num_train_timesteps: int, steps_offset: int = 0) -> np.ndarray:
-    """The N timesteps to visit, from noisiest to cleanest, as float64 (each scheduler rounds/casts as it needs).
-
-    leading:  t_i = i * (T // N) + steps_offset, i = N-1..0       (DDIM paper; never reaches T-1)
-    linspace: t_i = linspace(0, T-1, N), reversed                   (not rounded here)
-    trailing: t_i = round(T - i * T/N) - 1, i = 0..N-1              (Lin et al. 2023, Table 2; starts at T-1)
-    See docs/schedulers.md §2 for the examples these reproduce (e.g. trailing, 4 steps: 999, 749, 499, 249).
-    """
-    check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
-    T, N = num_train_timesteps, num_inference_steps
-    if spacing == "linspace":
-        return np.linspace(0, T - 1, N)[::-1].copy()
-    if spacing == "leading":
-        return (np.arange(0, N) * (T // N)).round()[::-1].astype(np.float64) + steps_offset
-    timesteps = np.round(np.arange(T, 0, -T / N)) - 1
-    # For some N (61, 103, 121, ... at T=1000) float round-off gives arange one point too many, just above 0,
-    # which becomes t = -1 (diffusers 0.42 keeps it: N+1 steps, the last at t = -1). We drop it.
-    return timesteps[timesteps >= 0]
+def check_decreasing(name: str, values) -> None:
+    """Custom `timesteps` or `sigmas` must strictly decrease: the loop goes from the noisiest level to the cleanest."""
+    values = [float(value) for value in values]
+    for i, (earlier, later) in enumerate(zip(values, values[1:])):
+        if later >= earlier:
+            raise ValueError(
+                f"custom `{name}` must strictly decrease (noisiest first), but entry {i + 1} ({later:g}) is not below "
+                f"entry {i} ({earlier:g}); pass them in descending order, e.g. [999, 500, 0]"
+            )
 
 
-# ----- noise levels of the sigma schedulers (Euler, LMS, DPM-Solver, UniPC) -------------------
+def check_step_shapes(model_output: torch.Tensor, sample: torch.Tensor, owner: str, learned_variance: bool = False) -> None:
+    """`step`'s model_output is the prediction for `sample`, so the shapes must match; with a learned variance
+    (`learned_variance`) the model may also output it in as many extra channels (B, 2C, ...)."""
+    shape, expected = tuple(model_output.shape), tuple(sample.shape)
+    doubled = len(shape) == len(expected) > 1 and shape[0] == expected[0] and shape[2:] == expected[2:] and shape[1] == 2 * expected[1]
+    if shape != expected and not (learned_variance and doubled):
+        raise ValueError(
+            f"{owner}.step got model_output of shape {shape} and sample of shape {expected}; the model output must "
+            "have the sample's shape (pass the model's prediction for this very sample, e.g. after combining the "
+            "guidance halves)"
+        )
 
 
 def check_float_timestep(timestep, where: str) -> None:
@@ -187,109 +139,6 @@ def check_float_timestep(timestep, where: str) -> None:
             f"{where} got the integer timestep {timestep!r}; pass the float values of `scheduler.timesteps` "
             "(e.g. `for t in scheduler.timesteps: ... scheduler.step(output, t, sample)`), not an index from `enumerate`"
         )
-
-
-def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-    """The (fractional) training timestep whose noise level is `sigma`: linear interpolation in log-sigma."""
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
-    distances = log_sigma - log_sigmas[:, np.newaxis]
-    low = np.cumsum(distances >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-    high = low + 1
-    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
-    t = (1 - w) * low + w * high
-    return t.reshape(np.shape(sigma))
-
-
-def spaced_sigmas(config, train_sigmas: np.ndarray, log_train_sigmas: np.ndarray, num_inference_steps: int,
-                  num_train_timesteps: int) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps, sigmas) of N steps for the k-diffusion schedulers (Heun, DPM-Solver-2, ...): the spaced
-    timesteps, sigma interpolated linearly between training timesteps, then, if the config asks, Karras /
-    exponential / beta noise levels between the two ends of that schedule (timesteps from `sigma_to_t`)."""
-    timesteps = spaced_timesteps(config.timestep_spacing, num_inference_steps, num_train_timesteps, config.steps_offset)
-    timesteps = timesteps.astype(np.float32)  # as diffusers: sigma is interpolated at the float32 timesteps
-    sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)  # (N,) float64
-    sigma_min, sigma_max = float(sigmas[-1]), float(sigmas[0])
-    if config.use_karras_sigmas:
-        sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps)
-    elif config.use_exponential_sigmas:
-        sigmas = exponential_sigmas(sigma_min, sigma_max, num_inference_steps)
-    elif config.use_beta_sigmas:
-        sigmas = beta_sigmas(sigma_min, sigma_max, num_inference_steps)
-    else:
-        return timesteps, sigmas
-    return sigma_to_t(sigmas, log_train_sigmas), sigmas
-
-
-def check_one_noise_schedule(use_karras_sigmas: bool, use_exponential_sigmas: bool, use_beta_sigmas: bool) -> None:
-    if sum(map(bool, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas))) > 1:
-        raise ValueError(
-            "use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas each replace the noise levels; "
-            "set at most one of them to True"
-        )
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, rho: float = 7.0) -> np.ndarray:
-    """Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
-    ramp = np.linspace(0, 1, num_inference_steps)
-    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-
-
-def exponential_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int) -> np.ndarray:
-    """Noise levels evenly spaced in log-sigma, from sigma_max down to sigma_min."""
-    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_inference_steps))
-
-
-def beta_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
-    """Lee et al. 2024, "Beta Sampling is All You Need" (arXiv 2407.12173): noise levels at the quantiles
-    of a Beta(alpha, beta) distribution, dense near both ends of the schedule:
-
-    sigma_i = sigma_min + F^-1(1 - i/(N-1)) (sigma_max - sigma_min),   F = the Beta(alpha, beta) CDF
-    """
-    quantiles = 1 - np.linspace(0, 1, num_inference_steps)
-    return np.array([sigma_min + beta_ppf(q, alpha, beta) * (sigma_max - sigma_min) for q in quantiles])
-
-
-def beta_ppf(q: float, a: float, b: float) -> float:
-    """Inverse of the Beta(a, b) CDF, by bisection on `regularized_incomplete_beta` (monotone in x)."""
-    if q <= 0 or q >= 1:
-        return float(q >= 1)
-    low, high = 0.0, 1.0
-    for _ in range(60):  # 2^-60 < 1e-18: as exact as a float64 allows
-        middle = (low + high) / 2
-        low, high = (middle, high) if regularized_incomplete_beta(middle, a, b) < q else (low, middle)
-    return (low + high) / 2
-
-
-def regularized_incomplete_beta(x: float, a: float, b: float) -> float:
-    """The Beta(a, b) CDF, I_x(a, b) = B(x; a, b) / B(a, b), by its continued fraction
-    (Abramowitz & Stegun 26.5.8), evaluated with the modified Lentz method.
-
-    The fraction converges fast for x < (a+1)/(a+b+2); above that, I_x(a, b) = 1 - I_{1-x}(b, a).
-    """
-    if x <= 0 or x >= 1:
-        return float(x >= 1)
-    if x > (a + 1) / (a + b + 2):
-        return 1.0 - regularized_incomplete_beta(1.0 - x, b, a)
-    log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
-    front = math.exp(a * math.log(x) + b * math.log1p(-x) - log_beta) / a
-
-    def nonzero(value: float) -> float:  # Lentz's guard against dividing by zero
-        return value if abs(value) > 1e-300 else 1e-300
-
-    c, d = 1.0, 1 / nonzero(1 - (a + b) * x / (a + 1))
-    fraction = d
-    for m in range(1, 300):
-        for numerator in (  # the terms d_{2m} and d_{2m+1} of the fraction
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1 / nonzero(1 + numerator * d)
-            c = nonzero(1 + numerator / c)
-            fraction *= c * d
-        if abs(c * d - 1) < 1e-16:
-            break
-    return front * fraction
 
 
 # ----- the forward process ----------------------------------------------------------------------
@@ -420,12 +269,25 @@ class SchedulerMixin(ConfigMixin):
         """The v-prediction target v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (`sample` is x_0)."""
         return velocity_vp(self.alphas_cumprod, sample, noise, timesteps)
 
-    def _check_timesteps_set(self) -> None:
+    def _check_step_inputs(self, model_output: torch.Tensor, sample: torch.Tensor, learned_variance: bool = False) -> None:
+        """What every `step` checks first: the shapes match (`check_step_shapes`), and set_timesteps was called
+        when this scheduler needs it."""
+        check_step_shapes(model_output, sample, type(self).__name__, learned_variance)
         if self.requires_set_timesteps and getattr(self, "num_inference_steps", None) is None:
             raise ValueError(
                 f"{type(self).__name__}.step was called before set_timesteps; "
                 "call `scheduler.set_timesteps(num_inference_steps)` first"
             )
+
+    # What `step(..., return_dict=False)` returns, as diffusers: (prev_sample, pred_original_sample), or the
+    # 1-tuple (prev_sample,) for the classes whose diffusers output has no x0 (PNDM and the exponential integrators).
+    _tuple_has_pred_original_sample = True
+
+    def _step_output(self, prev_sample: torch.Tensor, pred_original_sample: torch.Tensor | None, return_dict: bool):
+        """`step`'s result: a SchedulerOutput (with minidiff's x0 estimate), or diffusers' tuple."""
+        if return_dict:
+            return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return (prev_sample, pred_original_sample) if self._tuple_has_pred_original_sample else (prev_sample,)
 
 
 class SigmaSchedulerMixin(SchedulerMixin):
@@ -452,14 +314,26 @@ class SigmaSchedulerMixin(SchedulerMixin):
         return sample / ((sigma**2 + 1) ** 0.5)
 
     def set_training_sigmas(self, beta_schedule: str, beta_start: float, beta_end: float, num_train_timesteps: int,
-                            trained_betas=None) -> None:
+                            trained_betas=None, rescale_betas_zero_snr: bool = False,
+                            beta_schedules: tuple[str, ...] = BETA_SCHEDULES) -> None:
         """betas -> alpha_bar_t (DDPM eq. 4) -> sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) at every training
-        timestep, float32 as diffusers computes them, and their logs (for `sigma_to_t`)."""
-        self.betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
+        timestep, float32 as diffusers computes them, and their logs (for `sigma_to_t`).
+
+        With rescale_betas_zero_snr (Lin et al. 2023, arXiv 2305.08891) alpha_bar_{T-1} would be 0 and sigma_max
+        infinite, so it is set to 2^-24, as diffusers does."""
+        self.betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas,
+                                rescale_betas_zero_snr, beta_schedules)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        if rescale_betas_zero_snr:
+            self.alphas_cumprod[-1] = 2**-24
         self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, sigma_t for t = 0..T-1
         self.log_train_sigmas = np.log(self.train_sigmas)
+
+    def _warn_if_input_not_scaled(self) -> None:
+        """Euler, Euler a and LMS warn, as diffusers, when `step` comes without `scale_model_input` first."""
+        if not self.is_scale_input_called:
+            warnings.warn("call `scheduler.scale_model_input(sample, t)` on the model input before `step`", stacklevel=3)
 
     def _model_sigma(self, entry: int) -> torch.Tensor:
         """The noise level the model is asked about at `timesteps[entry]` (the 2-calls-a-step schedulers override it)."""

@@ -35,21 +35,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minidiff.configuration import register_to_config
-from minidiff.schedulers.base import (
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
-    SchedulerMixin,
-    SchedulerOutput,
-    check_choice,
-    check_num_inference_steps,
-    integer_timestep,
-    make_betas,
-    randn_tensor,
-    spaced_timesteps,
-)
-from minidiff.schedulers.parameterization import eps_from_x0, limit_x0, to_eps, to_x0, vp_from_alpha_bar
+from minidiff.configuration import check_choice, register_to_config
+from minidiff.schedulers.base import SchedulerMixin, check_num_inference_steps, integer_timestep
+from minidiff.schedulers.parameterization import PREDICTION_TYPES, eps_from_x0, limit_x0, to_eps, to_x0, vp_from_alpha_bar
+from minidiff.schedulers.schedules import TIMESTEP_SPACINGS, make_betas, spaced_timesteps
 from minidiff.schedulers.update_rules import ddim_noise_std, ddim_step, posterior_variance
+from minidiff.utils.torch_utils import randn_tensor
 
 
 class DDIMScheduler(SchedulerMixin):
@@ -121,14 +112,14 @@ class DDIMScheduler(SchedulerMixin):
         generator: torch.Generator | None = None,
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
-    ) -> SchedulerOutput | tuple:
+    ):
         """One DDIM step from x_t (`sample`) to x_prev, given the model's output at t.
 
         eta: the noise weight of eq. 16 (0 = deterministic DDIM, 1 = DDPM-like).
         use_clipped_model_output: recompute eps from the clipped x0_pred, so the direction term agrees with it.
         variance_noise: the z of eq. 12 given directly instead of drawn from `generator` (CycleDiffusion).
         """
-        self._check_timesteps_set()
+        self._check_step_inputs(model_output, sample)
         t = integer_timestep(timestep, "DDIMScheduler")
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps  # fixed stride
         alpha_bar_t = self.alphas_cumprod[t]
@@ -151,6 +142,4 @@ class DDIMScheduler(SchedulerMixin):
                 noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
         prev_sample = ddim_step(x0_pred, eps, alpha_bar_prev, noise_std, noise)  # eq. 12
 
-        if not return_dict:
-            return (prev_sample, x0_pred)
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+        return self._step_output(prev_sample, x0_pred, return_dict)

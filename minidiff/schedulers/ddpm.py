@@ -40,21 +40,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minidiff.configuration import register_to_config
-from minidiff.schedulers.base import (
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
-    SchedulerMixin,
-    SchedulerOutput,
-    check_choice,
-    check_num_inference_steps,
-    integer_timestep,
-    make_betas,
-    randn_tensor,
-    spaced_timesteps,
-)
-from minidiff.schedulers.parameterization import limit_x0, to_x0, vp_from_alpha_bar
+from minidiff.configuration import check_choice, register_to_config
+from minidiff.schedulers.base import SchedulerMixin, check_decreasing, check_num_inference_steps, integer_timestep
+from minidiff.schedulers.parameterization import PREDICTION_TYPES, limit_x0, to_x0, vp_from_alpha_bar
+from minidiff.schedulers.schedules import TIMESTEP_SPACINGS, make_betas, spaced_timesteps
 from minidiff.schedulers.update_rules import ddpm_posterior_mean, posterior_variance
+from minidiff.utils.torch_utils import randn_tensor
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
@@ -130,8 +121,7 @@ class DDPMScheduler(SchedulerMixin):
         T = self.config.num_train_timesteps
         if len(timesteps) == 0:
             raise ValueError("custom `timesteps` is empty; pass at least one timestep, e.g. [999, 500, 0]")
-        if any(later >= earlier for earlier, later in zip(timesteps, timesteps[1:])):
-            raise ValueError(f"custom `timesteps` must be in strictly descending order (noisiest first), got {timesteps}")
+        check_decreasing("timesteps", timesteps)
         if timesteps[0] >= T:
             raise ValueError(
                 f"custom `timesteps` must start below num_train_timesteps={T} (the model knows t = 0..{T - 1}), "
@@ -200,13 +190,13 @@ class DDPMScheduler(SchedulerMixin):
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
-    ) -> SchedulerOutput | tuple:
+    ):
         """One ancestral step from x_t (`sample`) to x_prev.
 
         With variance_type "learned" or "learned_range", `model_output` may carry 2C channels:
         the prediction, then the variance (channels C..2C-1).
         """
-        self._check_timesteps_set()
+        self._check_step_inputs(model_output, sample, self.config.variance_type in ("learned", "learned_range"))
         t = integer_timestep(timestep, "DDPMScheduler")
         prev_t = self.previous_timestep(t)
 
@@ -230,6 +220,4 @@ class DDPMScheduler(SchedulerMixin):
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
             prev_sample = prev_sample + self._noise_scale(t, predicted_variance) * noise
 
-        if not return_dict:
-            return (prev_sample, x0_pred)
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+        return self._step_output(prev_sample, x0_pred, return_dict)

@@ -39,36 +39,21 @@ Config fields (diffusers' names and defaults):
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from minidiff.configuration import register_to_config
-from minidiff.schedulers.base import (
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
-    SchedulerMixin,
-    SchedulerOutput,
-    check_choice,
-    check_num_inference_steps,
-    make_betas,
-)
-from minidiff.schedulers.dpm_solver_multistep import (
-    add_noise_at_sigmas,
-    check_steps_left,
-    check_vp_only,
-    index_or_last,
-    multistep_timesteps,
-    schedule_sigmas,
-)
+from minidiff.configuration import check_choice, register_to_config
+from minidiff.schedulers.exponential_integrator import ExponentialIntegratorMixin
 from minidiff.schedulers.parameterization import eps_from_x0, limit_x0, to_x0, vp_from_sigma
 from minidiff.schedulers.update_rules import deis_logrho_coefficients, deis_multistep_update, dpm_solver_first_order
 
 
-class DEISMultistepScheduler(SchedulerMixin):
+class DEISMultistepScheduler(ExponentialIntegratorMixin):
     """DEIS (AB-DEIS, "logrho"): an exponential integrator in rho, of order 1-3, reusing past model outputs."""
 
-    order = 1
     _refused_config = {"use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False, "time_shift_type": "exponential"}
+    solver_types = ("logrho",)
+    default_solver_type = "logrho"
+    final_sigma_ends_ramp = True
 
     @register_to_config
     def __init__(
@@ -93,78 +78,21 @@ class DEISMultistepScheduler(SchedulerMixin):
         steps_offset: int = 0,
     ):
         self._check_config(algorithm_type, solver_type)
-        self.betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.alpha_t = self.alphas_cumprod.sqrt()
-        self.sigma_t = (1 - self.alphas_cumprod).sqrt()
-        self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)  # (T,) half log-SNR per training step
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # replaced by set_timesteps
-        self.init_noise_sigma = 1.0  # the VP form: x_T ~ N(0, I)
-
-        self.num_inference_steps = None
-        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy())
-        self.model_outputs = [None] * solver_order
-        self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
+        self._init_solver()
 
     def _check_config(self, algorithm_type: str, solver_type: str) -> None:
-        config = self.config
-        check_vp_only(config.prediction_type)
-        if config.use_exponential_sigmas + config.use_karras_sigmas + config.use_beta_sigmas > 1:
-            raise ValueError("use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas each choose the sigmas; set only one")
-        check_choice("prediction_type", config.prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", config.timestep_spacing, TIMESTEP_SPACINGS)
-        check_choice("solver_order", config.solver_order, (1, 2, 3))
+        super()._check_config(solver_type)
         if algorithm_type in ("dpmsolver", "dpmsolver++"):  # a DPM-Solver config
             self.register_to_config(algorithm_type="deis")
         check_choice("algorithm_type", self.config.algorithm_type, ("deis",))
-        if solver_type in ("midpoint", "heun", "bh1", "bh2"):  # a DPM-Solver or UniPC config
-            self.register_to_config(solver_type="logrho")
-        check_choice("solver_type", self.config.solver_type, ("logrho",))
 
     # ----- the schedule -----
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None, mu: float | None = None) -> None:
         """Choose the N timesteps and their N + 1 sigmas (the last one sigma_min, or the ramp's last repeated)."""
         config = self.config
-        if mu is not None:
-            raise ValueError("mu (dynamic shifting) is for flow-matching models, which minidiff does not implement; leave it None")
-        T = config.num_train_timesteps
-        check_num_inference_steps(num_inference_steps, T)
-        timesteps = multistep_timesteps(config.timestep_spacing, num_inference_steps, T, config.steps_offset)
-        ramp = self._sigma_ramp()
-        sigmas, timesteps = schedule_sigmas(self, timesteps, len(timesteps), ramp)
-        if ramp is None:
-            sigma_last = (((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5).item()
-        else:
-            sigma_last = sigmas[-1]  # a zero-length last step: it returns its input
-            if ramp == "karras":
-                timesteps = timesteps.round()  # exponential and beta keep fractional t, cast (truncated) to int below
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))  # (N + 1,)
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)  # (N,)
-        self.num_inference_steps = len(timesteps)
-        self.model_outputs = [None] * config.solver_order
-        self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
-
-    def _sigma_ramp(self) -> str | None:
-        config = self.config
-        if config.use_karras_sigmas:
-            return "karras"
-        if config.use_exponential_sigmas:
-            return "exponential"
-        return "beta" if config.use_beta_sigmas else None
-
-    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Identity: the VP-form model takes x_t as it is."""
-        return sample
-
-    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
-        """As the base class, but a timestep not in the schedule means the last step."""
-        return index_or_last(self, timestep, schedule_timesteps)
+        timesteps = self._timesteps_to_visit(num_inference_steps, None, mu, config.timestep_spacing, config.steps_offset)
+        self._set_schedule(timesteps, device, final_sigmas_type="sigma_min")
 
     # ----- one step -----
 
@@ -194,12 +122,9 @@ class DEISMultistepScheduler(SchedulerMixin):
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
-    ) -> SchedulerOutput | tuple:
+    ):
         """One AB-DEIS step from the current noise level to the next (deterministic: `generator` is not used)."""
-        self._check_timesteps_set()
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        check_steps_left(self)
+        self._begin_step(model_output, timestep, sample)
         order = self._order_of_this_step()
 
         eps, x0_pred = self._eps_and_x0(model_output, sample)
@@ -213,8 +138,7 @@ class DEISMultistepScheduler(SchedulerMixin):
 
         self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
         self._step_index += 1
-        output = SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
-        return output if return_dict else output.to_tuple()
+        return self._step_output(prev_sample, x0_pred, return_dict)
 
     def _alpha_and_rho(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """alpha and rho = sigma_t / alpha_t at an index into `sigmas`."""
@@ -241,9 +165,3 @@ class DEISMultistepScheduler(SchedulerMixin):
         (alpha_t, rho_t), (alpha_s0, rho_s0), (_, rho_s1), (_, rho_s2) = levels
         coefficients = deis_logrho_coefficients(rho_t, rho_s0, rho_s1, rho_s2)
         return deis_multistep_update(sample, model_output_list[::-1][:3], alpha_t, alpha_s0, coefficients)
-
-    # ----- the forward process -----
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = alpha_t x_0 + sigma_t eps at the schedule's sigma for each timestep (img2img's first latent)."""
-        return add_noise_at_sigmas(self, original_samples, noise, timesteps)

@@ -55,24 +55,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minidiff.configuration import register_to_config
-from minidiff.schedulers.base import (
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
-    SchedulerOutput,
-    SigmaSchedulerMixin,
-    _broadcast,
-    beta_sigmas,
-    check_choice,
-    check_float_timestep,
-    check_num_inference_steps,
-    exponential_sigmas,
-    karras_sigmas,
-    sigma_to_t,
-    spaced_timesteps,
-)
+from minidiff.configuration import check_choice, register_to_config
+from minidiff.schedulers.base import SigmaSchedulerMixin, check_num_inference_steps
 from minidiff.schedulers.brownian import BrownianTreeNoiseSampler
-from minidiff.schedulers.parameterization import to_x0_ve
+from minidiff.schedulers.parameterization import PREDICTION_TYPES, to_x0_ve
+from minidiff.schedulers.schedules import TIMESTEP_SPACINGS, check_one_noise_ramp, sigma_to_t, spaced_sigmas
+from minidiff.schedulers.two_model_calls import sigmas_per_model_call
 from minidiff.schedulers.update_rules import dpm_solver_pp_sde_stage, euler_step, log_sigma_time, sigma_at
 
 MIDPOINT_RATIO = 0.5  # r_1 of 2211.01095 Algorithm 1 (k-diffusion's r)
@@ -101,11 +89,7 @@ class DPMSolverSDEScheduler(SigmaSchedulerMixin):
     ):
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        if sum(map(bool, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas))) > 1:
-            raise ValueError(
-                "use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas each replace the noise levels; "
-                "set at most one of them to True"
-            )
+        check_one_noise_ramp(self.config)
         self.set_training_sigmas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
         self.noise_sampler_seed = noise_sampler_seed
         # As diffusers: until `set_timesteps`, the schedule visits every training timestep.
@@ -126,13 +110,12 @@ class DPMSolverSDEScheduler(SigmaSchedulerMixin):
         check_num_inference_steps(num_inference_steps, num_train_timesteps)
         self.num_inference_steps = num_inference_steps
 
-        timesteps = spaced_timesteps(config.timestep_spacing, num_inference_steps, num_train_timesteps, config.steps_offset)
-        sigmas = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)  # (N,) float64
-        sigmas, timesteps = self._replace_noise_levels(sigmas, timesteps)
+        timesteps, sigmas = spaced_sigmas(config, self.train_sigmas, self.log_train_sigmas, num_inference_steps,
+                                          num_train_timesteps, timestep_dtype=np.float64)  # (N,) float64 both
         midpoint_timesteps = sigma_to_t(self._midpoint_sigmas(sigmas), self.log_train_sigmas)  # (N-1,)
 
         sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))  # (N+1,)
-        self.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])  # (2N,), kept on the CPU
+        self.sigmas = sigmas_per_model_call(sigmas)  # (2N,), kept on the CPU
         interleaved = np.empty(2 * num_inference_steps - 1, dtype=np.float64)
         interleaved[0::2], interleaved[1::2] = timesteps, midpoint_timesteps
         self.timesteps = torch.from_numpy(interleaved).to(device)  # (2N-1,)
@@ -142,20 +125,6 @@ class DPMSolverSDEScheduler(SigmaSchedulerMixin):
         self.noise_sampler = None  # built at the first `step` (from the sample's shape), or set by the user
         self._step_index = None
         self._begin_index = None
-
-    def _replace_noise_levels(self, sigmas: np.ndarray, timesteps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Karras / exponential / beta noise levels between the ends of the spaced schedule, and their timesteps."""
-        config = self.config
-        sigma_min, sigma_max, n = float(sigmas[-1]), float(sigmas[0]), self.num_inference_steps
-        if config.use_karras_sigmas:
-            sigmas = karras_sigmas(sigma_min, sigma_max, n)
-        elif config.use_exponential_sigmas:
-            sigmas = exponential_sigmas(sigma_min, sigma_max, n)
-        elif config.use_beta_sigmas:
-            sigmas = beta_sigmas(sigma_min, sigma_max, n)
-        else:
-            return sigmas, timesteps
-        return sigmas, sigma_to_t(sigmas, self.log_train_sigmas)
 
     @staticmethod
     def _midpoint_sigmas(sigmas: np.ndarray) -> np.ndarray:
@@ -187,14 +156,14 @@ class DPMSolverSDEScheduler(SigmaSchedulerMixin):
         return_dict: bool = True,
         s_noise: float = 1.0,
         generator: torch.Generator | None = None,
-    ) -> SchedulerOutput | tuple:
+    ):
         """Stage 1 or stage 2 of a DPM-Solver++ SDE step (see the module docstring); `s_noise` scales the noise.
 
         The noise comes from `self.noise_sampler(sigma, sigma_next)` (standard normal for that step): the
         Brownian path of `noise_sampler_seed`, built at the first call, unless you set your own beforehand.
         `generator` is accepted for a uniform scheduler API and not used: as in diffusers, the path is fixed
         by `noise_sampler_seed` (or, when that is None, by torch's global generator)."""
-        check_float_timestep(timestep, f"{type(self).__name__}.step")
+        self._check_step_inputs(model_output, sample)  # an integer timestep is accepted, as diffusers does
         if self.step_index is None:
             self._init_step_index(timestep)
         if self.noise_sampler is None:
@@ -221,23 +190,11 @@ class DPMSolverSDEScheduler(SigmaSchedulerMixin):
             self.sample, self.mid_point_sigma = (start, sigma_at(t_to)) if first_stage else (None, None)
 
         self._step_index += 1
-        if not return_dict:
-            return prev_sample, x0_pred
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
-
-    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The v-prediction target v = (eps - sigma x_0) / sqrt(sigma^2 + 1) (Salimans & Ho 2022, arXiv 2202.00512,
-        §4, with alpha_bar = 1 / (sigma^2 + 1)), at the noise level the model sees at each timestep's entry
-        of `timesteps` (sigma_i, or the midpoint sigma_s). diffusers' class has no get_velocity."""
-        check_float_timestep(timesteps, f"{type(self).__name__}.get_velocity")
-        schedule_timesteps = self.timesteps.to(sample.device)
-        entries = [self.index_for_timestep(t, schedule_timesteps) for t in timesteps.to(sample.device).reshape(-1)]
-        sigma = torch.stack([self._model_sigma(entry) for entry in entries])
-        sigma = _broadcast(sigma.to(device=sample.device, dtype=sample.dtype), sample)  # (B, 1, 1, 1)
-        return (noise - sigma * sample) / (sigma**2 + 1) ** 0.5
+        return self._step_output(prev_sample, x0_pred, return_dict)
 
     def _model_sigma(self, entry: int) -> torch.Tensor:
-        """The noise level of the model call at `timesteps[entry]`: sigma_i (even entries) or sigma_s (odd)."""
+        """The noise level of the model call at `timesteps[entry]`: sigma_i (even entries) or sigma_s (odd); what
+        the base's `get_velocity` uses (diffusers' class has no get_velocity)."""
         if entry % 2 == 0:
             return self.sigmas[entry]
         t, t_next = log_sigma_time(self.sigmas[entry - 1]), log_sigma_time(self.sigmas[entry])

@@ -52,31 +52,10 @@ from __future__ import annotations
 import logging
 import warnings
 
-import numpy as np
 import torch
 
-from minidiff.configuration import register_to_config
-from minidiff.schedulers.base import (
-    PREDICTION_TYPES,
-    SchedulerMixin,
-    SchedulerOutput,
-    check_choice,
-    check_num_inference_steps,
-    make_betas,
-    randn_tensor,
-)
-from minidiff.schedulers.dpm_solver_multistep import (
-    DPM_SOLVER_TYPES,
-    FINAL_SIGMAS_TYPES,
-    VARIANCE_TYPES,
-    add_noise_at_sigmas,
-    check_steps_left,
-    check_vp_only,
-    custom_timesteps,
-    index_or_last,
-    multistep_timesteps,
-    schedule_sigmas,
-)
+from minidiff.configuration import check_choice, register_to_config
+from minidiff.schedulers.exponential_integrator import ExponentialIntegratorMixin
 from minidiff.schedulers.parameterization import eps_from_x0, limit_x0, to_eps, to_x0, vp_from_sigma, x0_from_eps
 from minidiff.schedulers.update_rules import (
     dpm_solver_2s,
@@ -89,6 +68,7 @@ from minidiff.schedulers.update_rules import (
     sde_dpm_solver_pp_3s,
     sde_dpm_solver_pp_first_order,
 )
+from minidiff.utils.torch_utils import randn_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +94,9 @@ def singlestep_order_list(num_inference_steps: int, solver_order: int, lower_ord
     return orders
 
 
-class DPMSolverSinglestepScheduler(SchedulerMixin):
+class DPMSolverSinglestepScheduler(ExponentialIntegratorMixin):
     """DPM-Solver(++) singlestep: order 1-3, the extra model outputs of a step taken at its own intermediate levels."""
 
-    order = 1
     _refused_config = {"use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False, "time_shift_type": "exponential"}
 
     @register_to_config
@@ -144,45 +123,25 @@ class DPMSolverSinglestepScheduler(SchedulerMixin):
         variance_type: str | None = None,
     ):
         self._check_config(algorithm_type, solver_type)
-        self.betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.alpha_t = self.alphas_cumprod.sqrt()
-        self.sigma_t = (1 - self.alphas_cumprod).sqrt()
-        self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)  # (T,) half log-SNR per training step
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # replaced by set_timesteps
-        self.init_noise_sigma = 1.0  # the VP form: x_T ~ N(0, I)
-
-        self.num_inference_steps = None
-        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy())
-        self.model_outputs = [None] * solver_order
-        self.sample = None  # x_s: the sample at the start of the current group of steps
+        self._init_solver()
         self.order_list = self.get_order_list(num_train_timesteps)
-        self._step_index = None
-        self._begin_index = None
+
+    def _reset_state(self) -> None:
+        super()._reset_state()
+        self.sample = None  # x_s: the sample at the start of the current group of steps
 
     def _check_config(self, algorithm_type: str, solver_type: str) -> None:
-        config = self.config
-        check_vp_only(config.prediction_type)
-        if config.use_exponential_sigmas + config.use_karras_sigmas + config.use_beta_sigmas > 1:
-            raise ValueError("use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas each choose the sigmas; set only one")
-        check_choice("prediction_type", config.prediction_type, PREDICTION_TYPES)
-        check_choice("final_sigmas_type", config.final_sigmas_type, FINAL_SIGMAS_TYPES)
-        check_choice("variance_type", config.variance_type, VARIANCE_TYPES)
-        check_choice("solver_order", config.solver_order, (1, 2, 3))
+        super()._check_config(solver_type)
         if algorithm_type == "deis":  # a DEIS config: its algorithm is DPM-Solver++'s
             self.register_to_config(algorithm_type="dpmsolver++")
         check_choice("algorithm_type", self.config.algorithm_type, SINGLESTEP_ALGORITHM_TYPES)
-        if solver_type in ("logrho", "bh1", "bh2"):  # a DEIS or UniPC config
-            self.register_to_config(solver_type="midpoint")
-        check_choice("solver_type", self.config.solver_type, DPM_SOLVER_TYPES)
         if algorithm_type == "dpmsolver":
             warnings.warn(
                 "algorithm_type 'dpmsolver' is deprecated (as in diffusers); use 'dpmsolver++' or 'sde-dpmsolver++'",
                 FutureWarning,
                 stacklevel=3,
             )
-        if algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") and config.final_sigmas_type == "zero":
+        if algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") and self.config.final_sigmas_type == "zero":
             raise ValueError(
                 f"final_sigmas_type 'zero' is not supported with algorithm_type {algorithm_type!r}: the noise-prediction "
                 "update cannot step to sigma = 0. Pass final_sigmas_type='sigma_min'"
@@ -207,33 +166,10 @@ class DPMSolverSinglestepScheduler(SchedulerMixin):
         `timesteps` gives a custom descending list of training timesteps instead of `num_inference_steps`.
         """
         config = self.config
-        if mu is not None:
-            raise ValueError("mu (dynamic shifting) is for flow-matching models, which minidiff does not implement; leave it None")
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError("pass exactly one of num_inference_steps or timesteps to set_timesteps")
-        if timesteps is not None:
-            timesteps = custom_timesteps(timesteps, config)
-        else:
-            T = config.num_train_timesteps
-            check_num_inference_steps(num_inference_steps, T)
-            # lambda_min_clipped: the largest t whose lambda_t is still >= the clip (critical for the cosine schedule)
-            clipped = torch.searchsorted(torch.flip(self.lambda_t, [0]), config.lambda_min_clipped).item()
-            timesteps = multistep_timesteps("linspace", num_inference_steps, T, 0, T - clipped)
-        N = len(timesteps)
-        ramp = self._sigma_ramp()
-        sigmas, timesteps = schedule_sigmas(self, timesteps, N, ramp)
-        if ramp == "karras":
-            timesteps = timesteps.round()  # exponential and beta keep fractional t, cast (truncated) to int below
-        sigma_last = (((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5).item() if config.final_sigmas_type == "sigma_min" else 0.0
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))  # (N + 1,)
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)  # (N,)
-        self.num_inference_steps = N
-        self.model_outputs = [None] * config.solver_order
-        self.sample = None
-        self._require_lower_order_final(N)
-        self.order_list = self.get_order_list(N)
-        self._step_index = None
-        self._begin_index = None
+        timesteps = self._timesteps_to_visit(num_inference_steps, timesteps, mu, lambda_min_clipped=config.lambda_min_clipped)
+        self._set_schedule(timesteps, device, config.final_sigmas_type)  # linspace: no timestep_spacing here
+        self._require_lower_order_final(self.num_inference_steps)
+        self.order_list = self.get_order_list(self.num_inference_steps)
 
     def _require_lower_order_final(self, num_inference_steps: int) -> None:
         """The groups must fit the N steps and the step to sigma = 0 must be first order: as diffusers, switch
@@ -250,27 +186,11 @@ class DPMSolverSinglestepScheduler(SchedulerMixin):
         logger.warning("DPMSolverSinglestepScheduler: setting lower_order_final=True in the config: %s", reason)
         self.register_to_config(lower_order_final=True)
 
-    def _sigma_ramp(self) -> str | None:
-        config = self.config
-        if config.use_karras_sigmas:
-            return "karras"
-        if config.use_exponential_sigmas:
-            return "exponential"
-        return "beta" if config.use_beta_sigmas else None
-
-    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Identity: the VP-form model takes x_t as it is."""
-        return sample
-
-    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
-        """As the base class, but a timestep not in the schedule means the last step."""
-        return index_or_last(self, timestep, schedule_timesteps)
-
     # ----- one step -----
 
     def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """What the solver integrates: x0_pred for DPM-Solver++, eps for DPM-Solver, at the current step."""
-        if self.config.variance_type is not None:
+        if self.config.variance_type in ("learned", "learned_range"):
             model_output = model_output[:, : sample.shape[1]]  # (B, 2C, ...) -> (B, C, ...): the mean, not the variance
         alpha_t, sigma_t, _ = vp_from_sigma(self.sigmas[self.step_index])
         prediction_type = self.config.prediction_type
@@ -289,13 +209,10 @@ class DPMSolverSinglestepScheduler(SchedulerMixin):
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
-    ) -> SchedulerOutput | tuple:
+    ):
         """One step of the order `order_list` gives (lower when the group's earlier outputs are missing, e.g. when
         img2img starts mid-group). An order-1 step starts a group at `sample`; higher orders step from that start."""
-        self._check_timesteps_set()
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        check_steps_left(self)
+        self._begin_step(model_output, timestep, sample)
 
         m0 = self.convert_model_output(model_output, sample)  # x0_pred (++) or eps
         self.model_outputs = self.model_outputs[1:] + [m0]  # [..., m_r1, m0]: this group's outputs, oldest first
@@ -312,8 +229,7 @@ class DPMSolverSinglestepScheduler(SchedulerMixin):
         prev_sample = self.singlestep_dpm_solver_update(self.model_outputs, sample=self.sample, order=order, noise=noise)
 
         self._step_index += 1
-        output = SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
-        return output if return_dict else output.to_tuple()
+        return self._step_output(prev_sample, x0_pred, return_dict)
 
     def _x0_from_eps(self, eps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         alpha_t, sigma_t, _ = vp_from_sigma(self.sigmas[self.step_index])
@@ -367,9 +283,3 @@ class DPMSolverSinglestepScheduler(SchedulerMixin):
         if algorithm == "dpmsolver":
             return dpm_solver_3s(sample, m_s, m_r1, m_r2, alpha_t, sigma_t, alpha_s, *lambdas, solver_type)
         return sde_dpm_solver_pp_3s(sample, m_s, m_r1, m_r2, alpha_t, sigma_t, sigma_s, *lambdas, noise, solver_type)
-
-    # ----- the forward process -----
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = alpha_t x_0 + sigma_t eps at the schedule's sigma for each timestep (img2img's first latent)."""
-        return add_noise_at_sigmas(self, original_samples, noise, timesteps)

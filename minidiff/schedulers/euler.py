@@ -40,31 +40,22 @@ Config fields (diffusers' names and defaults):
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
-from minidiff.configuration import register_to_config
-from minidiff.schedulers.base import (
-    SigmaSchedulerMixin,
-    PREDICTION_TYPES,
+from minidiff.configuration import check_choice, register_to_config
+from minidiff.schedulers.base import SigmaSchedulerMixin, check_decreasing, check_float_timestep, check_num_inference_steps
+from minidiff.schedulers.parameterization import PREDICTION_TYPES, to_x0_ve
+from minidiff.schedulers.schedules import (
     TIMESTEP_SPACINGS,
-    SchedulerOutput,
-    beta_sigmas,
-    check_choice,
-    check_float_timestep,
-    check_num_inference_steps,
-    exponential_sigmas,
-    karras_sigmas,
-    make_betas,
-    randn_tensor,
+    check_one_noise_ramp,
+    chosen_noise_ramp,
+    replace_by_noise_ramp,
     sigma_to_t,
-    sigmas_from_alphas_cumprod,
     spaced_timesteps,
 )
-from minidiff.schedulers.parameterization import to_x0_ve
 from minidiff.schedulers.update_rules import churn, euler_step
+from minidiff.utils.torch_utils import randn_tensor
 
 INTERPOLATION_TYPES = ("linear", "log_linear")
 TIMESTEP_TYPES = ("discrete", "continuous")
@@ -103,20 +94,9 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         check_choice("interpolation_type", interpolation_type, INTERPOLATION_TYPES)
         check_choice("timestep_type", timestep_type, TIMESTEP_TYPES)
         check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
-        if sum(map(bool, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas))) > 1:
-            raise ValueError(
-                "use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas each replace the noise levels; "
-                "set at most one of them to True"
-            )
-        self.betas = make_betas(
-            beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas, rescale_betas_zero_snr
-        )
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = 2**-24  # zero SNR would make sigma_{T-1} infinite
-        self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, sigma at t = 0..T-1
-        self.log_train_sigmas = np.log(self.train_sigmas)  # float32, as diffusers' sigma_to_t sees them
+        check_one_noise_ramp(self.config)
+        self.set_training_sigmas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas,
+                                 rescale_betas_zero_snr)
 
         # plain attributes as in diffusers (read without the deprecation warning); the schedule reads the config
         self.use_karras_sigmas = use_karras_sigmas
@@ -151,7 +131,8 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
                 )
             timesteps = np.asarray(timesteps, dtype=np.float32)  # (N,)
             sigmas = self._sigmas_at(timesteps)
-            sigmas, timesteps = self._replace_noise_levels(sigmas, timesteps)
+            sigmas, timesteps = replace_by_noise_ramp(self.config, sigmas, timesteps, self.log_train_sigmas,
+                                                      num_inference_steps)
             sigmas = np.concatenate([sigmas, [self._final_sigma()]]).astype(np.float32)  # (N+1,)
 
         self.sigmas = torch.from_numpy(sigmas)  # kept on the CPU: read one value per step
@@ -169,10 +150,10 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         if num_inference_steps is not None:
             check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
         if timesteps is not None:
-            replacing = [name for name in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if self.config[name]]
-            if replacing:
+            if chosen_noise_ramp(self.config):
                 raise ValueError(
-                    f"custom `timesteps` cannot be used with {replacing[0]}=True, which picks its own noise levels"
+                    f"custom `timesteps` cannot be used with use_{chosen_noise_ramp(self.config)}_sigmas=True, which "
+                    "picks its own noise levels"
                 )
             if self.config.timestep_type == "continuous" and self.config.prediction_type == "v_prediction":
                 raise ValueError(
@@ -181,8 +162,11 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
                 )
             if len(timesteps) < 1:
                 raise ValueError("custom `timesteps` must hold at least one timestep")
-        if sigmas is not None and len(sigmas) < 2:
-            raise ValueError("custom `sigmas` must hold at least two values: one per step plus the final sigma")
+            check_decreasing("timesteps", timesteps)
+        if sigmas is not None:
+            if len(sigmas) < 2:
+                raise ValueError("custom `sigmas` must hold at least two values: one per step plus the final sigma")
+            check_decreasing("sigmas", sigmas)
 
     def _sigmas_at(self, timesteps: np.ndarray) -> np.ndarray:
         """sigma at each (possibly fractional) timestep, per interpolation_type."""
@@ -191,21 +175,6 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         # "log_linear": N+1 values even in log-sigma from sigma_max down to sigma_min (diffusers' behaviour)
         log_sigma_max, log_sigma_min = float(self.log_train_sigmas[-1]), float(self.log_train_sigmas[0])
         return torch.linspace(log_sigma_max, log_sigma_min, len(timesteps) + 1).exp().numpy()
-
-    def _replace_noise_levels(self, sigmas: np.ndarray, timesteps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Karras / exponential / beta noise levels between sigma_min and sigma_max, and their timesteps."""
-        config = self.config
-        if not (config.use_karras_sigmas or config.use_exponential_sigmas or config.use_beta_sigmas):
-            return sigmas, timesteps
-        sigma_min = config.sigma_min if config.sigma_min is not None else sigmas[-1].item()
-        sigma_max = config.sigma_max if config.sigma_max is not None else sigmas[0].item()
-        if config.use_karras_sigmas:
-            sigmas = karras_sigmas(sigma_min, sigma_max, self.num_inference_steps)
-        elif config.use_exponential_sigmas:
-            sigmas = exponential_sigmas(sigma_min, sigma_max, self.num_inference_steps)
-        else:
-            sigmas = beta_sigmas(sigma_min, sigma_max, self.num_inference_steps)
-        return sigmas, sigma_to_t(sigmas, self.log_train_sigmas)
 
     def _final_sigma(self) -> float:
         return 0.0 if self.config.final_sigmas_type == "zero" else float(self.train_sigmas[0])
@@ -229,12 +198,11 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         s_noise: float = 1.0,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
-    ) -> SchedulerOutput | tuple:
+    ):
         """One Euler step from sigma_i to sigma_{i+1} (with churn when s_churn > 0); see the module docstring."""
         check_float_timestep(timestep, f"{type(self).__name__}.step")
-        self._check_timesteps_set()
-        if not self.is_scale_input_called:
-            warnings.warn("call `scheduler.scale_model_input(sample, t)` on the model input before `step`", stacklevel=2)
+        self._check_step_inputs(model_output, sample)
+        self._warn_if_input_not_scaled()
         if self.step_index is None:
             self._init_step_index(timestep)
 
@@ -254,6 +222,4 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
 
         prev_sample = prev_sample.to(model_output.dtype)
         self._step_index += 1
-        if not return_dict:
-            return prev_sample, x0_pred
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+        return self._step_output(prev_sample, x0_pred, return_dict)

@@ -30,27 +30,15 @@ Config fields (diffusers' names and defaults):
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
-from minidiff.configuration import register_to_config
-from minidiff.schedulers.base import (
-    SigmaSchedulerMixin,
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
-    SchedulerOutput,
-    check_choice,
-    check_float_timestep,
-    check_num_inference_steps,
-    make_betas,
-    randn_tensor,
-    sigmas_from_alphas_cumprod,
-    spaced_timesteps,
-)
-from minidiff.schedulers.parameterization import to_x0_ve
+from minidiff.configuration import check_choice, register_to_config
+from minidiff.schedulers.base import SigmaSchedulerMixin, check_float_timestep, check_num_inference_steps
+from minidiff.schedulers.parameterization import PREDICTION_TYPES, to_x0_ve
+from minidiff.schedulers.schedules import TIMESTEP_SPACINGS, spaced_timesteps
 from minidiff.schedulers.update_rules import ancestral_sigmas, euler_ancestral_step
+from minidiff.utils.torch_utils import randn_tensor
 
 
 class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
@@ -74,14 +62,8 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
     ):
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        self.betas = make_betas(
-            beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas, rescale_betas_zero_snr
-        )
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = 2**-24  # zero SNR would make sigma_{T-1} infinite
-        self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, sigma at t = 0..T-1
+        self.set_training_sigmas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas,
+                                 rescale_betas_zero_snr)
 
         # Until `set_timesteps`: every training timestep, noisiest first, then sigma = 0.
         self.num_inference_steps = None
@@ -113,12 +95,11 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
-    ) -> SchedulerOutput | tuple:
+    ):
         """One ancestral step from sigma_i to sigma_{i+1}; see the module docstring."""
         check_float_timestep(timestep, f"{type(self).__name__}.step")
-        self._check_timesteps_set()
-        if not self.is_scale_input_called:
-            warnings.warn("call `scheduler.scale_model_input(sample, t)` on the model input before `step`", stacklevel=2)
+        self._check_step_inputs(model_output, sample)
+        self._warn_if_input_not_scaled()
         if self.step_index is None:
             self._init_step_index(timestep)
 
@@ -131,6 +112,4 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
 
         prev_sample = prev_sample.to(model_output.dtype)
         self._step_index += 1
-        if not return_dict:
-            return prev_sample, x0_pred
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+        return self._step_output(prev_sample, x0_pred, return_dict)

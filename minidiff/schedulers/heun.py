@@ -37,19 +37,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minidiff.configuration import register_to_config
-from minidiff.schedulers.base import (
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
-    SchedulerOutput,
-    SigmaSchedulerMixin,
-    check_choice,
-    check_num_inference_steps,
-    check_one_noise_schedule,
-    spaced_sigmas,
-)
-from minidiff.schedulers.parameterization import to_x0_ve
+from minidiff.configuration import check_choice, register_to_config
+from minidiff.schedulers.base import SigmaSchedulerMixin, check_decreasing, check_num_inference_steps
+from minidiff.schedulers.parameterization import PREDICTION_TYPES, to_x0_ve
+from minidiff.schedulers.schedules import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_one_noise_ramp, spaced_sigmas
+from minidiff.schedulers.two_model_calls import sigmas_per_model_call, twice_after_first
 from minidiff.schedulers.update_rules import euler_step, heun_correction, to_d
+
+HEUN_BETA_SCHEDULES = (*BETA_SCHEDULES, "exp")  # diffusers' Heun alone also offers alpha_bar(t) = exp(-12 t)
 
 
 class HeunDiscreteScheduler(SigmaSchedulerMixin):
@@ -76,8 +71,9 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin):
     ):
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        check_one_noise_schedule(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
-        self.set_training_sigmas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
+        check_one_noise_ramp(self.config)
+        self.set_training_sigmas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas,
+                                 beta_schedules=HEUN_BETA_SCHEDULES)
         self.set_timesteps(num_train_timesteps)  # as diffusers: until `set_timesteps`, every training timestep
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, num_train_timesteps: int | None = None,
@@ -96,19 +92,18 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin):
             replacing = [name for name in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if config[name]]
             if replacing:
                 raise ValueError(f"custom `timesteps` cannot be used with {replacing[0]}=True, which picks its own noise levels")
+            check_decreasing("timesteps", timesteps)
             timesteps = np.asarray(timesteps, dtype=np.float32)
             num_inference_steps = len(timesteps)
             sigmas = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
         else:
             check_num_inference_steps(num_inference_steps, num_train_timesteps)
-            self.num_inference_steps = num_inference_steps
             timesteps, sigmas = spaced_sigmas(config, self.train_sigmas, self.log_train_sigmas, num_inference_steps, num_train_timesteps)
         self.num_inference_steps = num_inference_steps
 
         sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))  # (N+1,)
-        self.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])  # (2N,), on the CPU
-        timesteps = torch.from_numpy(np.asarray(timesteps))
-        self.timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)]).to(device=device, dtype=torch.float32)
+        self.sigmas = sigmas_per_model_call(sigmas)  # (2N,), on the CPU
+        self.timesteps = twice_after_first(torch.from_numpy(np.asarray(timesteps))).to(device=device, dtype=torch.float32)
 
         self.prev_derivative = None  # d_i, kept between the Euler step and the correction
         self.dt = None  # sigma_{i+1} - sigma_i
@@ -122,9 +117,9 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin):
         return self.dt is None
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
-             return_dict: bool = True) -> SchedulerOutput | tuple:
+             return_dict: bool = True):
         """One model call's share of Algorithm 1: the Euler step (first call) or the trapezoidal correction (second)."""
-        self._check_timesteps_set()
+        self._check_step_inputs(model_output, sample)
         if self.step_index is None:
             self._init_step_index(timestep)
         if self.state_in_first_order:
@@ -146,6 +141,4 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin):
             self.prev_derivative = self.dt = self.sample = None  # line 8 done: the next step starts afresh
 
         self._step_index += 1
-        if not return_dict:
-            return prev_sample, x0_pred
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+        return self._step_output(prev_sample, x0_pred, return_dict)

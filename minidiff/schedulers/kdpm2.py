@@ -27,52 +27,14 @@ Config fields (diffusers' names and defaults):
 
 from __future__ import annotations
 
-import warnings
-
-import numpy as np
 import torch
 
-from minidiff.configuration import register_to_config
-from minidiff.schedulers.base import (
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
-    SchedulerOutput,
-    SigmaSchedulerMixin,
-    check_choice,
-    check_num_inference_steps,
-    check_one_noise_schedule,
-    sigma_to_t,
-    spaced_sigmas,
-)
-from minidiff.schedulers.parameterization import to_x0_ve
+from minidiff.configuration import check_choice, register_to_config
+from minidiff.schedulers.base import SigmaSchedulerMixin
+from minidiff.schedulers.schedules import TIMESTEP_SPACINGS, check_one_noise_ramp
+from minidiff.schedulers.two_model_calls import midpoint_timesteps_float32, per_model_call, step_noise_levels
+from minidiff.schedulers.parameterization import PREDICTION_TYPES, to_x0_ve
 from minidiff.schedulers.update_rules import dpm_solver_2_step, euler_step
-
-
-def per_model_call(values: torch.Tensor) -> torch.Tensor:
-    """[v_0, v_1, v_1, v_2, v_2, ..., v_N, v_N, v_N]: a per-step quantity at each entry of the 2-calls-a-step schedule."""
-    return torch.cat([values[:1], values[1:].repeat_interleave(2), values[-1:]])
-
-
-def step_noise_levels(scheduler, num_inference_steps: int, num_train_timesteps: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The N steps' timesteps (N,) and noise levels sigma_0 > ... > sigma_{N-1} > 0, (N+1,) float32, of both DPM2
-    schedulers (plain and ancestral); sets `scheduler.num_inference_steps`."""
-    config = scheduler.config
-    num_train_timesteps = num_train_timesteps or config.num_train_timesteps
-    check_num_inference_steps(num_inference_steps, num_train_timesteps)
-    scheduler.num_inference_steps = num_inference_steps
-    timesteps, sigmas = spaced_sigmas(config, scheduler.train_sigmas, scheduler.log_train_sigmas, num_inference_steps,
-                                      num_train_timesteps)
-    if config.use_karras_sigmas:
-        timesteps = timesteps.round()  # as diffusers
-    return torch.from_numpy(timesteps), torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
-
-
-def midpoint_timesteps_float32(midpoints: torch.Tensor, log_train_sigmas: np.ndarray) -> torch.Tensor:
-    """The (fractional) timestep of each midpoint as diffusers computes it: `sigma_to_t` on float32 torch tensors,
-    which mixes numpy's float32 ufuncs and torch's float32 operators (the float64 path differs in the last bit)."""
-    with warnings.catch_warnings():  # numpy 2 warns about torch's __array_wrap__ signature; harmless here
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.as_tensor(sigma_to_t(midpoints, torch.from_numpy(log_train_sigmas)))
 
 
 class KDPM2DiscreteScheduler(SigmaSchedulerMixin):
@@ -97,7 +59,7 @@ class KDPM2DiscreteScheduler(SigmaSchedulerMixin):
     ):
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        check_one_noise_schedule(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
+        check_one_noise_ramp(self.config)
         self.set_training_sigmas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
         self.set_timesteps(num_train_timesteps)  # as diffusers: until `set_timesteps`, every training timestep
 
@@ -133,9 +95,9 @@ class KDPM2DiscreteScheduler(SigmaSchedulerMixin):
         return sample / ((sigma**2 + 1) ** 0.5)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
-             return_dict: bool = True) -> SchedulerOutput | tuple:
+             return_dict: bool = True):
         """One model call's half of the step (module docstring)."""
-        self._check_timesteps_set()
+        self._check_step_inputs(model_output, sample)
         if self.step_index is None:
             self._init_step_index(timestep)
         if self.state_in_first_order:
@@ -150,6 +112,4 @@ class KDPM2DiscreteScheduler(SigmaSchedulerMixin):
             prev_sample = dpm_solver_2_step(self.sample, sample, x0_pred, sigma, sigma_mid, sigma_next)
             self.sample = None
         self._step_index += 1
-        if not return_dict:
-            return prev_sample, x0_pred
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+        return self._step_output(prev_sample, x0_pred, return_dict)

@@ -20,27 +20,17 @@ from __future__ import annotations
 
 import torch
 
-from minidiff.configuration import register_to_config
-from minidiff.schedulers.base import (
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
-    SchedulerOutput,
-    SigmaSchedulerMixin,
-    check_choice,
-    check_one_noise_schedule,
-    randn_tensor,
-)
-from minidiff.schedulers.kdpm2 import (
-    midpoint_timesteps_float32,
-    per_model_call,
-    step_noise_levels,
-)
-from minidiff.schedulers.parameterization import to_x0_ve
+from minidiff.configuration import check_choice, register_to_config
+from minidiff.schedulers.base import SigmaSchedulerMixin
+from minidiff.schedulers.parameterization import PREDICTION_TYPES, to_x0_ve
+from minidiff.schedulers.schedules import TIMESTEP_SPACINGS, check_one_noise_ramp
+from minidiff.schedulers.two_model_calls import midpoint_timesteps_float32, per_model_call, step_noise_levels
 from minidiff.schedulers.update_rules import (
     ancestral_sigmas,
     dpm_solver_2_step,
     euler_step,
 )
+from minidiff.utils.torch_utils import randn_tensor
 
 
 class KDPM2AncestralDiscreteScheduler(SigmaSchedulerMixin):
@@ -65,7 +55,7 @@ class KDPM2AncestralDiscreteScheduler(SigmaSchedulerMixin):
     ):
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        check_one_noise_schedule(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
+        check_one_noise_ramp(self.config)
         self.set_training_sigmas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
         self.set_timesteps(num_train_timesteps)  # as diffusers: until `set_timesteps`, every training timestep
 
@@ -108,9 +98,9 @@ class KDPM2AncestralDiscreteScheduler(SigmaSchedulerMixin):
         return sample / ((sigma**2 + 1) ** 0.5)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
-             return_dict: bool = True) -> SchedulerOutput | tuple:
+             return_dict: bool = True):
         """One model call's half of the step (module docstring); the second half draws the noise z."""
-        self._check_timesteps_set()
+        self._check_step_inputs(model_output, sample)
         if self.step_index is None:
             self._init_step_index(timestep)
         if self.state_in_first_order:
@@ -127,6 +117,4 @@ class KDPM2AncestralDiscreteScheduler(SigmaSchedulerMixin):
             noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
             prev_sample = prev_sample + noise * sigma_up
         self._step_index += 1
-        if not return_dict:
-            return prev_sample, x0_pred
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+        return self._step_output(prev_sample, x0_pred, return_dict)

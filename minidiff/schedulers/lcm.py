@@ -44,19 +44,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from minidiff.configuration import register_to_config
-from minidiff.schedulers.base import (
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
-    SchedulerMixin,
-    check_choice,
-    integer_timestep,
-    make_betas,
-    randn_tensor,
-)
-from minidiff.schedulers.parameterization import limit_x0, to_x0, vp_from_alpha_bar
+from minidiff.configuration import check_choice, register_to_config
+from minidiff.schedulers.base import SchedulerMixin, check_decreasing, integer_timestep
+from minidiff.schedulers.parameterization import PREDICTION_TYPES, limit_x0, to_x0, vp_from_alpha_bar
+from minidiff.schedulers.schedules import TIMESTEP_SPACINGS, make_betas
 from minidiff.schedulers.update_rules import consistency_function, consistency_scalings, renoise
 from minidiff.utils.outputs import BaseOutput
+from minidiff.utils.torch_utils import randn_tensor
 
 
 @dataclass
@@ -86,8 +80,7 @@ def check_custom_timesteps(timesteps, origin_timesteps, num_train_timesteps: int
     """Custom timesteps must descend and start below T; timesteps outside the distillation schedule, a start other
     than T - 1, or more steps than the schedule has are allowed with a warning (as diffusers)."""
     timesteps = [int(t) for t in timesteps]
-    if any(later >= earlier for earlier, later in zip(timesteps, timesteps[1:])):
-        raise ValueError(f"{owner}.set_timesteps: `timesteps` must be in descending order (noisiest first), got {timesteps}")
+    check_decreasing("timesteps", timesteps)
     if timesteps[0] >= num_train_timesteps:
         raise ValueError(
             f"{owner}.set_timesteps: `timesteps` must start below num_train_timesteps={num_train_timesteps}, got {timesteps[0]}"
@@ -243,7 +236,7 @@ class LCMScheduler(SchedulerMixin):
         return_dict: bool = True,
     ) -> LCMSchedulerOutput | tuple:
         """One step of Algorithm 3: denoised = f(x_t, t); then x_next = re-noised denoised (not on the last step)."""
-        self._check_timesteps_set()
+        self._check_step_inputs(model_output, sample)
         t = integer_timestep(timestep, type(self).__name__)
         if self.step_index is None:
             self._init_step_index(timestep)

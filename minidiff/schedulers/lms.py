@@ -31,29 +31,13 @@ Config fields (diffusers' names and defaults):
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
-from minidiff.configuration import register_to_config
-from minidiff.schedulers.base import (
-    SigmaSchedulerMixin,
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
-    SchedulerOutput,
-    beta_sigmas,
-    check_choice,
-    check_float_timestep,
-    check_num_inference_steps,
-    exponential_sigmas,
-    karras_sigmas,
-    make_betas,
-    sigma_to_t,
-    sigmas_from_alphas_cumprod,
-    spaced_timesteps,
-)
-from minidiff.schedulers.parameterization import to_x0_ve
+from minidiff.configuration import check_choice, register_to_config
+from minidiff.schedulers.base import SigmaSchedulerMixin, check_num_inference_steps
+from minidiff.schedulers.parameterization import PREDICTION_TYPES, to_x0_ve
+from minidiff.schedulers.schedules import TIMESTEP_SPACINGS, check_one_noise_ramp, spaced_sigmas
 from minidiff.schedulers.update_rules import lagrange_basis_integral, lms_coefficients, lms_step, to_d  # noqa: F401
 
 
@@ -80,16 +64,8 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
     ):
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        if sum(map(bool, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas))) > 1:
-            raise ValueError(
-                "use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas each choose the noise levels; "
-                "set at most one of them to True"
-            )
-        self.betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float32, sigma at t = 0..T-1
-        self.log_train_sigmas = np.log(self.train_sigmas)  # float32, as diffusers' sigma_to_t sees them
+        check_one_noise_ramp(self.config)
+        self.set_training_sigmas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
 
         self.use_karras_sigmas = use_karras_sigmas  # a plain attribute as in diffusers (no deprecation warning)
         # The plain schedule: every training timestep, noisiest first, then sigma = 0 (replaced just below).
@@ -113,11 +89,8 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         Clears the stored derivatives."""
         check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
         self.num_inference_steps = num_inference_steps
-        timesteps = spaced_timesteps(
-            self.config.timestep_spacing, num_inference_steps, self.config.num_train_timesteps, self.config.steps_offset
-        ).astype(np.float32)  # (N,)
-        sigmas = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
-        sigmas, timesteps = self._replace_noise_levels(sigmas, timesteps)
+        timesteps, sigmas = spaced_sigmas(self.config, self.train_sigmas, self.log_train_sigmas, num_inference_steps,
+                                          self.config.num_train_timesteps)  # (N,) float32 timesteps
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # (N+1,)
         repeated = np.flatnonzero(sigmas[:-1] == sigmas[1:])
         if len(repeated):
@@ -135,19 +108,6 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         self._step_index = None
         self._begin_index = None
 
-    def _replace_noise_levels(self, sigmas: np.ndarray, timesteps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Karras / exponential / beta noise levels between the ends of `sigmas`, and their timesteps."""
-        config, sigma_min, sigma_max = self.config, sigmas[-1].item(), sigmas[0].item()
-        if config.use_karras_sigmas:
-            sigmas = karras_sigmas(sigma_min, sigma_max, self.num_inference_steps)
-        elif config.use_exponential_sigmas:
-            sigmas = exponential_sigmas(sigma_min, sigma_max, self.num_inference_steps)
-        elif config.use_beta_sigmas:
-            sigmas = beta_sigmas(sigma_min, sigma_max, self.num_inference_steps)
-        else:
-            return sigmas, timesteps
-        return sigmas, sigma_to_t(sigmas, self.log_train_sigmas)
-
     def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
         """c_j for j = `current_order` of a q = `order` step at index i = `t` (`update_rules.lms_coefficients`): the
         integral from sigma_i to sigma_{i+1} of the Lagrange basis polynomial of node sigma_{i-j} over sigma_i .. sigma_{i-q+1}."""
@@ -162,14 +122,12 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         order: int = 4,
         return_dict: bool = True,
         generator: torch.Generator | None = None,
-    ) -> SchedulerOutput | tuple:
+    ):
         """One linear multistep step of order min(step_index + 1, order); see the module docstring.
 
         LMS is deterministic: `generator` is accepted for a uniform scheduler API and not used."""
-        check_float_timestep(timestep, f"{type(self).__name__}.step")
-        self._check_timesteps_set()
-        if not self.is_scale_input_called:
-            warnings.warn("call `scheduler.scale_model_input(sample, t)` on the model input before `step`", stacklevel=2)
+        self._check_step_inputs(model_output, sample)  # an integer timestep is accepted, as diffusers does
+        self._warn_if_input_not_scaled()
         if self.step_index is None:
             self._init_step_index(timestep)
 
@@ -187,6 +145,4 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         prev_sample = lms_step(sample, list(reversed(self.derivatives)), coefficients)
 
         self._step_index += 1
-        if not return_dict:
-            return prev_sample, x0_pred
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+        return self._step_output(prev_sample, x0_pred, return_dict)

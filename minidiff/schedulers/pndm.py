@@ -47,17 +47,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minidiff.configuration import register_to_config
-from minidiff.schedulers.base import (
-    TIMESTEP_SPACINGS,
-    SchedulerMixin,
-    SchedulerOutput,
-    check_choice,
-    check_num_inference_steps,
-    integer_timestep,
-    make_betas,
-    spaced_timesteps,
-)
+from minidiff.configuration import check_choice, register_to_config
+from minidiff.schedulers.base import SchedulerMixin, check_num_inference_steps, integer_timestep
+from minidiff.schedulers.schedules import TIMESTEP_SPACINGS, make_betas, spaced_timesteps
 from minidiff.schedulers.parameterization import to_eps, vp_from_alpha_bar, x0_from_eps
 from minidiff.schedulers.update_rules import plms_eps, pndm_transfer
 
@@ -68,6 +60,7 @@ class PNDMScheduler(SchedulerMixin):
     """PNDM (Liu et al. 2022): formula (9) as the step, with linear multi-step (PLMS) or Runge-Kutta (PRK) noise estimates."""
 
     order = 1
+    _tuple_has_pred_original_sample = False  # diffusers' step returns (prev_sample,)
     pndm_order = 4  # PRK evaluations per step, and the highest PLMS order
 
     @register_to_config
@@ -143,22 +136,22 @@ class PNDMScheduler(SchedulerMixin):
         sample: torch.Tensor,
         return_dict: bool = True,
         generator: torch.Generator | None = None,
-    ) -> SchedulerOutput | tuple:
+    ):
         """Take the next model call's output: a PRK stage while PRK timesteps remain, else a PLMS step.
 
         PNDM is deterministic: `generator` is accepted for a uniform scheduler API and not used."""
-        self._check_timesteps_set()
+        self._check_step_inputs(model_output, sample)  # (before reading prk_timesteps, None until set_timesteps)
         if not self.config.skip_prk_steps and self.counter < len(self.prk_timesteps):
             return self.step_prk(model_output, timestep, sample, return_dict)
         return self.step_plms(model_output, timestep, sample, return_dict)
 
-    def step_prk(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True) -> SchedulerOutput | tuple:
+    def step_prk(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """One of the four stages of a pseudo Runge-Kutta step (see the module docstring).
 
         Stage k = counter % 4 gets e_{k+1} at `timestep`; every stage restarts formula (9) from the
         step's starting x_t, so only the target timestep and the noise estimate change.
         """
-        self._check_timesteps_set()
+        self._check_step_inputs(model_output, sample)
         stage = self.counter % 4
         half_delta = self.config.num_train_timesteps // self.num_inference_steps // 2
         t_call = integer_timestep(timestep, "PNDMScheduler")
@@ -177,13 +170,11 @@ class PNDMScheduler(SchedulerMixin):
 
         prev_sample, x0_pred = self._get_prev_sample(self.cur_sample, t, prev_t, model_output)
         self.counter += 1
-        if not return_dict:
-            return (prev_sample,)  # diffusers' tuple; pred_original_sample is a minidiff extra of the output object
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+        return self._step_output(prev_sample, x0_pred, return_dict)
 
-    def step_plms(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True) -> SchedulerOutput | tuple:
+    def step_plms(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """A pseudo linear multi-step (Adams-Bashforth) step; see the module docstring."""
-        self._check_timesteps_set()
+        self._check_step_inputs(model_output, sample)
         if not self.config.skip_prk_steps and len(self.ets) < 3:
             raise ValueError(
                 "PNDMScheduler.step_plms needs the 3 model outputs left by the Runge-Kutta steps, but has "
@@ -210,9 +201,7 @@ class PNDMScheduler(SchedulerMixin):
 
         prev_sample, x0_pred = self._get_prev_sample(sample, t, prev_t, e)
         self.counter += 1
-        if not return_dict:
-            return (prev_sample,)  # diffusers' tuple; pred_original_sample is a minidiff extra of the output object
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+        return self._step_output(prev_sample, x0_pred, return_dict)
 
     def _get_prev_sample(self, sample: torch.Tensor, t: int, prev_t: int, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The transfer part phi(x_t, e, t, prev), formula (9); also the x0 this e implies (DDPM eq. 15),

@@ -34,11 +34,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from minidiff.schedulers.base import integer_timestep, randn_tensor
+from minidiff.schedulers.base import integer_timestep
 from minidiff.schedulers.lcm import LCMScheduler
 from minidiff.schedulers.parameterization import to_eps, to_x0, vp_from_alpha_bar
 from minidiff.schedulers.update_rules import tcd_step
 from minidiff.utils.outputs import BaseOutput
+from minidiff.utils.torch_utils import randn_tensor
 
 
 @dataclass
@@ -73,7 +74,7 @@ class TCDScheduler(LCMScheduler):
         return_dict: bool = True,
     ) -> TCDSchedulerOutput | tuple:
         """One step of Algorithm 4 with gamma = `eta` (0: deterministic; 1: LCM-like re-noise to t_prev)."""
-        self._check_timesteps_set()
+        self._check_step_inputs(model_output, sample)
         if not 0 <= eta <= 1:
             raise ValueError(f"TCDScheduler.step: eta (the paper's gamma) must be in [0, 1], got {eta}")
         t = integer_timestep(timestep, type(self).__name__)

@@ -52,37 +52,22 @@ Config fields (diffusers' names and defaults):
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from minidiff.configuration import register_to_config
-from minidiff.schedulers.base import (
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
-    SchedulerMixin,
-    SchedulerOutput,
-    check_choice,
-    check_num_inference_steps,
-    make_betas,
-)
-from minidiff.schedulers.dpm_solver_multistep import (
-    FINAL_SIGMAS_TYPES,
-    add_noise_at_sigmas,
-    check_steps_left,
-    check_vp_only,
-    multistep_timesteps,
-    schedule_sigmas,
-)
-from minidiff.schedulers.parameterization import limit_x0, to_eps, to_x0, vp_from_sigma, x0_from_eps
+from minidiff.schedulers.base import SchedulerMixin
+from minidiff.schedulers.exponential_integrator import ExponentialIntegratorMixin
+from minidiff.schedulers.parameterization import limit_x0, to_eps, to_x0, x0_from_eps
 from minidiff.schedulers.update_rules import uni_c_update, uni_p_update, unipc_bh_coefficients, unipc_differences
 
-UNIPC_SOLVER_TYPES = ("bh1", "bh2")
 
-
-class UniPCMultistepScheduler(SchedulerMixin):
+class UniPCMultistepScheduler(ExponentialIntegratorMixin):
     """UniPC: UniC corrects the last sample with the new model output, then UniP predicts the next one."""
 
-    order = 1
+    solver_types = ("bh1", "bh2")
+    default_solver_type = "bh2"
+    max_solver_order = None  # any order p: the coefficients are solved for (§3.2)
+    final_sigma_ends_ramp = True
 
     @register_to_config
     def __init__(
@@ -118,42 +103,18 @@ class UniPCMultistepScheduler(SchedulerMixin):
         shift_terminal: float | None = None,
     ):
         self._check_config(solver_type)
-        self.betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas, rescale_betas_zero_snr)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = 2**-24  # not 0, so the first sigma is finite
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # replaced by set_timesteps
-        self.init_noise_sigma = 1.0  # the VP form: x_T ~ N(0, I)
-
+        if shift_terminal is not None:
+            raise ValueError("shift_terminal is only used with use_flow_sigmas (flow-matching models); leave it None")
         self.predict_x0 = predict_x0
         self.disable_corrector = disable_corrector
         self.solver_p = solver_p
-        self.num_inference_steps = None
-        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy())
-        self.model_outputs = [None] * solver_order
-        self.timestep_list = [None] * solver_order
-        self.lower_order_nums = 0
+        self._init_solver(rescale_betas_zero_snr)
+
+    def _reset_state(self) -> None:
+        super()._reset_state()
+        self.timestep_list = [None] * self.config.solver_order
         self.this_order = None
         self.last_sample = None
-        self._step_index = None
-        self._begin_index = None
-
-    def _check_config(self, solver_type: str) -> None:
-        config = self.config
-        check_vp_only(config.prediction_type, use_flow_sigmas=config.use_flow_sigmas, use_dynamic_shifting=config.use_dynamic_shifting)
-        if config.shift_terminal is not None:
-            raise ValueError("shift_terminal is only used with use_flow_sigmas (flow-matching models); leave it None")
-        if config.use_exponential_sigmas + config.use_karras_sigmas + config.use_beta_sigmas > 1:
-            raise ValueError("use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas: set at most one; choose one sigma ramp")
-        check_choice("prediction_type", config.prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", config.timestep_spacing, TIMESTEP_SPACINGS)
-        check_choice("final_sigmas_type", config.final_sigmas_type, FINAL_SIGMAS_TYPES)
-        if not isinstance(config.solver_order, int) or config.solver_order < 1:
-            raise ValueError(f"solver_order must be a positive integer (2 for guided sampling), got {config.solver_order!r}")
-        if solver_type in ("midpoint", "heun", "logrho"):  # a DPM-Solver or DEIS config
-            self.register_to_config(solver_type="bh2")
-        check_choice("solver_type", self.config.solver_type, UNIPC_SOLVER_TYPES)
 
     # ----- the schedule -----
 
@@ -165,53 +126,18 @@ class UniPCMultistepScheduler(SchedulerMixin):
         mu: float | None = None,
     ) -> None:
         """Choose the N timesteps and their sigmas (N + 1 of them: the final one is 0 or sigma_min)."""
-        if sigmas is not None or mu is not None:
+        if sigmas is not None:
             raise ValueError(
-                "custom sigmas and mu are only for flow-matching models (use_flow_sigmas), which minidiff does not "
+                "custom sigmas are only for flow-matching models (use_flow_sigmas), which minidiff does not "
                 "implement; pass num_inference_steps only"
             )
         config = self.config
-        check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
-        timesteps = multistep_timesteps(config.timestep_spacing, num_inference_steps, config.num_train_timesteps, config.steps_offset)
-        ramps = {"karras": config.use_karras_sigmas, "exponential": config.use_exponential_sigmas, "beta": config.use_beta_sigmas}
-        ramp = next((name for name, on in ramps.items() if on), None)
-        sigmas, timesteps = schedule_sigmas(self, timesteps, num_inference_steps, ramp)
-        if ramp == "karras":
-            timesteps = timesteps.round()  # exponential and beta keep fractional t, cast (truncated) to int below
-
-        if config.final_sigmas_type == "zero":
-            sigma_last = 0.0
-        elif ramp is not None:
-            sigma_last = sigmas[-1]  # the ramp's own smallest sigma
-        else:
-            sigma_last = (((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5).item()
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))  # (N + 1,)
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)  # (N,)
-        self.num_inference_steps = len(timesteps)
-        self.model_outputs = [None] * config.solver_order
-        self.lower_order_nums = 0
-        self.last_sample = None
+        timesteps = self._timesteps_to_visit(num_inference_steps, None, mu, config.timestep_spacing, config.steps_offset)
+        self._set_schedule(timesteps, device, config.final_sigmas_type)
         if self.solver_p:
             self.solver_p.set_timesteps(self.num_inference_steps, device=device)
-        self._step_index = None
-        self._begin_index = None
-
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """Identity: the VP-form model takes x_t as it is."""
-        return sample
-
-    # ----- the step index: as the base class, but a timestep not in the schedule means the last step -----
-
-    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
-        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        if not (schedule == timestep).any():
-            return len(self.timesteps) - 1
-        return super().index_for_timestep(timestep, schedule)
 
     # ----- one step -----
-
-    def _alpha_sigma_lambda(self, index: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return vp_from_sigma(self.sigmas[index].to(device))
 
     def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """What UniPC integrates at the current step: x0_pred when predict_x0, else eps (not thresholded, as diffusers)."""
@@ -265,15 +191,12 @@ class UniPCMultistepScheduler(SchedulerMixin):
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
-    ) -> SchedulerOutput | tuple:
+    ):
         """Correct the current sample with the new model output (UniC), then predict the next one (UniP).
 
         UniPC is deterministic: `generator` is accepted for a uniform scheduler API and not used.
         """
-        self._check_timesteps_set()
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        check_steps_left(self)
+        self._begin_step(model_output, timestep, sample)
 
         m_t = self.convert_model_output(model_output, sample)  # x0_pred (predict_x0) or eps at this step
         x0_pred = m_t if self.predict_x0 else self._x0_from_eps(m_t, sample)
@@ -291,15 +214,8 @@ class UniPCMultistepScheduler(SchedulerMixin):
 
         self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
         self._step_index += 1
-        output = SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
-        return output if return_dict else (prev_sample,)  # diffusers' tuple; pred_original_sample is a minidiff extra
+        return self._step_output(prev_sample, x0_pred, return_dict)
 
     def _x0_from_eps(self, eps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         alpha_t, sigma_t, _ = self._alpha_sigma_lambda(self.step_index, sample.device)
         return x0_from_eps(eps, sample, alpha_t, sigma_t)
-
-    # ----- the forward process -----
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = alpha_t x_0 + sigma_t eps at the schedule's sigma for each timestep (img2img's first latent)."""
-        return add_noise_at_sigmas(self, original_samples, noise, timesteps)

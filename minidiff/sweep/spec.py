@@ -32,7 +32,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from minidiff.checkpoints.single_file_layout import sd15_config
+from minidiff.data import sd15_config
 from minidiff.schedulers.names import find_sampler
 
 DTYPES = ("fp32", "bf16", "fp16", "auto")
