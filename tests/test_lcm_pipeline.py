@@ -146,3 +146,22 @@ def test_sd_pipeline_with_few_step_schedulers_equals_diffusers(sd_pair, schedule
     steps = list(ours.denoise(PROMPT, height=64, width=64, num_inference_steps=4, generator=torch.Generator().manual_seed(2),
                               **extra))
     assert len(steps) == 4 and all(step.pred_original_sample is not None for step in steps)
+
+
+@pytest.mark.parametrize("scheduler_name", ["LCMScheduler", "TCDScheduler"])
+def test_img2img_with_few_step_schedulers_equals_diffusers(sd_pair, tiny_sd15_folder, scheduler_name):
+    from PIL import Image
+
+    from minidiff import StableDiffusionImg2ImgPipeline
+
+    ours = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd15_folder)
+    theirs = diffusers.StableDiffusionImg2ImgPipeline(**sd_pair[1].components)
+    ours.set_progress_bar_config(disable=True)
+    theirs.set_progress_bar_config(disable=True)
+    ours.scheduler = getattr(minidiff, scheduler_name).from_config(ours.scheduler.config)
+    theirs.scheduler = getattr(diffusers, scheduler_name).from_config(theirs.scheduler.config)
+    image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
+    kwargs = dict(prompt=PROMPT, image=image, strength=0.5, num_inference_steps=4, guidance_scale=1.0, output_type="np")
+    a = ours(generator=torch.Generator().manual_seed(3), **kwargs).images
+    b = theirs(generator=torch.Generator().manual_seed(3), **kwargs).images
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
