@@ -16,7 +16,9 @@ from minidiff.pipelines import (
     DDPMPipeline,
     DiffusionPipeline,
     LatentConsistencyModelPipeline,
+    RectifiedFlowPipeline,
     StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
 )
 from minidiff.schedulers import (
@@ -33,6 +35,7 @@ from minidiff.schedulers import (
     DPMSolverSinglestepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
     SchedulerMixin,
@@ -66,7 +69,7 @@ __all__ = [
     "SchedulerMixin", "SchedulerOutput", "PNDMScheduler", "DDIMScheduler", "DDPMScheduler", "LMSDiscreteScheduler",
     "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
     "DPMSolverSDEScheduler", "DEISMultistepScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler", "LCMScheduler", "TCDScheduler",
-    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "DDPMPipeline", "DiffusionPipeline", "LatentConsistencyModelPipeline",
+    "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler", "TCDScheduler",
+    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline", "DDPMPipeline", "DiffusionPipeline", "RectifiedFlowPipeline", "LatentConsistencyModelPipeline",
     "load_textual_inversion",
 ]

@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from minidiff.utils.cpu import fastest_cpu_dtype, keep_freed_memory
+from minidiff.utils.cpu import keep_freed_memory
+from minidiff.utils.device import as_device, auto_dtype, is_cpu
 
-DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # auto: fastest_cpu_dtype()
+DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # auto: auto_dtype(device)
 
 
 class CLIError(Exception):
@@ -32,15 +33,27 @@ def find_sampler(name: str):
 
 
 def samplers_to_compare(text: str) -> list:
-    """--schedulers: "all" (the first name of every scheduler class) or comma-separated names."""
+    """--schedulers: "all" (the first name of every diffusion scheduler class) or comma-separated names."""
     from minidiff.schedulers import names
 
     if text == "all":
         first_of_each_class = {}
         for row in names.SAMPLER_NAMES:
-            first_of_each_class.setdefault(row.scheduler_class, row)
+            if row.family == "diffusion":  # the flow scheduler needs a velocity model, not SD 1.5's UNet
+                first_of_each_class.setdefault(row.scheduler_class, row)
         return list(first_of_each_class.values())
     return [find_sampler(name.strip()) for name in text.split(",")]
+
+
+def refuse_velocity_samplers(rows) -> None:
+    """generate and compare load SD 1.5's noise-predicting UNet: a flow-matching sampler would give noise."""
+    for row in rows:
+        if row.family == "flow":
+            raise CLIError(
+                f"{row.name!r} ({row.scheduler_class.__name__}) steps a velocity model (rectified flow, SD3), but "
+                "generate and compare run SD 1.5's noise-predicting UNet; for SD 1.5 rectified-flow checkpoints use "
+                "minidiff.RectifiedFlowPipeline from Python (docs/flow_matching.md)"
+            )
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -51,6 +64,24 @@ def parse_size(text: str) -> tuple[int, int]:
         raise CLIError(f"--size must look like 512x512 (WIDTHxHEIGHT), got {text!r}") from None
     if width <= 0 or height <= 0 or width % 8 or height % 8:
         raise CLIError(f"--size {text}: width and height must be positive multiples of 8 (e.g. 512x512 or 512x768)")
+    return width, height
+
+
+def check_generation_args(args) -> tuple[int, int]:
+    """--size, --guidance, --steps of generate/compare, checked before any weights are loaded: (width, height)."""
+    from minidiff.pipelines.input_checks import check_finite, check_image_size
+
+    width, height = parse_size(args.size)
+    try:
+        check_image_size(height, width, 1, args.vae_tiling)
+    except ValueError as error:
+        raise CLIError(f"--size {args.size}: {error}") from None
+    try:
+        check_finite(**{"--guidance": args.guidance})
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    if args.steps < 1:
+        raise CLIError(f"--steps must be at least 1, got {args.steps}")
     return width, height
 
 
@@ -66,12 +97,20 @@ def check_writable(path: Path) -> Path:
     return path
 
 
-def load_pipeline(weights: str, dtype: str, vae_tiling: bool = False, compile: bool = False, low_memory: bool = False):
+def load_pipeline(weights: str, dtype: str, vae_tiling: bool = False, compile: bool = False, low_memory: bool = False,
+                  device: str | None = None, pipeline_class=None):
+    """The pipeline the command line runs: loaded in `dtype` ("auto": `auto_dtype` of the device), on `device`
+    (None: CUDA when there is one, else the CPU)."""
     import torch
 
     from minidiff.pipelines import StableDiffusionPipeline
 
-    torch_dtype = fastest_cpu_dtype() if DTYPES[dtype] is None else getattr(torch, DTYPES[dtype])
+    StableDiffusionPipeline = pipeline_class or StableDiffusionPipeline  # noqa: N806 (the class to load)
+
+    target = as_device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: PyTorch sees no CUDA GPU here (torch {torch.__version__}); use --device cpu")
+    torch_dtype = auto_dtype(target) if DTYPES[dtype] is None else getattr(torch, DTYPES[dtype])
     path = Path(weights).expanduser()
     if path.is_file():
         pipeline = StableDiffusionPipeline.from_single_file(path, dtype=torch_dtype)
@@ -82,7 +121,8 @@ def load_pipeline(weights: str, dtype: str, vae_tiling: bool = False, compile: b
             pipeline = StableDiffusionPipeline.from_pretrained(weights, dtype=torch_dtype)
         except OSError as error:
             raise CLIError(str(error).splitlines()[0]) from None
-    if not low_memory:  # after loading: the weights live as long as the process, their blocks need no reuse
+    pipeline.to(target)
+    if not low_memory and is_cpu(target):  # after loading: the weights live as long as the process, their blocks need no reuse
         keep_freed_memory()
     if vae_tiling:
         pipeline.enable_vae_tiling()
@@ -141,22 +181,21 @@ def load_lora(pipeline, lora: str) -> None:
 def cmd_generate(args) -> None:
     import torch
 
-    width, height = parse_size(args.size)
-    if args.steps < 1:
-        raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    width, height = check_generation_args(args)
     if args.trace and args.preview:
         raise CLIError("--trace and --preview both record the loop; choose one (--preview decodes with TAESD, far cheaper)")
     chosen_sampler = find_sampler(args.scheduler) if args.scheduler else None
+    refuse_velocity_samplers([chosen_sampler] if chosen_sampler else [])
     out = check_writable(Path(args.out))
     tiny_vae = load_tiny_autoencoder(args.vae) if args.vae else None
-    pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory)
+    pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory, args.device)
     if chosen_sampler:
         pipeline.scheduler = chosen_sampler.from_config(pipeline.scheduler.config)
     if args.lora:
         load_lora(pipeline, args.lora)
     if tiny_vae is not None:
-        pipeline.vae = tiny_vae  # decodes the final image too (fast path: --vae taesd)
-    preview_vae = (tiny_vae or load_tiny_autoencoder("taesd")) if args.preview else None
+        pipeline.vae = tiny_vae.to(pipeline.device)  # decodes the final image too (fast path: --vae taesd)
+    preview_vae = (tiny_vae or load_tiny_autoencoder("taesd")).to(pipeline.device) if args.preview else None
     generator = torch.Generator().manual_seed(args.seed)
     steps = pipeline.denoise(
         args.prompt, negative_prompt=args.negative, height=height, width=width, num_inference_steps=args.steps,
@@ -182,17 +221,81 @@ def cmd_generate(args) -> None:
     print(f"wrote {out}")
 
 
+def open_picture(path: str, what: str):
+    """A picture file the user named, opened with Pillow (read only), or one clear error."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(Path(path).expanduser()) as picture:
+            picture.load()
+            return picture
+    except FileNotFoundError:
+        raise CLIError(f"{what} {path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise CLIError(f"{what} {path}: not a picture Pillow can read ({error})") from None
+
+
+def cmd_inpaint(args) -> None:
+    """Repaint the white part of MASK in IMAGE (the 4-channel blend, or the 9-channel inpainting UNet)."""
+    import torch
+
+    from minidiff.pipelines import StableDiffusionInpaintPipeline
+
+    image, mask = open_picture(args.image, "IMAGE"), open_picture(args.mask, "MASK")
+    if image.size != mask.size:
+        raise CLIError(f"MASK is {mask.size[0]}x{mask.size[1]} but IMAGE is {image.size[0]}x{image.size[1]}: make them the same size")
+    width, height = parse_size(args.size) if args.size else (image.size[0] // 8 * 8, image.size[1] // 8 * 8)
+    if args.steps < 1:
+        raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"{out} exists; choose another --out, or pass --overwrite")
+    check_writable(out)
+    chosen_sampler = find_sampler(args.scheduler) if args.scheduler else None
+    pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, low_memory=args.low_memory, device=args.device,
+                             pipeline_class=StableDiffusionInpaintPipeline)
+    if chosen_sampler:
+        pipeline.scheduler = chosen_sampler.from_config(pipeline.scheduler.config)
+    if args.blur:
+        mask = pipeline.mask_processor.blur(mask.convert("L"), blur_factor=args.blur)
+    kind = "9-channel inpainting UNet" if pipeline.unet.config.in_channels == 9 else "4-channel UNet, blended each step"
+    print(f"inpainting {width}x{height} with a {kind}")
+    last = {}
+
+    def remembered(steps):  # the trace keeps pictures; the final paste-back needs the last latents
+        for step in steps:
+            last["latents"] = step.latents
+            yield step
+
+    steps = remembered(pipeline.denoise(
+        args.prompt, image=image, mask_image=mask, height=height, width=width, strength=args.strength,
+        padding_mask_crop=args.padding_mask_crop, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        negative_prompt=args.negative, generator=torch.Generator().manual_seed(args.seed),
+    ))
+    if args.trace:
+        from minidiff.viz import trace
+
+        frames = trace.record(steps, pipeline.latents_to_image, count=8)
+        print(f"wrote {trace.save_film_strip(frames, Path(args.trace) / 'film_strip.png')}")
+        print(f"wrote {trace.save_gif(frames, Path(args.trace) / 'denoising.gif')}")
+    else:
+        for _ in steps:
+            pass
+    result = pipeline.finish(last["latents"], "pil")[0]
+    result.save(out)
+    print(f"wrote {out}")
+
+
 def cmd_compare(args) -> None:
     import torch
 
     from minidiff.viz.grid import labeled_grid
 
     samplers = samplers_to_compare(args.schedulers)
-    width, height = parse_size(args.size)
-    if args.steps < 1:
-        raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    refuse_velocity_samplers(samplers)
+    width, height = check_generation_args(args)
     out = check_writable(Path(args.out))
-    pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory)
+    pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory, args.device)
     base_config = pipeline.scheduler.config
     images, labels = [], []
     for sampler in samplers:
@@ -213,15 +316,15 @@ def cmd_download(args) -> None:
 
     try:
         if args.what == "sd15":
-            where = download.download_sd15(args.out, args.variant, args.single_file)
+            where = download.download_sd15(args.out, args.variant, args.single_file, overwrite=args.overwrite)
         elif args.what == "lcm-lora":
-            where = download.download_lcm_lora(args.out)
+            where = download.download_lcm_lora(args.out, overwrite=args.overwrite)
         elif args.what == "taesd":
-            where = download.download_taesd(args.out)
+            where = download.download_taesd(args.out, overwrite=args.overwrite)
         elif args.what == "lcm-dreamshaper":
-            where = download.download_lcm_dreamshaper(args.out, args.variant)
+            where = download.download_lcm_dreamshaper(args.out, args.variant, overwrite=args.overwrite)
         else:
-            where = download.download_ddpm_cat(args.out)
+            where = download.download_ddpm_cat(args.out, overwrite=args.overwrite)
     except (ConnectionError, FileNotFoundError) as error:
         raise CLIError(str(error)) from None
     print(f"downloaded to {where}")
@@ -239,7 +342,7 @@ def cmd_convert(args) -> None:
 
     if not Path(args.src).exists():
         raise CLIError(f"{args.src} does not exist")
-    convert(args.src, args.dst, config=args.config, use_ema=args.use_ema)
+    convert(args.src, args.dst, config=args.config, use_ema=args.use_ema, overwrite=args.overwrite)
     print(f"wrote {args.dst}")
 
 
@@ -250,20 +353,22 @@ def cmd_demo(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from minidiff.sweep import expand_jobs, load_spec
+    from minidiff.sweep import load_spec
     from minidiff.sweep.runner import estimate_seconds, run_sweep
+    from minidiff.sweep.spec import MAX_JOBS, check_job_count, describe, job_count
 
     spec = load_spec(args.spec)  # every field checked before any weights are loaded
-    if args.dry_run:
-        jobs = expand_jobs(spec)
-        for job in jobs:
-            print(f"{job.job_id}  {job.scheduler!r:24s} {job.steps:4d} steps  guidance {job.guidance_scale:g}  "
-                  f"seed {job.seed}  {job.width}x{job.height}  {job.prompt!r}")
+    if args.dry_run:  # never lists every job: a spec may make millions
+        print("\n".join(describe(spec)))
+        count = job_count(spec)
+        if count > MAX_JOBS and not args.allow_many_jobs:
+            print(f"more than {MAX_JOBS} jobs: a run refuses this spec unless given --allow-many-jobs")
         seconds_per_call, calls = estimate_seconds(spec)
-        print(f"{len(jobs)} jobs, {calls} UNet calls; one call measured at {seconds_per_call:.2f} s here: about "
+        print(f"{count} jobs, {calls} UNet calls; one call measured at {seconds_per_call:.2f} s here: about "
               f"{seconds_per_call * calls / 60:.1f} min on one process (plus loading and decoding)")
         return
-    counts = run_sweep(spec, check_writable(Path(args.out)), progress=not args.no_progress)
+    check_job_count(spec, args.allow_many_jobs)  # before the folder is made
+    counts = run_sweep(spec, check_writable(Path(args.out)), progress=not args.no_progress, allow_many_jobs=args.allow_many_jobs)
     print(f"sweep: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} already done, "
           f"of {counts['total']} jobs; see {Path(args.out) / 'index.html'}")
 
@@ -281,7 +386,7 @@ def cmd_tutorials(args) -> None:
             git_url = found.stdout.strip() or PLACEHOLDER_GIT_URL
         except OSError:  # no git on this machine
             git_url = PLACEHOLDER_GIT_URL
-    for notebook in export_tutorials(source, check_writable(Path(args.export)), git_url):
+    for notebook in export_tutorials(source, check_writable(Path(args.export)), git_url, overwrite=args.overwrite):
         print(f"wrote {notebook}")
 
 
@@ -310,8 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--weights", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="folder, single file or hub repo id")
         command.add_argument(
             "--dtype", choices=sorted(DTYPES), default="auto",
-            help="auto (default): bf16 on a CPU with AMX-BF16 or AVX512-BF16 (about 3.5x faster), else fp32",
+            help="auto (default): fp16 on a CUDA GPU; on a CPU bf16 with AMX-BF16 or AVX512-BF16 (about 3.5x faster), else fp32",
         )
+        command.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when PyTorch sees a GPU, else cpu)")
         command.add_argument("--vae-tiling", action="store_true", help="decode tile by tile: bounded memory for large images")
         command.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder (compiles on first use)")
         command.add_argument(
@@ -335,11 +441,37 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--schedulers", default="all", help="comma-separated names (\"DPM++ 2M Karras,Euler a\"), or all: one per scheduler class")
             command.add_argument("--out", default="compare.png")
 
+    inpaint = commands.add_parser("inpaint", help="repaint the white part of a mask (white = repaint, black = keep)")
+    inpaint.add_argument("image", help="the picture (any file Pillow reads)")
+    inpaint.add_argument("mask", help="a picture of the same size: white = repaint, black = keep")
+    inpaint.add_argument("prompt")
+    inpaint.add_argument("--weights", default="stable-diffusion-v1-5/stable-diffusion-inpainting",
+                         help="folder, single file or hub repo id (a 9-channel inpainting model, or any SD 1.5)")
+    inpaint.add_argument("--steps", type=int, default=50)
+    inpaint.add_argument("--strength", type=float, default=1.0, help="1.0: start from noise; less keeps more of the picture under the mask")
+    inpaint.add_argument("--guidance", type=float, default=7.5)
+    inpaint.add_argument("--seed", type=int, default=0)
+    inpaint.add_argument("--size", default=None, help="WIDTHxHEIGHT to work at (default: the picture's, cut to multiples of 8)")
+    inpaint.add_argument("--padding-mask-crop", type=int, default=None,
+                         help="work on the box around the mask grown by this many pixels, then paste it back")
+    inpaint.add_argument("--blur", type=int, default=0, help="blur the mask's edge by this radius (soft paste-back with --padding-mask-crop)")
+    inpaint.add_argument("--negative", default=None, help="negative prompt")
+    inpaint.add_argument("--scheduler", default=None, help="a name as in `minidiff schedulers`")
+    inpaint.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
+    inpaint.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when PyTorch sees a GPU, else cpu)")
+    inpaint.add_argument("--vae-tiling", action="store_true")
+    inpaint.add_argument("--low-memory", action="store_true")
+    inpaint.add_argument("--out", default="inpainted.png")
+    inpaint.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    inpaint.add_argument("--trace", default=None, help="folder for a film strip PNG and a GIF of x_t and predicted x0")
+    inpaint.set_defaults(run=cmd_inpaint)
+
     download = commands.add_parser("download", help="fetch real weights from the Hugging Face hub")
     download.add_argument("what", choices=["sd15", "ddpm-cat", "lcm-lora", "taesd", "lcm-dreamshaper"])
     download.add_argument("--variant", choices=["fp16"], default=None)
     download.add_argument("--single-file", action="store_true", help="v1-5-pruned-emaonly.safetensors only")
     download.add_argument("--out", default=None, help="folder (default: the Hugging Face cache)")
+    download.add_argument("--overwrite", action="store_true", help="replace files in --out that no earlier download of this repo wrote")
     download.set_defaults(run=cmd_download)
 
     sweep = commands.add_parser("sweep", help="prompts x schedulers x steps x seeds from a JSON/TOML spec; runs under torchrun too")
@@ -347,12 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", default="sweep", help="output folder: one PNG per job, manifest.jsonl, grids/, index.html")
     sweep.add_argument("--dry-run", action="store_true", help="list the jobs and estimate the time from one measured UNet call")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sweep.add_argument("--allow-many-jobs", action="store_true", help="run a spec of more than 100000 jobs (refused without it)")
     sweep.set_defaults(run=cmd_sweep)
 
     tutorials = commands.add_parser("tutorials", help="export the tutorials as Jupyter notebooks (.ipynb), e.g. for Colab")
     tutorials.add_argument("--export", required=True, metavar="DIR", help="folder for the .ipynb files")
     tutorials.add_argument("--source", default=None, help="the tutorials folder (default: the checkout's tutorials/)")
     tutorials.add_argument("--git-url", default=None, help="what the Colab cell clones (default: the checkout's origin)")
+    tutorials.add_argument("--overwrite", action="store_true", help="replace .ipynb files already in DIR (refused without it)")
     tutorials.set_defaults(run=cmd_tutorials)
 
     convert = commands.add_parser("convert", help="single-file checkpoint <-> diffusers folder")
@@ -360,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst")
     convert.add_argument("--config", default=None, help="file -> folder: a folder of configs (default: SD 1.5's, bundled)")
     convert.add_argument("--use-ema", action="store_true", help="file -> folder: take the UNet's EMA weights")
+    convert.add_argument("--overwrite", action="store_true", help="replace DST's existing weights/configs (refused without it)")
     convert.set_defaults(run=cmd_convert)
     return parser
 

@@ -84,6 +84,8 @@ BAD_INPUT = [
         (["generate", "x", "--size", "large"], "--size must look like 512x512"),
         (["generate", "x", "--steps", "-3"], "--steps must be at least 1"),
         (["compare", "x", "--schedulers", "ddim,nope"], "unknown scheduler 'nope'"),
+        (["generate", "x", "--scheduler", "flow"], "steps a velocity model"),
+        (["compare", "x", "--schedulers", "ddim,Flow Euler"], "use minidiff.RectifiedFlowPipeline"),
         (["generate", "x", "--weights", "/no/such/folder"], "no such file or folder"),
         (["generate", "x", "--out", "/proc/minidiff/out.png"], "cannot write to /proc/minidiff"),
         (["convert", "/no/such/file.safetensors", "out"], "does not exist"),
@@ -144,3 +146,39 @@ def test_python_dash_m_minidiff_is_the_minidiff_command():
     bad = subprocess.run([sys.executable, "-m", "minidiff", "generate", "x", "--size", "500x512"],
                          capture_output=True, text=True, timeout=300)
     assert_clean_failure(bad, "multiples of 8")
+
+
+def test_inpaint_writes_the_picture_pasted_back_and_a_trace(tiny_sd15_folder, tmp_path, capsys):
+    import numpy as np
+
+    picture = Image.fromarray((np.random.default_rng(0).random((56, 72, 3)) * 255).astype("uint8"))
+    mask = Image.new("L", (72, 56), 0)
+    mask.paste(255, (20, 16, 44, 40))
+    picture.save(tmp_path / "picture.png")
+    mask.save(tmp_path / "mask.png")
+    out = tmp_path / "inpainted.png"
+    args = ["inpaint", tmp_path / "picture.png", tmp_path / "mask.png", "a red cube", "--weights", tiny_sd15_folder,
+            "--steps", "3", "--padding-mask-crop", "4", "--out", out, "--trace", tmp_path / "trace"]
+    result = minidiff(*args)
+    assert result.returncode == 0, result.stderr
+    assert "4-channel UNet, blended each step" in result.stdout
+    inpainted = np.asarray(Image.open(out))
+    assert inpainted.shape == (56, 72, 3)
+    kept = np.asarray(mask) == 0
+    np.testing.assert_array_equal(inpainted[kept], np.asarray(picture)[kept])  # the black part comes back unchanged
+    assert not np.array_equal(inpainted[~kept], np.asarray(picture)[~kept])
+    assert Image.open(tmp_path / "trace" / "denoising.gif").n_frames == 4  # SD 1.5's PNDM (PLMS): N + 1 steps for N
+    # the refusals, in-process (each a subprocess would cost a second interpreter start)
+    from minidiff.cli import main
+
+    def refused(argv, fragment):
+        assert main([str(arg) for arg in argv]) == 2
+        line = capsys.readouterr().err.strip()
+        assert line.startswith("minidiff: error: ") and fragment in line, line
+
+    refused(args, "exists; choose another --out, or pass --overwrite")  # never overwritten silently
+    small = tmp_path / "small.png"
+    mask.resize((36, 28)).save(small)
+    refused(["inpaint", tmp_path / "picture.png", small, "x", "--weights", tiny_sd15_folder], "MASK is 36x28 but IMAGE is 72x56")
+    refused(["inpaint", tmp_path / "nothing.png", small, "x", "--weights", tiny_sd15_folder], "nothing.png: no such file")
+    refused(["inpaint", small, tmp_path / "trace", "x", "--weights", tiny_sd15_folder], "not a picture Pillow can read")

@@ -10,7 +10,7 @@ from PIL import Image
 from minidiff import accuracy
 from minidiff.demo import run_demo
 
-ALL_LABELS = [s.label for s in accuracy.DETERMINISTIC_SETUPS + accuracy.STOCHASTIC_SETUPS]
+ALL_LABELS = [s.label for s in accuracy.DETERMINISTIC_SETUPS + accuracy.FLOW_SETUPS + accuracy.STOCHASTIC_SETUPS]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,9 @@ def test_demo_tables_cover_every_scheduler_and_are_printed(demo):
     for label in ALL_LABELS:
         assert label in text
     rows = list(csv.DictReader(result.files["accuracy.csv"].open()))
-    assert len(rows) == len(accuracy.DETERMINISTIC_SETUPS) * 3
+    assert len(rows) == len(accuracy.DETERMINISTIC_SETUPS + accuracy.FLOW_SETUPS) * 3
+    flow = {int(row["steps"]): float(row["rms_error"]) for row in rows if row["scheduler"] == "Flow Euler"}
+    assert flow[16] < flow[8] < flow[4]  # Euler on the flow ODE converges to the flow-ODE reference
     assert all(float(row["rms_error"]) > 0 for row in rows)
     by_steps = {int(row["steps"]): float(row["rms_error"]) for row in rows if row["scheduler"] == "Euler"}
     assert by_steps[16] < by_steps[8] < by_steps[4]  # the exact denoiser leaves only the scheduler's error, which falls

@@ -58,10 +58,15 @@ def test_aliases_and_class_names():
 def test_every_name_is_unique_and_every_class_is_named():
     keys = [name.lower() for row in SAMPLER_NAMES for name in (row.name, *row.aliases)]
     assert len(keys) == len(set(keys))
-    named = {row.scheduler_class.__name__ for row in SAMPLER_NAMES}
-    few_step = {"LCMScheduler", "TCDScheduler"}  # named, but in no other class's compatibles (as in diffusers)
-    assert named - few_step == {cls.__name__ for cls in schedulers.PNDMScheduler.compatibles}
-    assert not few_step & {cls.__name__ for cls in schedulers.PNDMScheduler.compatibles}
+    named = {row.scheduler_class.__name__ for row in SAMPLER_NAMES if row.family == "diffusion"}
+    assert named == {cls.__name__ for cls in schedulers.PNDMScheduler.compatibles}
+    flow = [row for row in SAMPLER_NAMES if row.family == "flow"]  # not in SD 1.5's compatibles, as in diffusers
+    assert [row.scheduler_class for row in flow] == [schedulers.FlowMatchEulerDiscreteScheduler]
+    assert schedulers.FlowMatchEulerDiscreteScheduler not in schedulers.PNDMScheduler.compatibles
+    assert find_sampler("flow").scheduler_class is schedulers.FlowMatchEulerDiscreteScheduler
+    few_step = [row.scheduler_class for row in SAMPLER_NAMES if row.family == "consistency"]  # named, in no compatibles
+    assert few_step == [schedulers.LCMScheduler, schedulers.TCDScheduler]
+    assert not set(few_step) & set(schedulers.PNDMScheduler.compatibles)
 
 
 def test_unknown_names_suggest_the_closest():

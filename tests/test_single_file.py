@@ -464,9 +464,10 @@ def test_wrong_shape_says_expected_and_found(tiny, tmp_path):
     folder, file = tiny
 
     def reshape(tensors):
-        tensors["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(8, 9, 3, 3)  # an inpainting UNet's conv_in
+        # InstructPix2Pix's conv_in (8 channels); an inpainting UNet's 9 are recognised instead (tests/test_inpaint.py)
+        tensors["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(8, 8, 3, 3)
 
-    with pytest.raises(CheckpointError, match=r"model.diffusion_model.input_blocks.0.0.weight \(conv_in.weight\): expected \(8, 4, 3, 3\), found \(8, 9, 3, 3\)"):
+    with pytest.raises(CheckpointError, match=r"model.diffusion_model.input_blocks.0.0.weight \(conv_in.weight\): expected \(8, 4, 3, 3\), found \(8, 8, 3, 3\)"):
         load_single_file(rewritten(file, tmp_path / "shape.safetensors", reshape), config=folder)
 
 

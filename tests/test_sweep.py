@@ -105,6 +105,7 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_sd15_fol
     "fields, message",
     [
         ({"schedulers": ["DDIM", "Eular a"]}, "spec field 'schedulers': unknown scheduler 'Eular a'. Did you mean 'Euler a'"),
+        ({"schedulers": ["DDIM", "Flow Euler"]}, "'Flow Euler' steps a velocity model"),
         ({"size": "500x512"}, "spec field 'size' is 500x512"),
         ({"prompts": []}, "spec field 'prompts' is an empty list"),
         ({"steps": [2000]}, "cannot take 2000 steps"),

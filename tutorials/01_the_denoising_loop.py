@@ -23,7 +23,7 @@
 # the *exact* denoiser of a small data set: eight 32x32 pictures (a circle, a square, ..., a boat),
 # each blurred into a Gaussian with standard deviation 0.1 per pixel. For such a mixture of
 # Gaussians the best possible noise prediction E[eps | x_t] has a closed form
-# (`minidiff/models/gaussian_mixture.py`), so the "model" is perfect, needs no weights, runs in
+# (`minidiff/lab/gaussian_mixture.py`), so the "model" is perfect, needs no weights, runs in
 # microseconds, and its pictures mean something. It is called exactly like a UNet: `model(x, t).sample`.
 #
 # **Run it:** `python tutorials/01_the_denoising_loop.py` (or open it as a notebook in Jupyter or VS
@@ -50,9 +50,9 @@ OUT = helpers.output_folder("01_the_denoising_loop")
 
 # %%
 from minidiff import DDPMScheduler
-from minidiff.models.gaussian_mixture import GaussianMixtureDenoiser
-from minidiff.plotting import image_grid, tile
-from minidiff.prototypes import PROTOTYPE_NAMES, prototype_images, prototype_means, tensor_to_pil
+from minidiff.lab.gaussian_mixture import GaussianMixtureDenoiser
+from minidiff.lab.prototypes import PROTOTYPE_NAMES, prototype_images, prototype_means, tensor_to_pil
+from minidiff.viz.grid import image_grid, tile
 
 ddpm_cat_256_scheduler_config = {  # google/ddpm-cat-256/scheduler_config.json
     "_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
@@ -209,7 +209,7 @@ print("wrote", grid_path)
 
 # %%
 from minidiff import DDPMPipeline
-from minidiff.trace import record, save_film_strip, save_gif
+from minidiff.viz.trace import record, save_film_strip, save_gif
 
 pipeline = DDPMPipeline(unet=model, scheduler=scheduler)
 pipeline.set_progress_bar_config(disable=True)
@@ -239,7 +239,7 @@ for num_inference_steps in (50, 1000):
 assert grain[50] < grain[1000] < 0.1 and grain[1000] > 0.085
 
 # %% [markdown]
-# `minidiff.trace` records such a run: x_t and the predicted x_0 at evenly spaced steps, as a film
+# `minidiff.viz.trace` records such a run: x_t and the predicted x_0 at evenly spaced steps, as a film
 # strip (PNG) and an animation (GIF).
 
 # %%

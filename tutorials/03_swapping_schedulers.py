@@ -144,7 +144,7 @@ assert all(len(s.timesteps) == 25 for name, s in schedulers.items() if name not 
 # noise.
 
 # %%
-from minidiff.grid import labeled_grid
+from minidiff.viz.grid import labeled_grid
 
 prompt = "A photograph of an astronaut riding a horse on Mars, high resolution, high definition."
 size = 8 * pipeline.unet.config.sample_size  # 512 with SD 1.5, 64 with the tiny weights
@@ -173,9 +173,9 @@ assert len(pictures) == len(schedulers) == 14 and all(picture.size == (cell, cel
 # carries noise of std 0.1 per pixel: a perfect sampler reproduces it).
 
 # %%
-from minidiff import accuracy
-from minidiff.plotting import image_grid, tile
-from minidiff.prototypes import PROTOTYPE_NAMES, prototype_means, tensor_to_pil
+from minidiff.lab import accuracy
+from minidiff.lab.prototypes import PROTOTYPE_NAMES, prototype_means, tensor_to_pil
+from minidiff.viz.grid import image_grid, tile
 
 mixture = accuracy.prototype_mixture(size=32, data_std=0.1)  # GaussianMixtureDenoiser on SD 1.5's schedule
 means = prototype_means(32)
@@ -311,7 +311,7 @@ assert 20 < float(linear.sigmas.max()) < 30
 # v-prediction model read as epsilon gives noise.
 
 # %%
-from minidiff.models.gaussian_mixture import GaussianMixtureDenoiser
+from minidiff.lab.gaussian_mixture import GaussianMixtureDenoiser
 
 
 def ddim_samples(model_prediction_type: str, scheduler_prediction_type: str) -> torch.Tensor:
@@ -349,7 +349,7 @@ import math
 
 from PIL import Image, ImageDraw
 
-from minidiff.plotting import PALETTE, font
+from minidiff.viz.plotting import PALETTE, font
 
 
 def draw_ruler(values_by_name: dict, path, position, axis_ticks: dict, title: str, width=860, row_height=28):

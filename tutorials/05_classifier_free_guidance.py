@@ -19,7 +19,9 @@
 #
 #     eps_guided = eps_uncond + s * (eps_cond - eps_uncond)
 #
-# s = 1 is the plain conditional model; SD's default s = 7.5 goes far past it. What does that do to
+# s = 1 is the plain conditional model; SD's default s = 7.5 goes far past it. Ho & Salimans write
+# the line as (1 + w) eps_cond - w eps_uncond (their eq. 6): our s (diffusers' `guidance_scale`) is
+# their 1 + w, so their w = 0 is s = 1, and SD's 7.5 is their w = 6.5. What does that do to
 # the distribution of samples? With a trained model one can only look at pictures. With the *exact*
 # conditional and unconditional predictions of a Gaussian mixture, it can be measured.
 #
@@ -43,7 +45,7 @@ OUT = helpers.output_folder("05_classifier_free_guidance")
 # the whole mixture: the exact eps_uncond. As in SD, both go through the model as one batch.
 
 # %%
-from minidiff import accuracy
+from minidiff.lab import accuracy
 
 model = accuracy.mixture_2d(torch.float64)  # GaussianMixtureDenoiser on SD 1.5's noise schedule
 means = model.means.reshape(-1, 2)
@@ -192,9 +194,9 @@ print("wrote", OUT / "guidance_scales.png")
 # does anything: the final pictures barely differ across scales.
 
 # %%
-from minidiff.models.gaussian_mixture import GaussianMixtureDenoiser
-from minidiff.plotting import image_grid
-from minidiff.prototypes import PROTOTYPE_NAMES, prototype_means, tensor_to_pil
+from minidiff.lab.gaussian_mixture import GaussianMixtureDenoiser
+from minidiff.lab.prototypes import PROTOTYPE_NAMES, prototype_means, tensor_to_pil
+from minidiff.viz.grid import image_grid
 
 pictures = prototype_means(32)
 SHAPES, SCENES = 0, 1

@@ -44,9 +44,9 @@ OUT = helpers.output_folder("06_img2img_and_strength")
 import numpy as np
 from PIL import Image, ImageDraw
 
-from minidiff import accuracy
-from minidiff.plotting import image_grid, tile
-from minidiff.prototypes import PROTOTYPE_NAMES, draw_prototype, pil_to_tensor, prototype_means, tensor_to_pil
+from minidiff.lab import accuracy
+from minidiff.lab.prototypes import PROTOTYPE_NAMES, draw_prototype, pil_to_tensor, prototype_means, tensor_to_pil
+from minidiff.viz.grid import image_grid, tile
 
 model = accuracy.prototype_mixture(size=32, data_std=0.1)  # exact denoiser, SD 1.5's noise schedule
 pictures = prototype_means(32)  # (8, 3, 32, 32)
@@ -127,7 +127,7 @@ print("wrote", OUT / "add_noise.png", "(t = 1, 200, 400, 600, 800, 999)")
 #     timesteps     = scheduler.timesteps[t_start * scheduler.order:]
 #
 # and the input is noised to the first of them. With SD 1.5's "leading" timesteps even strength 1.0
-# starts at t = 981, not 999: a little of the input (sqrt(alpha_bar_981) = 7%) survives.
+# starts at t = 981, not 999: a little of the input (sqrt(alpha_bar_981) = 7.6%) survives.
 
 # %%
 N = 50
@@ -141,10 +141,12 @@ for strength in strengths:
     plans[strength] = (t_start, timesteps)
     alpha_bar = ddim.alphas_cumprod[timesteps[0]]
     print(f"strength {strength:4}: skip {t_start:2d} steps, run {len(timesteps):2d}, start at t={int(timesteps[0]):3d} "
-          f"(input kept at {alpha_bar.sqrt():.0%} strength under noise of std {(1 - alpha_bar).sqrt():.2f})")
+          f"(input kept at {alpha_bar.sqrt():.1%} strength under noise of std {(1 - alpha_bar).sqrt():.2f})")
 
 assert [len(plans[s][1]) for s in strengths] == [1, 5, 15, 25, 35, 45, 50]
 assert int(plans[0.5][1][0]) == 481 and int(plans[1.0][1][0]) == 981
+kept = {strength: ddim.alphas_cumprod[plans[strength][1][0]].sqrt().item() for strength in (0.9, 1.0)}
+assert abs(kept[1.0] - 0.076) < 0.0005 and abs(kept[0.9] - 0.131) < 0.0005  # 7.6% at t = 981, 13.1% at t = 881
 
 # %% [markdown]
 # ## 4. img2img by hand
@@ -191,7 +193,7 @@ print("wrote", OUT / "strength.png")
 #   is still far more plausible than any change.
 # - From 0.1 to 0.9 the roof turns red: the result is the data set's house. The noise was enough to
 #   make "a house like the input" ambiguous, and the model resolved it to the house it knows.
-# - At 0.9, 13% of the input under the noise is still enough to choose the house; at 1.0 (8%, and
+# - At 0.9, 13.1% of the input under the noise is still enough to choose the house; at 1.0 (7.6%, and
 #   from this noise) the result is another picture altogether.
 #
 # That is SDEdit's trade-off between faithfulness (low strength) and realism (high strength), and
@@ -259,7 +261,7 @@ assert without == [48, 49] and "called after the last" in error  # one step too 
 
 # %%
 from minidiff import StableDiffusionImg2ImgPipeline
-from minidiff.trace import record, save_film_strip, save_gif
+from minidiff.viz.trace import record, save_film_strip, save_gif
 
 model_path, real_weights = helpers.sd15_weights()
 pipe = StableDiffusionImg2ImgPipeline.from_pretrained(model_path)

@@ -20,16 +20,17 @@
 # at every step:
 #
 # - DDIM (Song et al. 2020, arXiv 2010.02502, eq. 12),
-# - Euler in sigma (Karras et al. 2022, arXiv 2206.00364, eq. 3 and Algorithm 2),
+# - Euler in sigma (Karras et al. 2022, arXiv 2206.00364, Algorithm 2, on the ODE of their eq. 1),
 # - DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2).
 #
 # Having rebuilt them, you can trust the classes: they do what the papers say, plus bookkeeping.
+# Then we draw what each one does: the exact paths from noise to data, with each sampler's steps on top.
 # The model is the exact denoiser of a 2-D Gaussian mixture (as in tutorial 04), so it is fast and
 # every number is meaningful. minidiff's classes call the same arithmetic from two small files:
 # `minidiff/schedulers/parameterization.py` (model output -> x_0 or eps) and
 # `minidiff/schedulers/update_rules.py` (one function per update rule). Open them next to this.
 #
-# **Run it:** `python tutorials/07_a_scheduler_next_to_its_paper.py` (a few seconds, no weights), or
+# **Run it:** `python tutorials/07_a_scheduler_next_to_its_paper.py` (about 6 s of CPU time, no weights), or
 # open it as a notebook. Pictures go to `tutorials/out/07_a_scheduler_next_to_its_paper/`.
 
 # %%
@@ -50,11 +51,17 @@ OUT = helpers.output_folder("07_a_scheduler_next_to_its_paper")
 #     VP (DDPM, DDIM, DPM-Solver):  x_t = alpha_t x_0 + sigma_t eps,   alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t)
 #     VE (Euler, Karras et al.):    x   = x_0 + sigma eps,             sigma = sigma_t / alpha_t,    x = x_t / alpha_t
 #
+# **A warning on names.** The DDIM paper writes x_t = sqrt(alpha_t) x_0 + sqrt(1 - alpha_t) eps: its
+# alpha_t is DDPM's (and diffusers' and minidiff's) alpha_bar_t = `alphas_cumprod[t]`, the cumulative
+# product, not DDPM's per-step alpha_t = 1 - beta_t. Reading eq. 12 with DDPM's alpha_t gives wrong
+# numbers. The alpha_t = sqrt(alpha_bar_t) of the VP line above is a third meaning, DPM-Solver's (section 4).
+#
 # The model predicts eps from x_t. We work in float32, as SD does, so that "the same numbers" can
 # mean bit for bit.
 
 # %%
-from minidiff import accuracy, schedulers
+from minidiff import schedulers
+from minidiff.lab import accuracy
 
 model = accuracy.mixture_2d(torch.float32)  # exact eps-prediction for a 4-component mixture, (B, 2, 1, 1)
 config = accuracy.SD15_SCHEDULER_CONFIG  # SD 1.5's scheduler_config.json
@@ -100,14 +107,16 @@ for t in timesteps:
     output = ddim.step(eps, t, x)  # the class, on the same x and eps
     assert torch.equal(output.prev_sample, x_prev) and torch.equal(output.pred_original_sample, x0_pred), t
     x = x_prev
-ddim_samples = x
 print("DDIM: 10 steps, every one equal to DDIMScheduler.step, bit for bit")
 
 # %% [markdown]
 # ## 3. Euler in sigma, Karras et al. Algorithm 2 without churn
 #
-# In the VE frame the probability-flow ODE is dx/dsigma = (x - D(x; sigma)) / sigma (eq. 3), with
-# the denoiser D(x; sigma) = x - sigma eps. The model wants x_t = x / sqrt(sigma^2 + 1) as input.
+# In the VE frame with sigma(t) = t, the probability-flow ODE of Karras et al. (eq. 1,
+# dx = -sigma_dot(t) sigma(t) grad_x log p(x; sigma(t)) dt; Song et al. 2021, arXiv 2011.13456, eq. 13, in
+# their variables) becomes, with the score (D(x; sigma) - x) / sigma^2 of their eq. 3,
+# dx/dsigma = (x - D(x; sigma)) / sigma, where the denoiser is D(x; sigma) = x - sigma eps. The model
+# wants x_t = x / sqrt(sigma^2 + 1) as input.
 # Euler's method from sigma_i to sigma_{i+1}:
 #
 #     d_i     = (x_i - D(x_i; sigma_i)) / sigma_i
@@ -131,13 +140,12 @@ for i, t in enumerate(euler.timesteps):
     sigma, sigma_next = sigmas[i], sigmas[i + 1]
     eps = eps_model(x / (sigma**2 + 1) ** 0.5, t)  # the model sees x_t = x / sqrt(sigma^2 + 1)
     denoised = x - sigma * eps  # D(x; sigma)
-    d = (x - denoised) / sigma  # eq. 3
+    d = (x - denoised) / sigma  # dx/dsigma, the ODE's slope
     x_next = x + d * (sigma_next - sigma)  # Euler step
 
     euler.scale_model_input(x, t)  # the class's own bookkeeping (it warns if this is skipped)
     assert torch.equal(euler.step(eps, t, x).prev_sample, x_next), i
     x = x_next
-euler_samples = x
 print("Euler: 10 steps, every one equal to EulerDiscreteScheduler.step, bit for bit")
 
 # %% [markdown]
@@ -180,7 +188,6 @@ for i, t in enumerate(dpm.timesteps):
     output = dpm.step(eps, t, x)
     torch.testing.assert_close(output.prev_sample, x_next, rtol=1e-5, atol=1e-5)
     x, x0_previous, h_previous = x_next, x0, h
-dpm_samples = x
 print("DPM-Solver++(2M): 10 steps, every one equal to DPMSolverMultistepScheduler.step (to float32 round-off)")
 
 # %% [markdown]
@@ -210,23 +217,74 @@ for i, t in enumerate(dpm.timesteps):
 print("update_rules.dpm_solver_pp_*_order: equal to the class, bit for bit")
 
 # %% [markdown]
-# ## 5. The samples
+# ## 5. What the steps do: the exact paths, with each sampler's points on top
 #
-# Three loops, three sets of samples of the mixture from the same starting noise. Ten steps are few:
-# DDIM and Euler (first order) and DPM-Solver++(2M) (second order) land near the mixture's means, but
-# not on the same points. Tutorial 04 measures how far each is from the exact ODE solution.
+# A cloud of final samples hides what a sampler does: ten steps of DDIM, Euler and DPM-Solver++(2M)
+# all land near the mixture's means, and three clouds of 256 points look alike. So draw the paths
+# instead. From 8 starting noises, `minidiff.lab.trajectories` solves the exact probability-flow ODE
+# (the lab's float64 solver, through every noise level the sampler visits) and runs the sampler,
+# keeping its sample after every step. Both are drawn in the VP frame x_t = x / sqrt(sigma^2 + 1),
+# which stays bounded from the N(0, I) noise to the data. The exact path from the sampler's own start
+# is the wide gray curve, its end the ring; the sampler's steps are the dots. Heun (Karras et al.
+# Algorithm 1: Euler, then a correction with the slope at the step's end) joins the three, with 5 and
+# 20 steps. DDIM starts later than the others (SD's "leading" timesteps: t = 801, sigma 4.1, at 5
+# steps), so its exact paths are shorter.
 
 # %%
-means = model.means.reshape(-1, 2)
-helpers.draw_scatter_panels(
-    {"DDIM, 10 steps": ddim_samples, "Euler, 10 steps": euler_samples, "DPM-Solver++(2M), 10 steps": dpm_samples},
-    OUT / "samples.png",
-    marks=means,
-)
-print("wrote", OUT / "samples.png")
+from minidiff.lab.trajectories import exact_trajectory, scheduler_trajectory
+from minidiff.viz.plotting import PALETTE
+from minidiff.viz.trajectories import trajectory_plot
 
-distance_to_nearest_mean = torch.cdist(dpm_samples.reshape(-1, 2), means).min(dim=1).values
-assert distance_to_nearest_mean.median() < 3 * accuracy.MIXTURE_2D_STD  # the samples are near the data
+model_64 = accuracy.mixture_2d(torch.float64)  # float64: the exact paths are solved to 1e-8
+path_noise = torch.randn(8, 2, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+samplers = [
+    accuracy.SchedulerSetup("DDIM", "DDIMScheduler", step_kwargs={"eta": 0.0}),
+    accuracy.SchedulerSetup("Euler", "EulerDiscreteScheduler"),
+    accuracy.SchedulerSetup("Heun", "HeunDiscreteScheduler"),
+    accuracy.SchedulerSetup("DPM++ 2M", "DPMSolverMultistepScheduler", {"solver_order": 2}),
+]
+panels, colors, end_error, shortfall = {}, {}, {}, {}
+for num_steps in (5, 20):
+    for color, setup in zip(PALETTE, samplers):
+        steps = scheduler_trajectory(accuracy.make_scheduler(setup), model_64, path_noise, num_steps, setup.step_kwargs)
+        exact = exact_trajectory(model_64, steps.points[0], steps.sigmas)
+        start, end, exact_end = steps.points[0], steps.points[-1], exact.points[-1]
+        end_error[setup.label, num_steps] = accuracy.rms(end - exact_end)
+        # how far along the exact path's straight line from start to end the sampler got: < 1 stops short
+        travelled = ((end - start) * (exact_end - start)).flatten(1).sum(1) / (exact_end - start).flatten(1).pow(2).sum(1)
+        shortfall[setup.label, num_steps] = travelled
+        title = f"{setup.label}, {num_steps} steps"
+        panels[title], colors[title] = (exact.points, steps.points), color
+        print(f"{title:20s} RMS distance of the last point from the exact end {end_error[setup.label, num_steps]:.3f}; "
+              f"fraction of the way travelled {travelled.min():.2f}-{travelled.max():.2f}")
+trajectory_plot(panels, OUT / "trajectories.png", columns=4, bounds=(-4.5, 4.5, -4.5, 4.5),
+                marks=model_64.means.reshape(-1, 2), colors=colors,
+                title="exact probability-flow paths (gray, ring = exact end) and each sampler's steps")
+print("wrote", OUT / "trajectories.png")
+
+# %% [markdown]
+# What the picture shows, and the numbers say:
+#
+# - **5 steps.** The first-order samplers fall short: DDIM and Euler follow the slope at the start of
+#   each step, the path bends away from it, and every one of the 8 samples stops before the ring
+#   ("fraction of the way": the last point projected on the straight line from the start to the exact
+#   end; none gets beyond 85%). Heun corrects with the slope at the step's end and overshoots instead,
+#   on all 8 paths. DPM-Solver++(2M) lands closest, less than half as far off as Euler.
+# - **20 steps.** Every sampler's points sit on its gray path, and every error is at least 3x smaller
+#   than at 5 steps. DDIM and Euler still stop short (RMS ~0.09 from the exact end), where Heun
+#   (~0.01) and DPM-Solver++(2M) (~0.02) land on the ring's centre: the difference of order that
+#   tutorial 04 measures from 5 to 200 steps.
+
+# %%
+for label in ("DDIM", "Euler"):
+    assert shortfall[label, 5].max() < 0.85 and shortfall[label, 20].max() < 1, label  # every sample stops short
+assert shortfall["Heun", 5].min() > 1  # Heun overshoots on every path
+assert end_error["DPM++ 2M", 5] < end_error["Euler", 5] / 2 and end_error["DPM++ 2M", 5] < end_error["DDIM", 5]
+for setup in samplers:
+    assert end_error[setup.label, 20] < end_error[setup.label, 5] / 3, setup.label
+for label in ("DDIM", "Euler"):
+    assert 0.05 < end_error[label, 20] < 0.15 and end_error[label, 20] > 4 * end_error["Heun", 20], label
+assert end_error["Heun", 20] < 0.02 and end_error["DPM++ 2M", 20] < 0.03
 
 # %% [markdown]
 # ## What to read next

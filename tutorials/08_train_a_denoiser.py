@@ -26,10 +26,10 @@
 # 2. sample it with a few schedulers, and split the error of the final picture into the
 #    network's part and the sampler's part.
 #
-# **Run it:** `python tutorials/08_train_a_denoiser.py` (one to two minutes on a CPU, most of it
-# training; no weights), or open it as a notebook. Pictures go to
-# `tutorials/out/08_train_a_denoiser/`. Every claim below is an `assert`, with margins wide enough
-# to hold from run to run and machine to machine.
+# **Run it:** `python tutorials/08_train_a_denoiser.py` (minutes on a CPU, most of it training: 335 s
+# on 2 heavily shared cores; no weights), or open it as a notebook. Pictures go to
+# `tutorials/out/08_train_a_denoiser/`. Every measured claim below is an `assert`, with margins wide
+# enough to hold from run to run and machine to machine; what is only suggested to try is said so.
 
 # %%
 import time
@@ -52,10 +52,10 @@ OUT = helpers.output_folder("08_train_a_denoiser")
 
 # %%
 from minidiff import DDPMScheduler, UNet2DModel
-from minidiff import accuracy
-from minidiff.plotting import image_grid, tile
-from minidiff.prototypes import PROTOTYPE_NAMES, tensor_to_pil
+from minidiff.lab import accuracy
+from minidiff.lab.prototypes import PROTOTYPE_NAMES, tensor_to_pil
 from minidiff.training import EMAModel
+from minidiff.viz.grid import image_grid, tile
 
 SIZE = 16
 exact = accuracy.prototype_mixture(SIZE, data_std=0.1)  # the exact denoiser: eps*(x_t, t) = E[eps | x_t]
@@ -169,7 +169,12 @@ for t in timesteps_measured:
 error_at = dict(zip(timesteps_measured, net_vs_exact))
 floor_at = dict(zip(timesteps_measured, exact_vs_true))
 
-from minidiff.plotting import loglog_plot
+# The squares add up (to the sampling noise of 512 held-out samples):
+for total, own, floor in zip(net_vs_true, net_vs_exact, exact_vs_true):
+    assert abs(total**2 - (own**2 + floor**2)) < 0.03 * total**2, (total, own, floor)
+print("|eps_net - eps|^2 = |eps_net - eps*|^2 + |eps* - eps|^2 at every t, to 3%")
+
+from minidiff.viz.plotting import loglog_plot
 
 loglog_plot(
     {
@@ -216,7 +221,7 @@ assert all(floor_at[t] > 0.35 for t in small)  # little sigma: much of eps is un
 assert all(floor_at[t] < 0.1 for t in large)  # large sigma: eps* is almost all of eps
 assert max(error_at[t] for t in small) > 1.3 * max(error_at[t] for t in large)  # in eps, worst at small sigma
 assert all(error_at[t] > 1.5 * floor_at[t] for t in large)  # at large sigma, far above what is possible
-assert x0_error_at[999] > 10 * x0_error_at[1]  # in x0, worst at large sigma
+assert x0_error_at[999] > 10 * x0_error_at[1] and x0_error_at[999] > 1  # in x0, worst at large sigma: > 1 per pixel
 assert all(error_at[t] < 0.5 for t in timesteps_measured)  # but it learned the rough shape everywhere
 
 # %% [markdown]
@@ -256,20 +261,41 @@ for setup in samplers:
     print(f"{setup.label:9s}  " + "   ".join(f"{part} error {value:.4f}" for part, value in split[setup.label].items()))
 
 # %% [markdown]
-# At 20 steps the sampler's error is small next to the network's: with this network, a better
-# scheduler would not make the pictures measurably better. (Tutorial 04 ranks the schedulers by
-# their own error; that ranking only matters once the model is good enough.)
+# At 20 steps the network's error is the larger part for every scheduler: about 3 times DDIM's
+# sampler error, and more than 10 times Euler's and DPM++ 2M's. With this network a better scheduler
+# changes the pictures little: the total error stays within 10% of the network's part alone. (Tutorial 04
+# ranks the schedulers by their own error; that ranking only matters once the model is good enough.)
+#
+# Note the sampler errors themselves: Euler's is *smaller* than DPM++ 2M's here, the reverse of
+# tutorial 04's 2-D mixture. Both end with the same kind of step, from sigma_min = 0.029 to 0, which
+# lands on D(x, sigma_min); with pictures that vary by only 0.1 per pixel, that one step's error is of
+# the size of the whole: told to stop at sigma_min instead (`final_sigmas_type="sigma_min"`), DPM++ 2M
+# is more than 3 times closer to the exact ODE at sigma_min than it is, with the last step, at 0. Which sampler
+# wins at 20 steps depends on the data, not on the order alone.
 
 # %%
+sigma_min_setup = accuracy.SchedulerSetup("DPM++ 2M sigma_min", "DPMSolverMultistepScheduler",
+                                          {"solver_order": 2, "final_sigmas_type": "sigma_min"})
+scheduler = accuracy.make_scheduler(sigma_min_setup)
+initial, stopped = accuracy.run_scheduler(scheduler, exact, start_noise, 20)
+sampler_error_at_sigma_min = accuracy.rms(stopped - accuracy.reference_endpoint(scheduler, exact, initial).float())
+print(f"DPM++ 2M stopping at sigma_min: sampler error {sampler_error_at_sigma_min:.4f}; "
+      f"network / sampler error: " + ", ".join(f"{label} {parts['network'] / parts['sampler']:.1f}" for label, parts in split.items()))
+
 for label, parts in split.items():
-    assert parts["network"] > 2 * parts["sampler"], (label, parts)
-    assert parts["total"] < parts["network"] + parts["sampler"] + 1e-6  # the triangle inequality, a sanity check
+    assert parts["network"] > 2.5 * parts["sampler"], (label, parts)
+    assert abs(parts["total"] - parts["network"]) < 0.1 * parts["network"], (label, parts)
+for label in ("Euler", "DPM++ 2M"):
+    assert split[label]["network"] > 10 * split[label]["sampler"], label
+assert split["Euler"]["sampler"] < split["DPM++ 2M"]["sampler"]  # the reverse of tutorial 04
+assert sampler_error_at_sigma_min < split["DPM++ 2M"]["sampler"] / 3
 
 # %% [markdown]
 # Do the samples still *look* right? For each sample, the nearest of the eight pictures and the
 # RMS distance to it. Measured: the exact denoiser's samples sit within the data's 0.1 (0.04-0.07);
 # after 400 training steps the network's are ~0.5-0.6 away: blurs and mixtures of pictures, not
-# yet the data. (Train longer, e.g. NUM_STEPS = 4000, and watch the network's part shrink.)
+# yet the data. (To try, not measured here: train longer, e.g. NUM_STEPS = 4000, ten times the
+# training time, and see whether the network's part shrinks.)
 
 # %%
 means = exact.means
@@ -294,5 +320,5 @@ image_grid(
 print("wrote", OUT / "samples.png")
 
 for label, (with_net, with_exact) in finals.items():
-    assert distance_to_nearest(with_exact).median() < 0.12
-    assert distance_to_nearest(with_net).median() > 3 * distance_to_nearest(with_exact).median()  # not yet the data
+    assert distance_to_nearest(with_exact).median() < 0.1  # within the data's spread
+    assert 0.4 < distance_to_nearest(with_net).median() < 0.7  # ~0.5-0.6: not yet the data

@@ -9,6 +9,8 @@ Every tutorial starts with `import tutorial_helpers as helpers`. Environment var
                             Unset: tiny random weights in the same layout, written once into the output folder.
                             They make noise, not pictures, but every shape, line and number of the loop is real.
     MINIDIFF_DDPM           a google/ddpm-cat-256 folder, for the last section of tutorial 01.
+    MINIDIFF_SD15_INPAINTING  stable-diffusion-v1-5/stable-diffusion-inpainting (a folder or one checkpoint file),
+                            for the real example of tutorial 12.
 
 Get the weights with `minidiff download` (see the README); no tutorial needs a network.
 """
@@ -43,6 +45,7 @@ def output_folder(name: str) -> Path:
 WEIGHTS_VARIABLES = {
     "MINIDIFF_SD15": "an SD 1.5 diffusers folder or one checkpoint file",
     "MINIDIFF_DDPM": "a google/ddpm-cat-256 folder",
+    "MINIDIFF_SD15_INPAINTING": "an SD 1.5 inpainting diffusers folder or checkpoint file",
 }
 
 
@@ -115,7 +118,7 @@ def draw_scatter_panels(
     """
     from PIL import ImageDraw
 
-    from minidiff.plotting import font
+    from minidiff.viz.plotting import font
 
     x_min, x_max, y_min, y_max = bounds
     title_height, gap = 26, 12

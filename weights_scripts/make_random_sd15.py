@@ -1,6 +1,6 @@
 """Write a Stable Diffusion 1.5 folder filled with seeded random weights, using minidiff alone.
 
-    python weights_scripts/make_random_sd15.py --out ~/.cache/minidiff/random-sd15 [--seed 0] [--tiny] [--variant fp16]
+    python weights_scripts/make_random_sd15.py --out ~/.cache/minidiff/random-sd15 [--seed 0] [--tiny] [--variant fp16] [--inpainting]
 
 The folder has SD 1.5's diffusers layout and real configs (minidiff/data/sd15/: UNet 859.52M
 parameters, VAE, CLIP ViT-L/14 text encoder, PNDM scheduler), so everything that reads a real SD 1.5
@@ -16,7 +16,8 @@ folder reads this one: minidiff, diffusers' StableDiffusionPipeline, transformer
 The weights are each model's default PyTorch initialisation, drawn from `torch.manual_seed(seed + k)`
 for the k-th model, so the same seed gives the same files, bit for bit. They produce noise, not
 pictures: they are for parity tests and benchmarks. `--tiny` writes the same layout with narrow
-configs (a few MB; fast tests). Weights are never committed: write them outside git.
+configs (a few MB; fast tests). `--inpainting` writes SD 1.5 inpainting's layout instead: a UNet whose conv_in
+takes 9 channels (latents, mask, masked-image latents) and model_index.json naming StableDiffusionInpaintPipeline. Weights are never committed: write them outside git.
 
 From Python: `from make_random_sd15 import make_random_sd15; make_random_sd15(folder, seed=0, tiny=True)`.
 """
@@ -61,14 +62,21 @@ def sd15_config(part: str, tiny: bool = False) -> dict:
     return {**config, **TINY_CHANGES[part]} if tiny else config
 
 
-def random_model(part: str, seed: int, tiny: bool = False) -> torch.nn.Module:
+def random_model(part: str, seed: int, tiny: bool = False, inpainting: bool = False) -> torch.nn.Module:
     """One network of SD 1.5, default-initialised from `seed` (the caller's random state is left untouched)."""
+    config = sd15_config(part, tiny)
+    if inpainting and part == "unet":
+        config["in_channels"] = INPAINTING_UNET_CHANNELS
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[part].from_config(sd15_config(part, tiny)).eval()
+        return MODELS[part].from_config(config).eval()
 
 
-def make_random_sd15(out: str | Path, seed: int = 0, tiny: bool = False, variant: str | None = None) -> Path:
+INPAINTING_UNET_CHANNELS = 9  # latents (4) + mask (1) + masked-image latents (4)
+
+
+def make_random_sd15(out: str | Path, seed: int = 0, tiny: bool = False, variant: str | None = None,
+                     inpainting: bool = False) -> Path:
     """Write the random SD 1.5 folder (module docstring) into `out`; returns `out`.
 
     `variant="fp16"` writes half-precision `*.fp16.safetensors` weight files instead of float32 ones
@@ -78,7 +86,7 @@ def make_random_sd15(out: str | Path, seed: int = 0, tiny: bool = False, variant
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     for offset, part in enumerate(MODELS):
-        model = random_model(part, seed + offset, tiny)
+        model = random_model(part, seed + offset, tiny, inpainting)
         if variant == "fp16":
             model = model.half()
         model.save_pretrained(out / part, variant=variant)
@@ -90,6 +98,10 @@ def make_random_sd15(out: str | Path, seed: int = 0, tiny: bool = False, variant
     for name in ["scheduler/scheduler_config.json", "model_index.json"]:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text((SD15_CONFIGS / name).read_text(encoding="utf-8"), encoding="utf-8")
+    if inpainting:
+        index = json.loads((out / "model_index.json").read_text(encoding="utf-8"))
+        index["_class_name"] = "StableDiffusionInpaintPipeline"
+        (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     PNDMScheduler.from_pretrained(out, subfolder="scheduler")  # it reads as SD 1.5's PNDM (PLMS) scheduler
     return out
 
@@ -100,9 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="narrow configs, same layout (for fast tests)")
     parser.add_argument("--variant", choices=["fp16"], default=None, help="write half-precision *.fp16.safetensors")
+    parser.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting UNet (SD 1.5 inpainting's layout)")
     args = parser.parse_args(argv)
-    where = make_random_sd15(args.out, seed=args.seed, tiny=args.tiny, variant=args.variant)
-    print(f"wrote a random {'tiny ' if args.tiny else ''}SD 1.5 folder to {where}")
+    where = make_random_sd15(args.out, seed=args.seed, tiny=args.tiny, variant=args.variant, inpainting=args.inpainting)
+    kind = "inpainting " if args.inpainting else ""
+    print(f"wrote a random {'tiny ' if args.tiny else ''}SD 1.5 {kind}folder to {where}")
 
 
 if __name__ == "__main__":

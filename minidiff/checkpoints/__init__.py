@@ -1,7 +1,7 @@
 """Files in, tensors out: the bottom layer of loading (it imports no model).
 
-    reader.py              one reader for every weights file: memory-mapped safetensors, safe pickles
-    folder.py              the diffusers folder layout: which file(s) hold a component (variants, shards)
+    reader.py              one reader for every weights file: memory-mapped safetensors (validated), safe pickles
+    folder.py              the diffusers folder layout: which file(s) hold a component (variants, shards, no path escapes)
     single_file_layout.py  the original one-file SD 1.x checkpoint: what it holds, recognising it, where each part is
     key_map.py             the original names <-> diffusers' names, both directions
     errors.py              one error naming every missing, unexpected and mis-shaped key

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from minidiff.checkpoints.hub import download_file, list_repo_files
+from minidiff.utils.no_clobber import refuse_to_replace
 
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD15_SINGLE_FILE = "v1-5-pruned-emaonly.safetensors"
@@ -83,7 +84,7 @@ def select_files(repo_files: list[str], wanted: list[str], repo: str) -> list[st
     return list(wanted)
 
 
-def _fetch(repo_id: str, choose, out: str | Path | None) -> Path:
+def _fetch(repo_id: str, choose, out: str | Path | None, overwrite: bool = False) -> Path:
     """List the repo, choose files, download each (resumable: huggingface_hub keeps partial files)."""
     try:
         files = list_repo_files(repo_id)
@@ -94,6 +95,10 @@ def _fetch(repo_id: str, choose, out: str | Path | None) -> Path:
             "with --weights. Without any weights, `minidiff demo` runs fully offline."
         ) from None
     chosen = choose(files)
+    if out:  # a file an earlier download of it left (hub metadata beside it) resumes; any other is the user's
+        written_by_hub = Path(out) / ".cache" / "huggingface" / "download"
+        theirs = [Path(out) / name for name in chosen if not (written_by_hub / f"{name}.metadata").is_file()]
+        refuse_to_replace(theirs, f"downloading {repo_id} into {out}", overwrite)
     local = None
     for name in chosen:
         local = download_file(repo_id, name, local_dir=out)
@@ -101,27 +106,30 @@ def _fetch(repo_id: str, choose, out: str | Path | None) -> Path:
     return root
 
 
-def download_sd15(out: str | Path | None = None, variant: str | None = None, single_file: bool = False) -> Path:
-    """Fetch SD 1.5; returns the folder (or file) to pass to `--weights`."""
-    root = _fetch(SD15_REPO, lambda files: select_sd15_files(files, variant, single_file), out)
+def download_sd15(out: str | Path | None = None, variant: str | None = None, single_file: bool = False,
+                  overwrite: bool = False) -> Path:
+    """Fetch SD 1.5; returns the folder (or file) to pass to `--weights`. Files in `out` that no earlier download
+    wrote are replaced only with `overwrite`."""
+    root = _fetch(SD15_REPO, lambda files: select_sd15_files(files, variant, single_file), out, overwrite)
     return root / SD15_SINGLE_FILE if single_file else root
 
 
-def download_ddpm_cat(out: str | Path | None = None) -> Path:
-    """Fetch google/ddpm-cat-256; returns its folder."""
-    return _fetch(DDPM_CAT_REPO, select_ddpm_files, out)
+def download_ddpm_cat(out: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Fetch google/ddpm-cat-256; returns its folder (`overwrite` as in download_sd15)."""
+    return _fetch(DDPM_CAT_REPO, select_ddpm_files, out, overwrite)
 
 
-def download_lcm_lora(out: str | Path | None = None) -> Path:
+def download_lcm_lora(out: str | Path | None = None, overwrite: bool = False) -> Path:
     """Fetch LCM-LoRA for SD 1.5 (one safetensors file in kohya/PEFT keys); returns the file, for `--lora`."""
-    return _fetch(LCM_LORA_REPO, lambda files: select_files(files, [LCM_LORA_FILE], LCM_LORA_REPO), out) / LCM_LORA_FILE
+    return _fetch(LCM_LORA_REPO, lambda files: select_files(files, [LCM_LORA_FILE], LCM_LORA_REPO), out, overwrite) / LCM_LORA_FILE
 
 
-def download_taesd(out: str | Path | None = None) -> Path:
+def download_taesd(out: str | Path | None = None, overwrite: bool = False) -> Path:
     """Fetch TAESD in diffusers' layout (config.json + weights); returns its folder, for `--vae` / `--preview`."""
-    return _fetch(TAESD_REPO, lambda files: select_files(files, TAESD_FILES, TAESD_REPO), out)
+    return _fetch(TAESD_REPO, lambda files: select_files(files, TAESD_FILES, TAESD_REPO), out, overwrite)
 
 
-def download_lcm_dreamshaper(out: str | Path | None = None, variant: str | None = None) -> Path:
+def download_lcm_dreamshaper(out: str | Path | None = None, variant: str | None = None,
+                             overwrite: bool = False) -> Path:
     """Fetch LCM Dreamshaper v7 (SD 1.5's folder layout, a UNet with the guidance embedding); returns its folder."""
-    return _fetch(LCM_DREAMSHAPER_REPO, lambda files: select_sd15_files(files, variant, repo=LCM_DREAMSHAPER_REPO), out)
+    return _fetch(LCM_DREAMSHAPER_REPO, lambda files: select_sd15_files(files, variant, repo=LCM_DREAMSHAPER_REPO), out, overwrite)

@@ -18,7 +18,6 @@ import json
 import re
 from pathlib import Path
 
-
 from minidiff.checkpoints.errors import CheckpointError
 
 
@@ -83,7 +82,24 @@ def _shards_of_index(index: Path) -> list[Path]:
             f"{index} is not a valid shard index ({type(error).__name__}: {error}); it must be a JSON object "
             'with a "weight_map" of {tensor name: shard file name}. Download it again.'
         ) from None
+    for name in shard_names:
+        _check_shard_name(index, name)
     missing = [name for name in shard_names if not (index.parent / name).is_file()]
     if missing:
         raise CheckpointError(f"{index} lists shard(s) that are not in {index.parent}: {missing}; download them too")
     return [index.parent / name for name in shard_names]
+
+
+def _check_shard_name(index: Path, name) -> None:
+    """A shard is a plain file name next to its index: no folder part, no `..`, not absolute (as diffusers).
+
+    An index is data from a download; `../../etc/passwd` or `../outside/shard.safetensors` in it must not
+    make minidiff read outside the model folder. (A shard that is a symlink, as in the Hugging Face cache,
+    is fine: the user's own folder put it there.)
+    """
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).is_absolute():
+        raise CheckpointError(
+            f"{index} is refused: its weight_map names the shard {name!r}, which is not a plain file name in {index.parent} "
+            "(a shard name has no '/', '\\' or '..' and is not absolute). The index may be corrupt or hostile: "
+            "download the model again from a source you trust."
+        )

@@ -4,8 +4,12 @@
     checkpoint.keys(), checkpoint.shape(key), checkpoint.tensor(key, dtype=torch.float16)
     state_dict = read_state_dict([file, ...], dtype=torch.float32)    # every tensor of one or more files
 
-A `.safetensors` file is memory-mapped, and its header is checked against the file's size before any tensor is
-read (a truncated file, or a header that lies about a tensor's size, is reported at once). A tensor already in
+A `.safetensors` file is memory-mapped, and its header is validated before any tensor is read: first the common
+breakages with a message of our own (empty, truncated, a tensor's size that does not match its offsets, a name
+given twice), then every rule of the format by the safetensors library itself (`safe_open`: header size bounded,
+offsets contiguous from 0 and covering the data exactly, so no two tensors share bytes). docs/reliability.md
+says why, and docs/performance.md why the tensors come from our own map (a third of the library's peak memory
+when converting the dtype). A tensor already in
 the target dtype and layout is a view of the map; any other is converted in one copy, after which the file's
 pages of that tensor are given back, so loading needs about the size of the weights in the target dtype.
 A pickled `.bin` / `.ckpt` file is read only with `torch.load(weights_only=True)`: never arbitrary unpickling.
@@ -20,6 +24,7 @@ import pickle
 import re
 import struct
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -101,22 +106,33 @@ def converted(tensor: torch.Tensor, dtype: torch.dtype | None, memory_format: to
     )
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's bound (MAX_HEADER_SIZE): no header is read past it
+
+
 def _map_safetensors(path: Path) -> tuple[mmap.mmap, dict, int]:
-    """Maps the file and checks its header against its size: a truncated file or a header that lies
-    about a tensor's size is reported here, before any tensor is read."""
+    """Maps the file and validates its header (ours for the common breakages, then the safetensors library's
+    for every rule of the format): nothing is read from a file that breaks any of them."""
     size = path.stat().st_size
     redownload = "The file is truncated or corrupt: download it again."
     if size < 8:
-        raise CheckpointError(f"{path} is not a safetensors file: it has {size} bytes, less than the 8-byte header length")
+        raise CheckpointError(
+            f"{path} is not a safetensors file: it has {size} bytes, less than the 8-byte header length. "
+            f"It is empty or cut short: download it again, or save it again (e.g. with safetensors.torch.save_file)."
+        )
     with open(path, "rb") as file:
-        (header_size,) = struct.unpack("<Q", file.read(8))
+        (header_size,) = struct.unpack("<Q", file.read(8))  # the length prefix; the header itself is validated below
+        if header_size > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file: its header claims {header_size} bytes, more than the "
+                f"format's limit of {MAX_HEADER_BYTES}. It is not a safetensors file, or it is corrupt. {redownload}"
+            )
         if 8 + header_size > size:
             raise CheckpointError(
                 f"{path} is not a readable safetensors file: the header claims {header_size} bytes but the file has only {size} bytes. "
                 f"It is not a safetensors file, or it is cut short. {redownload}"
             )
         try:
-            header = json.loads(file.read(header_size))
+            header = json.loads(file.read(header_size), object_pairs_hook=_refuse_repeated_names(path, redownload))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CheckpointError(f"{path} is not a readable safetensors file: its header is not valid JSON ({error}). {redownload}") from None
         file_map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
@@ -126,7 +142,35 @@ def _map_safetensors(path: Path) -> tuple[mmap.mmap, dict, int]:
     data_size = size - 8 - header_size
     for key, info in header.items():
         _check_header_entry(path, key, info, data_size, redownload)
+    _validate_with_safetensors(path, set(header), redownload)
     return file_map, header, 8 + header_size
+
+
+def _refuse_repeated_names(path: Path, redownload: str):
+    """A json.loads hook: a header naming one tensor twice is refused (json would keep the last silently)."""
+
+    def as_dict(pairs: list) -> dict:
+        repeated = sorted(name for name, count in Counter(name for name, _ in pairs).items() if count > 1)
+        if repeated:
+            raise CheckpointError(f"{path} is not a readable safetensors file: its header names {repeated} more than once. {redownload}")
+        return dict(pairs)
+
+    return as_dict
+
+
+def _validate_with_safetensors(path: Path, names: set, redownload: str) -> None:
+    """Every rule of the format, checked by the safetensors library (the reference implementation of the spec):
+    header size, JSON, dtypes, shapes against offsets, offsets contiguous from 0 (no overlap, no gap) and the
+    data covered exactly. Its error is reported with the file's name and what to do."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            library_names = set(handle.keys())
+    except SafetensorError as error:
+        raise CheckpointError(f"{path} is not a valid safetensors file: the safetensors library refuses it ({error}). {redownload}") from None
+    if library_names != names:  # the two readings of one header must agree before our offsets are trusted
+        raise CheckpointError(f"{path} is not a valid safetensors file: its header reads differently to the safetensors library. {redownload}")
 
 
 def _check_header_entry(path: Path, key: str, info, data_size: int, redownload: str) -> None:

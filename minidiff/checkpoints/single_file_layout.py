@@ -114,6 +114,21 @@ def component_config(part: str, config: dict | str | os.PathLike | None = None) 
     raise FileNotFoundError(f"no {part}/config.json in {folder}; pass config= a diffusers-layout folder, or None for SD 1.5")
 
 
+UNET_CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"  # conv_in: (320, in_channels, 3, 3)
+INPAINTING_IN_CHANNELS = 9  # latents 4 + mask 1 + masked-image latents 4
+
+
+def config_for_file(part: str, config: dict, checkpoint: CheckpointFile) -> dict:
+    """`config` with what the file itself decides: a UNet whose conv_in takes 9 channels is an inpainting UNet
+    (SD 1.5 inpainting: latents, mask, masked-image latents), which needs no config of its own. Other channel
+    counts (InstructPix2Pix's 8, ...) are other models: left to the shape check, which names them."""
+    if part == "unet" and UNET_CONV_IN in checkpoint.keys():
+        in_channels = checkpoint.shape(UNET_CONV_IN)[1]
+        if in_channels == INPAINTING_IN_CHANNELS and config.get("in_channels") == 4:
+            config = {**config, "in_channels": in_channels}
+    return config
+
+
 def key_map_for(part: str, config: dict) -> KeyMap:
     if part == "unet":
         return unet_key_map(config)

@@ -6,7 +6,7 @@ is left is the scheduler's discretization error. Two questions, two measurements
 
 1. Deterministic schedulers (DDIM eta=0, PNDM, LMS, Euler, Heun, DPM2, DPM-Solver++ 1/2M/3M and 2S/3S,
    DEIS, UniPC) solve the probability-flow ODE (Song et al. 2021, arXiv 2011.13456, eq. 13), written in sigma as in
-   Karras et al. 2022 (arXiv 2206.00364, eq. 4 with sigma(t) = t):
+   Karras et al. 2022 (arXiv 2206.00364, eq. 1 with sigma(t) = t, and eq. 3 for the score):
 
        dx/dsigma = (x - D(x, sigma)) / sigma = -sigma grad_x log p_sigma(x),    x = x_0 + sigma eps
 
@@ -14,6 +14,10 @@ is left is the scheduler's discretization error. Two questions, two measurements
    same initial noise, between the scheduler's own first and last noise levels (`noise_levels`),
    so each scheduler is compared with the exact endpoint of its own path. The error is the RMS
    difference per element; the empirical order is the slope of -log(error) against log(steps).
+
+   The flow-matching scheduler (`FLOW_SETUPS`) runs on the exact velocity of the same mixture (`ExactVelocityModel`)
+   from the same noise, and its reference is the flow ODE dx/dsigma = u(x, sigma), x = (1 - sigma) x_0 + sigma eps,
+   solved the same way (`flow_ode`): the same trajectories as the PF-ODE, in the coordinates of tutorial 13.
 
 2. Stochastic schedulers (DDPM, Euler ancestral, DDIM eta=1, SDE-DPM-Solver++ 2M and 2S, DPM2 ancestral,
    DPM++ SDE with its Brownian tree) sample the mixture. Their error is a distribution error: the frequency, mean and variance of each
@@ -36,7 +40,7 @@ import numpy as np
 import torch
 
 from minidiff.data import sd15_config
-from minidiff.lab.gaussian_mixture import GaussianMixtureDenoiser
+from minidiff.lab.gaussian_mixture import ExactVelocityModel, GaussianMixtureDenoiser
 
 # Stable Diffusion 1.5's scheduler_config.json (bundled with minidiff: the one copy of SD 1.5's configs; docs/schedulers.md §1).
 SD15_SCHEDULER_CONFIG = sd15_config("scheduler")
@@ -83,6 +87,13 @@ DETERMINISTIC_SETUPS = (
     SchedulerSetup("DPM++ 2S sigma_min", "DPMSolverSinglestepScheduler", {"solver_order": 2, "final_sigmas_type": "sigma_min", **SINGLESTEP}),
 )
 
+# Flow matching on the same mixture: Euler on the flow ODE, with diffusers' default levels and with SD3's shift.
+# Kept apart from DETERMINISTIC_SETUPS (SD 1.5's `compatibles`, which tutorial 04 measures); `minidiff demo` runs both.
+FLOW_SETUPS = (
+    SchedulerSetup("Flow Euler", "FlowMatchEulerDiscreteScheduler"),
+    SchedulerSetup("Flow Euler shift 3", "FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+)
+
 STOCHASTIC_SETUPS = (
     SchedulerSetup("DDPM", "DDPMScheduler", stochastic=True),
     SchedulerSetup("Euler a", "EulerAncestralDiscreteScheduler", stochastic=True),
@@ -105,16 +116,21 @@ DESIGN_ORDERS = {
     "DDIM": 1, "Euler": 1, "DPM++ 1": 1, "PNDM (PLMS)": 4, "LMS": 4, "DPM++ 2M": 2, "DPM++ 3M": 3,
     "UniPC bh1": 3, "UniPC bh2": 3, "DPM++ 2M sigma_min": 2, "DPM++ 3M sigma_min": 3, "UniPC bh2 sigma_min": 3,
     "Heun": 2, "DPM2": 2, "DPM++ 2S": 2, "DPM++ 3S": 3, "DEIS": 2, "DEIS 3": 3, "DPM++ 2S sigma_min": 2,
+    "Flow Euler": 1, "Flow Euler shift 3": 1,
 }
 
 
 def make_scheduler(setup: SchedulerSetup, library=None):
-    """`Class.from_config(SD15_SCHEDULER_CONFIG, **setup.config)`, the class looked up by name in `library`
+    """`Class.from_config(SD15_SCHEDULER_CONFIG, **setup.config)` (flow matching: only its num_train_timesteps), the class looked up by name in `library`
     (default `minidiff.schedulers`; any module with diffusers' class names works). None if it has no such class."""
     if library is None:
         import minidiff.schedulers as library
     scheduler_class = getattr(library, setup.class_name, None)
-    return None if scheduler_class is None else scheduler_class.from_config(SD15_SCHEDULER_CONFIG, **setup.config)
+    if scheduler_class is None:
+        return None
+    # a flow scheduler has no beta schedule: it takes only SD 1.5's number of training steps
+    base = {"num_train_timesteps": SD15_SCHEDULER_CONFIG["num_train_timesteps"]} if setup.class_name in FLOW_MATCHING else SD15_SCHEDULER_CONFIG
+    return scheduler_class.from_config(base, **setup.config)
 
 
 # ----- the mixtures --------------------------------------------------------------------------------------
@@ -159,16 +175,20 @@ def run_scheduler(
     """The denoising loop of every diffusers tutorial. Returns (initial sample, final sample).
 
     `noise` is the N(0, I) draw; the initial sample is `noise * scheduler.init_noise_sigma`.
-    A generator is passed to `step` only when given (stochastic schedulers).
+    A generator is passed to `step` only when given (stochastic schedulers). A flow-matching scheduler gets the
+    mixture's exact velocity instead of its denoiser (diffusers' flow class has no init_noise_sigma or
+    scale_model_input: 1 and the identity).
     """
+    if is_flow_matching(scheduler) and isinstance(model, GaussianMixtureDenoiser):
+        model = ExactVelocityModel(model, scheduler.config.num_train_timesteps)
     scheduler.set_timesteps(num_inference_steps)
-    sample = noise * scheduler.init_noise_sigma
+    sample = noise * getattr(scheduler, "init_noise_sigma", 1.0)
     initial = sample.clone()
     step_kwargs = dict(step_kwargs or {})
     if generator is not None:
         step_kwargs["generator"] = generator
     for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(sample, t)
+        model_input = scheduler.scale_model_input(sample, t) if hasattr(scheduler, "scale_model_input") else sample
         model_output = model(model_input, t, class_labels=class_labels).sample
         sample = scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
     return initial, sample
@@ -182,6 +202,12 @@ SIGMA_SCHEDULE_VP = (
     "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler"
 )
 ALPHA_SCHEDULE_VP = ("DDIMScheduler", "PNDMScheduler", "DDPMScheduler")
+FLOW_MATCHING = ("FlowMatchEulerDiscreteScheduler",)
+
+
+def is_flow_matching(scheduler) -> bool:
+    """Whether `scheduler` moves x = (1 - sigma) x_0 + sigma eps with a velocity (minidiff's or diffusers' class)."""
+    return type(scheduler).__name__ in FLOW_MATCHING
 
 
 @dataclass(frozen=True)
@@ -195,6 +221,7 @@ class NoiseLevels:
     sigma_first: float
     sigma_last: float
     variance_exploding: bool
+    flow_matching: bool = False  # the sample is x = (1 - sigma) x_0 + sigma eps, sigma_first/last in [0, 1]
 
     def to_sigma_form(self, sample: torch.Tensor, sigma: float) -> torch.Tensor:
         """The scheduler's sample at noise level sigma, as x_0 + sigma eps."""
@@ -218,8 +245,11 @@ def noise_levels(scheduler) -> NoiseLevels:
       not at t=0's level, when set_alpha_to_one is True); with SD 1.5 (leading spacing, steps_offset 1)
       the first timestep is (N-1) * (1000 // N) + 1, e.g. 981 for 50 steps, not 999.
     - DDPM: the first timestep's alpha_bar to alpha_bar = 1 (its last step goes to t = -1).
+    - FlowMatchEulerDiscreteScheduler: its flow sigmas[0] (1 by default) to sigmas[-1] = 0, in the flow frame.
     """
     name = type(scheduler).__name__
+    if name in FLOW_MATCHING:
+        return NoiseLevels(float(scheduler.sigmas[0]), float(scheduler.sigmas[-1]), False, flow_matching=True)
     if name in VARIANCE_EXPLODING or name in SIGMA_SCHEDULE_VP:
         return NoiseLevels(float(scheduler.sigmas[0]), float(scheduler.sigmas[-1]), name in VARIANCE_EXPLODING)
     if name in ALPHA_SCHEDULE_VP:
@@ -229,7 +259,7 @@ def noise_levels(scheduler) -> NoiseLevels:
         return NoiseLevels(first, last, variance_exploding=False)
     raise ValueError(
         f"the lab does not know where {name} starts and ends; add it to `noise_levels` "
-        f"(known: {', '.join(VARIANCE_EXPLODING + SIGMA_SCHEDULE_VP + ALPHA_SCHEDULE_VP)})"
+        f"(known: {', '.join(VARIANCE_EXPLODING + SIGMA_SCHEDULE_VP + ALPHA_SCHEDULE_VP + FLOW_MATCHING)})"
     )
 
 
@@ -305,6 +335,28 @@ def probability_flow_ode(
     return x_end
 
 
+def flow_ode(
+    model: GaussianMixtureDenoiser,
+    x: torch.Tensor,
+    sigma_from: float,
+    sigma_to: float,
+    class_labels: torch.Tensor | None = None,
+    rtol: float = 1e-10,
+    atol: float = 1e-10,
+) -> torch.Tensor:
+    """Solve the flow-matching ODE dx/dsigma = u(x, sigma) = E[eps - x_0 | x] in float64, x = (1 - sigma) x_0 + sigma eps.
+
+    The same trajectories as `probability_flow_ode`: x_flow = x_VE / (1 + sigma_VE) at sigma = sigma_VE / (1 + sigma_VE)
+    (tutorial 13 checks it). Unlike the VE form it starts at pure noise, sigma = 1, where u stays finite."""
+    x = x.double()
+
+    def velocity(sigma: float, x: torch.Tensor) -> torch.Tensor:
+        return model.flow_velocity(x, sigma, class_labels)
+
+    x_end, _ = solve_ode_dopri5(velocity, x, sigma_from, sigma_to, rtol, atol)
+    return x_end
+
+
 def reference_endpoint(
     scheduler, model: GaussianMixtureDenoiser, initial_sample: torch.Tensor, class_labels=None, cache: dict | None = None
 ) -> torch.Tensor:
@@ -313,6 +365,14 @@ def reference_endpoint(
     `cache` (a dict) reuses solves that start and end at the same place (e.g. Euler and LMS).
     """
     levels = noise_levels(scheduler)
+    if levels.flow_matching:  # solved in its own frame: sigma = 1 is infinitely far in the VE one
+        key = ("flow", levels.sigma_first, levels.sigma_last, hashlib.sha1(initial_sample.double().cpu().numpy().tobytes()).hexdigest())
+        if cache is None or key not in cache:
+            result = flow_ode(model, initial_sample, levels.sigma_first, levels.sigma_last, class_labels)
+            if cache is None:
+                return result
+            cache[key] = result
+        return cache[key]
     x_start = levels.to_sigma_form(initial_sample.double(), levels.sigma_first)
     key = (levels.sigma_first, levels.sigma_last, hashlib.sha1(x_start.cpu().numpy().tobytes()).hexdigest())
     if cache is not None and key in cache:

@@ -96,9 +96,11 @@ def _run(
     out_dir, steps, stochastic_steps, grid_steps, num_trajectories, num_samples, image_size, seed, progress, library
 ) -> DemoResult:
     """Measure (schedulers missing from `library` are skipped and listed), then write the five files."""
-    deterministic = [s for s in accuracy.DETERMINISTIC_SETUPS if accuracy.make_scheduler(s, library) is not None]
+    deterministic = [
+        s for s in accuracy.DETERMINISTIC_SETUPS + accuracy.FLOW_SETUPS if accuracy.make_scheduler(s, library) is not None
+    ]
     stochastic = [s for s in accuracy.STOCHASTIC_SETUPS if accuracy.make_scheduler(s, library) is not None]
-    every_class = {s.class_name for s in accuracy.DETERMINISTIC_SETUPS + accuracy.STOCHASTIC_SETUPS}
+    every_class = {s.class_name for s in accuracy.DETERMINISTIC_SETUPS + accuracy.FLOW_SETUPS + accuracy.STOCHASTIC_SETUPS}
     missing = sorted(every_class - {s.class_name for s in deterministic + stochastic})
     total = (
         len(deterministic) * sum(steps)

@@ -19,6 +19,14 @@ gives, in closed form,
     posterior mean     E[x_0 | x_t]  = (x_t + b^2 grad log p) / a                               (Tweedie's formula)
                                      = mu_bar + (a s^2 / v) (x_t - a mu_bar)
 
+With a = 1 - sigma, b = sigma it is the straight path of flow matching, x = (1 - sigma) x_0 + sigma eps (Lipman
+et al. 2023, arXiv 2210.02747; Liu et al. 2023, arXiv 2209.03003), whose exact velocity field is
+
+    velocity           u(x, sigma)   = E[eps - x_0 | x] = eps* - E[x_0 | x]                     (diffusers' sign)
+
+(`GaussianMixtureDenoiser.flow_velocity`; `ExactVelocityModel` serves it behind the UNet's interface, at the
+timestep t = 1000 sigma that `FlowMatchEulerDiscreteScheduler` passes).
+
 `GaussianMixtureDenoiser` wraps these formulas behind the UNet's interface
 (`model(sample, timestep, class_labels=None).sample`), so every scheduler can run on a "model" with
 no training error at all: whatever error is left is the scheduler's own (see `minidiff.lab.accuracy`).
@@ -273,6 +281,15 @@ class GaussianMixtureDenoiser(ModelMixin):
         """D(x, sigma) = E[x_0 | x_0 + sigma eps = x] (Karras et al. 2022, eq. 2 and 3), shaped like `sample`."""
         return self.posterior(sample, 1.0, sigma, class_labels).x0.reshape(sample.shape)
 
+    def flow_velocity(self, sample: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """u(x, sigma) = E[eps - x_0 | x = (1 - sigma) x_0 + sigma eps], shaped like `sample` (in the wider dtype).
+
+        The velocity of the flow-matching ODE dx/dsigma = u, finite on all of [0, 1]: at sigma = 1 (x = eps),
+        u = x - E[x_0]; at sigma = 0 (x = x_0, independent of eps), u = -x."""
+        sigma = torch.as_tensor(sigma, dtype=torch.promote_types(sample.dtype, self.dtype), device=sample.device)
+        posterior = self.posterior(sample, 1 - sigma, sigma, class_labels)
+        return (posterior.eps - posterior.x0).reshape(sample.shape)
+
     def log_prob(self, sample: torch.Tensor, scale, noise_std, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """log p(x) of the noised mixture at x = scale x_0 + noise_std eps, (B,). Its gradient is the score."""
         dtype = torch.promote_types(sample.dtype, self.dtype)
@@ -317,3 +334,34 @@ class GaussianMixtureDenoiser(ModelMixin):
             raise ValueError(f"sample must have shape (B, {', '.join(map(str, expected))}), got {tuple(sample.shape)}")
         if not sample.is_floating_point():
             raise ValueError(f"sample must be a floating-point tensor, got {sample.dtype}")
+
+
+class ExactVelocityModel(torch.nn.Module):
+    """The exact flow-matching "model" of a mixture: `model(x, t).sample` is u(x, sigma) at sigma = t / T.
+
+    `FlowMatchEulerDiscreteScheduler` tells the model t = num_train_timesteps * sigma; this turns it back and asks
+    `denoiser.flow_velocity`. The mixture and its classes are the denoiser's; its noise schedule is not used.
+    """
+
+    def __init__(self, denoiser: GaussianMixtureDenoiser, num_train_timesteps: int = 1000):
+        super().__init__()
+        self.denoiser = denoiser
+        self.num_train_timesteps = num_train_timesteps
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,
+                return_dict: bool = True) -> DenoiserOutput | tuple:
+        self.denoiser._check_sample(sample)
+        sigma = torch.as_tensor(timestep, dtype=torch.float64).cpu().flatten() / self.num_train_timesteps
+        if sigma.numel() == 1:
+            sigma = sigma.expand(len(sample))
+        if sigma.numel() != len(sample) or not bool(((sigma >= 0) & (sigma <= 1)).all()):
+            raise ValueError(
+                f"timestep must be one number or one per sample ({len(sample)}) in [0, {self.num_train_timesteps}] "
+                f"(t = {self.num_train_timesteps} sigma), got {timestep!r}"
+            )
+        velocity = self.denoiser.flow_velocity(sample, sigma.to(sample.device), class_labels).to(sample.dtype)
+        return DenoiserOutput(velocity) if return_dict else (velocity,)

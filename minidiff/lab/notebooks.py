@@ -22,6 +22,8 @@ import json
 import re
 from pathlib import Path
 
+from minidiff.utils.no_clobber import refuse_to_replace
+
 CELL_MARKER = re.compile(r"^# %%(?P<title>[^\[]*)(?:\[(?P<kind>\w+)\])?\s*$")
 PLACEHOLDER_GIT_URL = "https://github.com/<owner>/minidiff"  # replaced by --git-url, or by `git remote get-url origin`
 
@@ -87,8 +89,9 @@ def percent_to_notebook(text: str, name: str, git_url: str = PLACEHOLDER_GIT_URL
     }
 
 
-def export_tutorials(source: Path, target: Path, git_url: str = PLACEHOLDER_GIT_URL) -> list[Path]:
-    """Write target/NN_name.ipynb for every source/NN_*.py tutorial; returns the notebooks written."""
+def export_tutorials(source: Path, target: Path, git_url: str = PLACEHOLDER_GIT_URL, overwrite: bool = False) -> list[Path]:
+    """Write target/NN_name.ipynb for every source/NN_*.py tutorial; returns the notebooks written. Notebooks
+    already in `target` (perhaps run and edited) are replaced only with `overwrite` (`--overwrite`)."""
     tutorials = sorted(Path(source).glob("[0-9][0-9]_*.py"))
     if not tutorials:
         raise FileNotFoundError(
@@ -96,6 +99,7 @@ def export_tutorials(source: Path, target: Path, git_url: str = PLACEHOLDER_GIT_
             "not with the installed package: clone the repository and pass its tutorials/ folder with --source"
         )
     target = Path(target)
+    refuse_to_replace([target / f"{path.stem}.ipynb" for path in tutorials], f"exporting the tutorials into {target}", overwrite)
     target.mkdir(parents=True, exist_ok=True)
     written = []
     for path in tutorials:

@@ -39,6 +39,7 @@ from minidiff.models.modeling import build_on_meta
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
 from minidiff.schedulers.base import make_betas
+from minidiff.utils.no_clobber import refuse_to_replace
 
 logger = logging.getLogger(__name__)
 
@@ -118,22 +119,35 @@ def save_single_file(path: str | os.PathLike, unet, vae, text_encoder, scheduler
 
 
 def convert(
-    src: str | os.PathLike, dst: str | os.PathLike, config: str | os.PathLike | None = None, use_ema: bool = False
+    src: str | os.PathLike, dst: str | os.PathLike, config: str | os.PathLike | None = None, use_ema: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """`minidiff convert SRC DST`: a single file becomes a diffusers-layout folder, a folder becomes a single file.
 
     Tensors are copied as they are (same dtype, same bits), so folder -> file -> folder gives back the same
     weights files. `config` (file -> folder) is the folder of configs to write, by default SD 1.5's;
-    `use_ema` takes the UNet's EMA copy.
+    `use_ema` takes the UNet's EMA copy. A DST file, or any file of the layout in a DST folder, that already
+    exists is replaced only with `overwrite=True` (`--overwrite`); the error lists them.
     """
     src, dst = Path(src), Path(dst)
     if src.is_dir():
         if dst.suffix != ".safetensors":
             raise ValueError(f"converting the folder {src} writes one .safetensors file; give DST a .safetensors name, not {dst}")
+        refuse_to_replace([dst], f"converting {src} into {dst}", overwrite)
         return folder_to_single_file(src, dst)
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"converting the file {src} writes a diffusers folder, but {dst} is a file; give DST a folder name")
+    refuse_to_replace(files_of_folder_layout(dst), f"converting {src} into the folder {dst}", overwrite)
     return single_file_to_folder(src, dst, config=config, use_ema=use_ema)
+
+
+def files_of_folder_layout(folder: Path) -> list[Path]:
+    """Every file `single_file_to_folder` writes into `folder`, and any tokenizer file already there."""
+    written = [folder / "model_index.json", folder / "scheduler" / "scheduler_config.json"]
+    for part in ("unet", "vae", "text_encoder"):
+        written += [folder / part / "config.json", folder / part / PARTS[part][1][0]]
+    tokenizer = folder / "tokenizer"
+    return written + (sorted(tokenizer.iterdir()) if tokenizer.is_dir() else [])
 
 
 def folder_to_single_file(folder: str | os.PathLike, path: str | os.PathLike) -> Path:

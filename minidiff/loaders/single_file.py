@@ -113,7 +113,7 @@ def account_for_other_keys(checkpoint: CheckpointFile, scheduler, use_ema: bool)
         raise CheckpointError(
             f"{checkpoint.path} has keys that belong to no part of Stable Diffusion 1.x:\n"
             + _listing("unexpected keys", unknown)
-            + "\nIt may be another kind of model (a ControlNet, an inpainting or upscaling model, a LoRA); "
+            + "\nIt may be another kind of model (a ControlNet, an upscaling model, a LoRA); "
             "minidiff loads plain SD 1.x checkpoints."
         )
     accounted = []

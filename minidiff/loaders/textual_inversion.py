@@ -27,9 +27,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from minidiff.checkpoints.hub import download_file
+from minidiff.checkpoints.reader import read_state_dict
 
 # The file names diffusers' training script writes, tried in this order in a folder or hub repo.
 TEXTUAL_INVERSION_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
@@ -135,7 +135,7 @@ def _read_embeddings(source, weight_name: str | None) -> dict | torch.Tensor:
             raise FileNotFoundError(f"{source} is neither an embedding file, a folder holding one, nor a hub repo id")
         path = Path(_download(str(source), weight_name))
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        return read_state_dict([path])  # the one reader: validated, errors name the file and say what to do
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:

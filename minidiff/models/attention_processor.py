@@ -73,8 +73,12 @@ class AttnProcessor:
             attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], query.shape[0])
             attention_mask = attention_mask.view(query.shape[0], attn.heads, -1, attention_mask.shape[-1])
 
+        # The upcast flags (the VAE's upcast_softmax, SD 2.x's upcast_attention) are honoured in bfloat16 only,
+        # whose 8-bit mantissa is minidiff's CPU fast path (docs/performance.md). In float16 this is diffusers'
+        # AttnProcessor2_0, which leaves them to scaled_dot_product_attention (fp32 accumulation inside its GPU
+        # kernels), so float16 results are diffusers' to the bit; docs/gpu.md lists where each library upcasts.
         upcast = attn.upcast_attention or attn.upcast_softmax
-        if upcast and query.dtype in (torch.float16, torch.bfloat16):
+        if upcast and query.dtype == torch.bfloat16:
             mask = None if attention_mask is None else attention_mask.float()
             attended = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=mask)
             attended = attended.to(query.dtype)

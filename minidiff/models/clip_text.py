@@ -445,7 +445,11 @@ class CLIPTextModel(ModelMixin):
                 f"the text encoder reads at most {limit} tokens, got {length}; tokenize with truncation=True, "
                 f"max_length={limit}"
             )
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+        # Reading the range waits for the device (one sync on a GPU, before the embedding lookup would fail with an
+        # opaque device-side assert); a meta tensor has no values to read.
+        if input_ids.numel() and input_ids.device.type != "meta" and (
+            input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size
+        ):
             raise ValueError(
                 f"token ids must lie in [0, {self.config.vocab_size}), got ids from {int(input_ids.min())} to "
                 f"{int(input_ids.max())}; were they made by this model's tokenizer?"

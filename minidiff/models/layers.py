@@ -275,6 +275,12 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, self.out_channels, kernel_size=3, padding=1) if use_conv else None
 
     def forward(self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        # PyTorch's channels-last nearest-neighbour kernel fails on large inputs (diffusers issue 984 for batches of 64
+        # and more; pytorch issue 141831: outputs over 2**31 elements come back as zeros on CUDA), so those get a
+        # contiguous copy first, as diffusers does. Smaller inputs keep their layout (and their speed).
+        scale = 2 if output_size is None else max(o / s for o, s in zip(output_size, hidden_states.shape[-2:]))
+        if hidden_states.shape[0] >= 64 or hidden_states.numel() * scale > 2**31:
+            hidden_states = hidden_states.contiguous()
         if output_size is None:
             hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
         else:

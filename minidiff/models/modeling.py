@@ -28,6 +28,7 @@ from minidiff.checkpoints.single_file_layout import (
     check_is_sd1,
     check_part_fits,
     component_config,
+    config_for_file,
     key_map_for,
     stored_keys,
 )
@@ -200,7 +201,7 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         _check_dtype(cls, torch_dtype)
         checkpoint = path if isinstance(path, CheckpointFile) else CheckpointFile(path)
         check_is_sd1(checkpoint)
-        config = component_config(part, config)
+        config = config_for_file(part, component_config(part, config), checkpoint)  # e.g. 9 channels: inpainting
         key_map = key_map_for(part, config)
         stored_key = stored_keys(checkpoint, part, key_map, use_ema)  # the module's name -> the key in the file
         check_part_fits(build_on_meta(cls, config), checkpoint, stored_key, key_map, part)

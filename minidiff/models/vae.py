@@ -283,6 +283,7 @@ class AutoencoderKL(ModelMixin, AttentionMixin):
         self.use_tiling = False
         self.tile_size = 64
         self.tile_overlap = 16
+        self.use_slicing = False  # encode / decode a batch one image at a time (see `enable_slicing`)
 
     # Names of the mid-block attention in checkpoints written by diffusers before 0.14 (its old AttentionBlock).
     _OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -302,15 +303,23 @@ class AutoencoderKL(ModelMixin, AttentionMixin):
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
         """x (B, in_channels, H, W) in [-1, 1] -> AutoencoderKLOutput(latent_dist=q(z | x))."""
         self._check_channels("image x", x, self.config.in_channels)
-        moments = self.encoder(x)  # (B, 2C, H/8, W/8) for SD 1.5
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
+        if self.use_slicing and x.shape[0] > 1:
+            moments = torch.cat([self._moments(one) for one in x.split(1)])
+        else:
+            moments = self._moments(x)
         posterior = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    def _moments(self, x: torch.Tensor) -> torch.Tensor:
+        moments = self.encoder(x)  # (B, 2C, H/8, W/8) for SD 1.5
+        return self.quant_conv(moments) if self.quant_conv is not None else moments
 
     def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
         """z (B, latent_channels, h, w) (already divided by scaling_factor) -> DecoderOutput(sample=image)."""
         self._check_channels("latents z", z, self.config.latent_channels)
+        if self.use_slicing and z.shape[0] > 1:
+            image = torch.cat([self.decode(one).sample for one in z.split(1)])
+            return DecoderOutput(sample=image) if return_dict else (image,)
         if self.use_tiling and max(z.shape[-2:]) > self.tile_size:
             return self.tiled_decode(z, return_dict)
         if self.post_quant_conv is not None:
@@ -335,6 +344,13 @@ class AutoencoderKL(ModelMixin, AttentionMixin):
 
     def disable_tiling(self) -> None:
         self.use_tiling = False
+
+    def enable_slicing(self) -> None:
+        """Encode and decode a batch one image at a time: the activations of one image, the same result."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
 
     def tiled_decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
         """Decode overlapping latent tiles one at a time and blend them into one image.

@@ -3,7 +3,8 @@
     pipeline = DiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", dtype=torch.float16)
 
 reads `model_index.json` (`"_class_name": "StableDiffusionPipeline"`) and hands over to that class.
-A single-file checkpoint goes to StableDiffusionPipeline.from_single_file.
+A single-file checkpoint goes to StableDiffusionPipeline.from_single_file (StableDiffusionInpaintPipeline when
+its UNet's conv_in takes 9 channels).
 """
 
 from __future__ import annotations
@@ -18,11 +19,16 @@ from minidiff.checkpoints.hub import HubOptions, download_file
 from minidiff.pipelines.ddpm import DDPMPipeline
 from minidiff.pipelines.img2img import StableDiffusionImg2ImgPipeline
 from minidiff.pipelines.latent_consistency import LatentConsistencyModelPipeline
+from minidiff.pipelines.rectified_flow import RectifiedFlowPipeline
+from minidiff.pipelines.inpaint import StableDiffusionInpaintPipeline
 from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
 from minidiff.utils.torch_utils import resolve_dtype
 
-PIPELINES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, DDPMPipeline,
-                                            LatentConsistencyModelPipeline)}
+PIPELINES = {
+    cls.__name__: cls
+    for cls in (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, DDPMPipeline,
+                RectifiedFlowPipeline, LatentConsistencyModelPipeline)
+}
 
 
 class DiffusionPipeline:
@@ -36,7 +42,10 @@ class DiffusionPipeline:
         dtype = resolve_dtype(dtype, torch_dtype, deprecated=True)
         classes = PIPELINES
         if Path(path_or_repo_id).is_file():
-            return classes["StableDiffusionPipeline"].from_single_file(path_or_repo_id, dtype=dtype)
+            pipe = classes["StableDiffusionPipeline"].from_single_file(path_or_repo_id, dtype=dtype)
+            if pipe.unet.config.in_channels == 9:  # an inpainting checkpoint: its conv_in sees the mask too
+                return StableDiffusionInpaintPipeline(**pipe.components)
+            return pipe
         if Path(path_or_repo_id).is_dir():
             index_file = Path(path_or_repo_id) / "model_index.json"
         else:

@@ -104,3 +104,15 @@ class DiffusersCompatibilityMixin:
 
     def disable_vae_tiling(self) -> None:
         self.vae.disable_tiling()
+
+    def enable_vae_slicing(self) -> None:
+        """Decode (and encode) a batch one image at a time: the VAE's memory of one image, for the same result.
+        diffusers 0.42 moved this switch to the VAE (`pipe.vae.enable_slicing()`); older notebooks call it here."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
+    def upcast_vae(self) -> None:
+        """Put the VAE in float32 (the other models keep their dtype); encode and decode cast to it and back."""
+        self.vae.to(torch.float32)

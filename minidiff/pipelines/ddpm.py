@@ -14,7 +14,9 @@ import torch
 from minidiff.models.unet_2d import UNet2DModel
 from minidiff.checkpoints.hub import HubOptions
 from minidiff.loaders.scheduler import scheduler_from_folder
+from minidiff.pipelines.devices import SCHEDULE_DEVICE, DevicePlacementMixin
 from minidiff.pipelines.common import DenoisingStep, ProgressBarMixin, check_output_type, to_output_type, write_model_index
+from minidiff.pipelines.input_checks import check_image_size
 from minidiff.utils.torch_utils import randn_tensor, resolve_dtype
 from minidiff.utils.outputs import BaseOutput
 
@@ -24,8 +26,10 @@ class ImagePipelineOutput(BaseOutput):
     images: list
 
 
-class DDPMPipeline(ProgressBarMixin):
+class DDPMPipeline(DevicePlacementMixin, ProgressBarMixin):
     """`DDPMPipeline(unet, scheduler)`; `DDPMPipeline.from_pretrained(folder)` reads `unet/` (or the root) and `scheduler/`."""
+
+    model_cpu_offload_seq = "unet"
 
     def __init__(self, unet, scheduler):
         self.unet = unet
@@ -71,20 +75,13 @@ class DDPMPipeline(ProgressBarMixin):
         scheduler = scheduler_from_folder(path_or_repo_id, subfolder="scheduler" if (root / "scheduler").is_dir() else None, hub=hub)
         return cls(unet, scheduler)
 
-    def to(self, device=None, dtype: torch.dtype | None = None):
-        self.unet.to(device=device, dtype=dtype)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
     def denoise(self, batch_size: int = 1, generator=None, num_inference_steps: int = 1000):
         """The loop as a generator: yields a DenoisingStep (x_{t-1} in `.latents`, here pixels) after every step."""
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
-        image = randn_tensor((batch_size, self.unet.config.in_channels, *size), generator, self.device, self.unet.dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        check_image_size(*size, batch_size)  # pixels, no VAE: the same plain bound
+        image = randn_tensor((batch_size, self.unet.config.in_channels, *size), generator, self._execution_device, self.unet.dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=SCHEDULE_DEVICE)
         for step_index, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             with torch.no_grad():
                 model_output = self.unet(image, t).sample
@@ -97,4 +94,5 @@ class DDPMPipeline(ProgressBarMixin):
         step = None
         for step in self.denoise(batch_size, generator, num_inference_steps):
             pass
+        self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=to_output_type(step.latents, output_type))

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 
 from minidiff.pipelines.common import StableDiffusionPipelineOutput, check_output_type
+from minidiff.pipelines.devices import SCHEDULE_DEVICE
+from minidiff.pipelines.input_checks import check_finite, check_image_size
 from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
 from minidiff.utils.torch_utils import randn_tensor
 
@@ -37,6 +39,16 @@ def preprocess_image(image, vae_scale_factor: int = 8) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2 - 1
 
 
+def image_size(image) -> tuple[int, int]:
+    """(width, height) of the input image(s), read without converting them (PIL's size, a tensor's last two dims)."""
+    first = image[0] if isinstance(image, list) and image else image
+    if isinstance(first, torch.Tensor):
+        return first.shape[-1], first.shape[-2]
+    if isinstance(first, Image.Image):
+        return first.size
+    raise TypeError(f"image must be a PIL image, a list of them, or a tensor; got {type(image).__name__}")
+
+
 class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
     """Image-to-image: the text-to-image loop started from a noised VAE encoding of `image`."""
 
@@ -51,7 +63,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
     @torch.no_grad()
     def prepare_image_latents(self, image: torch.Tensor, timestep: torch.Tensor, batch_size: int, dtype, generator=None):
         """z_0 = scaling_factor * E(image) sampled from the latent distribution, then noised to `timestep`."""
-        image = image.to(device=self.device, dtype=dtype)
+        image = image.to(device=self._execution_device, dtype=self.vae.dtype)  # the VAE's dtype: float32 after upcast_vae()
         if isinstance(generator, list):
             if image.shape[0] < batch_size:
                 image = torch.cat([image] * (batch_size // image.shape[0]))
@@ -60,11 +72,11 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
             )
         else:
             init_latents = self.vae.encode(image).latent_dist.sample(generator)
-        init_latents = self.vae.config.scaling_factor * init_latents
+        init_latents = self.vae.config.scaling_factor * init_latents.to(dtype)
         if batch_size % init_latents.shape[0]:
             raise ValueError(f"cannot repeat {init_latents.shape[0]} image(s) to a batch of {batch_size} prompts")
         init_latents = torch.cat([init_latents] * (batch_size // init_latents.shape[0]))
-        noise = randn_tensor(init_latents.shape, generator=generator, device=self.device, dtype=dtype)
+        noise = randn_tensor(init_latents.shape, generator=generator, device=self._execution_device, dtype=dtype)
         return self.scheduler.add_noise(init_latents, noise, timestep)
 
     def denoise(
@@ -90,18 +102,22 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         but for height, width and latents: the image sets the size and the start."""
         if image is None:
             raise ValueError("img2img needs an `image` to start from")
+        check_finite(strength=strength, guidance_scale=guidance_scale, eta=eta)
+        width, height = image_size(image)
+        prompts = len(prompt) if isinstance(prompt, list) else 1
+        check_image_size(height, width, prompts * num_images_per_prompt, getattr(self.vae, "use_tiling", False))  # before any resize
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         image = preprocess_image(image, self.vae_scale_factor)
         self.check_inputs(prompt, image.shape[-2], image.shape[-1], prompt_embeds=prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, self.device, num_images_per_prompt, self.uses_classifier_free_guidance(guidance_scale), negative_prompt,
+            prompt, self._execution_device, num_images_per_prompt, self.uses_classifier_free_guidance(guidance_scale), negative_prompt,
             prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
         )
         batch_size = prompt_embeds.shape[0]
 
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        self.scheduler.set_timesteps(num_inference_steps, device=SCHEDULE_DEVICE)
         timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength)
         if num_inference_steps < 1:
             raise ValueError(f"strength {strength} leaves no step to run; raise strength or num_inference_steps")
@@ -146,4 +162,5 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         ):
             pass
         images = self.latents_to_output(step.latents, output_type)
+        self.maybe_free_model_hooks()  # with CPU offload: the VAE goes back to the CPU
         return StableDiffusionPipelineOutput(images=images) if return_dict else (images, None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from minidiff.pipelines.common import DenoisingStep, StableDiffusionPipelineOutput
+from minidiff.pipelines.devices import SCHEDULE_DEVICE
 from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
 
 
@@ -60,12 +61,12 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, prompt_embeds=prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
-        prompt_embeds, _ = self.encode_prompt(prompt, self.device, num_images_per_prompt, False, None,
+        prompt_embeds, _ = self.encode_prompt(prompt, self._execution_device, num_images_per_prompt, False, None,
                                               prompt_embeds=prompt_embeds, clip_skip=clip_skip)
         if timesteps is not None:
-            self.scheduler.set_timesteps(device=self.device, timesteps=timesteps, original_inference_steps=original_inference_steps)
+            self.scheduler.set_timesteps(device=SCHEDULE_DEVICE, timesteps=timesteps, original_inference_steps=original_inference_steps)
         else:
-            self.scheduler.set_timesteps(num_inference_steps, device=self.device, original_inference_steps=original_inference_steps)
+            self.scheduler.set_timesteps(num_inference_steps, device=SCHEDULE_DEVICE, original_inference_steps=original_inference_steps)
         latents = self.prepare_latents(prompt_embeds.shape[0], height, width, prompt_embeds.dtype, generator, latents)
         # the guidance scale as the UNet's input: (B, time_cond_proj_dim)
         w_embedding = self.guidance_condition(guidance_scale, latents.shape[0], latents)

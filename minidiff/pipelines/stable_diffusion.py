@@ -12,12 +12,14 @@ This class is the loop and its steps; the rest comes from mixins, each in its ow
     loaders/textual_inversion.py    load_textual_inversion, maybe_convert_prompt
     pipelines/compatibility.py      diffusers' deprecated spellings and switches; its scheduler-config fix
     pipelines/common.py             the progress bar (shared with DDPMPipeline)
+    pipelines/devices.py            to(), device, dtype, where tensors are made; CPU offload (pipelines/offload.py)
 """
 
 from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -36,23 +38,29 @@ from minidiff.pipelines.compatibility import (
     correct_outdated_scheduler_config,
     warn_unused_parts,
 )
+from minidiff.pipelines.devices import SCHEDULE_DEVICE, DevicePlacementMixin
+from minidiff.pipelines.input_checks import check_finite, check_image_size
 from minidiff.pipelines.loading import StableDiffusionLoadingMixin
-from minidiff.utils.cpu import conv_memory_format
+from minidiff.schedulers.ddim import DDIMScheduler
+from minidiff.schedulers.flow_match_euler import FlowMatchEulerDiscreteScheduler
+from minidiff.schedulers.parameterization import x0_from_flow_velocity
 from minidiff.utils.torch_utils import randn_tensor
 
 
 class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoaderMixin, DiffusersCompatibilityMixin,
-                              ProgressBarMixin):
+                              DevicePlacementMixin, ProgressBarMixin):
     """Text-to-image with Stable Diffusion 1.x: tokenizer, CLIP text encoder, UNet, scheduler, VAE.
 
     The precision is the models' dtype (`from_pretrained(..., dtype=torch.bfloat16)`): bfloat16 is the
-    fast path on CPUs with AMX or AVX512-BF16 (see `fastest_cpu_dtype` and docs/performance.md). In float16
-    the VAE is kept in float32 when its config says `force_upcast` (SD 1.5's does): its activations reach
-    beyond float16's range on some images, and on a CPU an fp16 decode is no faster anyway.
+    fast path on CPUs with AMX or AVX512-BF16 (see `fastest_cpu_dtype` and docs/performance.md), float16 on a
+    GPU. As in diffusers' SD 1.x pipelines, every model keeps that dtype, the VAE included: SD 1.5's VAE decodes
+    fine in float16 (its config's `force_upcast` is read only by SDXL's pipelines, whose VAE overflows);
+    `pipe.upcast_vae()` puts it in float32 if you want.
     """
 
     # What `callback_on_step_end` may read and replace, as in diffusers.
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    _cpu_layout_models = ("unet", "vae")  # channels-last conv weights on a CPU (pipelines/devices.py)
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
                  requires_safety_checker: bool = False, image_encoder=None):
@@ -63,20 +71,7 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         self.tokenizer = tokenizer
         self.unet = unet
         self.scheduler = scheduler
-        self._upcast_vae_if_float16()
-        self.vae.to(memory_format=conv_memory_format("vae", self.vae.dtype))  # no copy if loaded that way
-        self.unet.to(memory_format=conv_memory_format("unet", self.unet.dtype))
-
-    def _upcast_vae_if_float16(self) -> None:
-        if self.vae.dtype == torch.float16 and self.vae.config.force_upcast:
-            self.vae.to(torch.float32)
-
-    def to(self, device=None, dtype: torch.dtype | None = None, memory_format: torch.memory_format | None = None):
-        """Move and/or cast every model; `memory_format` sets the conv weights' layout (see `_convolutions_channels_last`)."""
-        for module in (self.vae, self.text_encoder, self.unet):
-            module.to(device=device, dtype=dtype, memory_format=memory_format)
-        self._upcast_vae_if_float16()
-        return self
+        self._set_conv_layout()  # no copy if loaded that way
 
     def compile(self) -> None:
         """Opt-in: `torch.compile` the UNet and the VAE decoder in place, with inductor's `freezing` (weights
@@ -87,10 +82,6 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         """
         for module in (self.unet, self.vae.decoder):
             module.forward = torch.compile(module.forward, options={"freezing": True})  # state-dict names unchanged
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
 
     @property
     def vae_scale_factor(self) -> int:
@@ -143,7 +134,7 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         if prompt_embeds is None:
             prompt = [prompt] if isinstance(prompt, str) else prompt
             prompt_embeds = self._text_embeddings(self.maybe_convert_prompt(prompt), clip_skip)
-        prompt_embeds = prompt_embeds.to(dtype=self.text_encoder.dtype, device=device or self.device)
+        prompt_embeds = prompt_embeds.to(dtype=self.text_encoder.dtype, device=device or self._execution_device)
         batch = prompt_embeds.shape[0]
         if do_classifier_free_guidance and negative_prompt_embeds is None:
             if negative_prompt is None:
@@ -159,7 +150,7 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
             uncond_tokens = self.maybe_convert_prompt(uncond_tokens)
             negative_prompt_embeds = self._text_embeddings(uncond_tokens, clip_skip=None, max_length=prompt_embeds.shape[1])
         if negative_prompt_embeds is not None:
-            negative_prompt_embeds = negative_prompt_embeds.to(dtype=self.text_encoder.dtype, device=device or self.device)
+            negative_prompt_embeds = negative_prompt_embeds.to(dtype=self.text_encoder.dtype, device=device or self._execution_device)
             if negative_prompt_embeds.shape != prompt_embeds.shape:
                 raise ValueError(
                     f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} and prompt_embeds "
@@ -177,7 +168,7 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
             texts, padding="max_length", max_length=max_length or self.tokenizer.model_max_length, truncation=True,
             return_tensors="pt",
         )
-        input_ids = tokens.input_ids.to(self.text_encoder.device)
+        input_ids = tokens.input_ids.to(self._execution_device)
         if clip_skip is None:
             return self.text_encoder(input_ids)[0]
         hidden_states = self.text_encoder(input_ids, output_hidden_states=True).hidden_states
@@ -187,10 +178,10 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         """x_T ~ N(0, I) of shape (B, 4, H/8, W/8), scaled by the scheduler's `init_noise_sigma`."""
         shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+            latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for this prompt batch and size, got {tuple(latents.shape)}")
-        return latents.to(self.device) * self.scheduler.init_noise_sigma
+        return latents.to(self._execution_device) * self.scheduler.init_noise_sigma
 
     def step_kwargs(self, generator, eta: float) -> dict:
         """Every scheduler's `step` takes `generator` (the deterministic ones ignore it); `eta` goes to the schedulers
@@ -223,6 +214,22 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         w = torch.tensor(guidance_scale - 1).repeat(batch_size)
         return self.get_guidance_scale_embedding(w, embedding_dim=dim).to(device=like.device, dtype=like.dtype)
 
+    def prepare_timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        """`scheduler.set_timesteps` for this loop. A flow-matching scheduler gets the levels of the rectified-flow
+        sampler (and of diffusers' Flux pipeline): sigma = 1, 1 - 1/N, ..., 1/N, then 0, i.e. timesteps 1000 (1 - i/N)
+        and steps of dt = -1/N; its `shift` config still applies on top (docs/flow_matching.md)."""
+        if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
+            N = num_inference_steps
+            self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / N, N), device=SCHEDULE_DEVICE)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=SCHEDULE_DEVICE)
+        return self.scheduler.timesteps
+
+    def model_output_for_scheduler(self, model_output: torch.Tensor) -> torch.Tensor:
+        """The (guided) UNet output as the scheduler reads it; the identity here. RectifiedFlowPipeline flips the
+        sign: its checkpoints predict data - noise, diffusers' flow scheduler expects noise - data."""
+        return model_output
+
     def denoising_loop(self, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale: float,
                        step_kwargs: dict, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
                        cross_attention_kwargs: dict | None = None):
@@ -253,7 +260,13 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
                 noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
 
             # compute the previous noisy sample x_t -> x_t-1
-            output = self.scheduler.step(noise_pred, t, latents, **step_kwargs)
+            model_output = self.model_output_for_scheduler(noise_pred)
+            output = self.scheduler.step(model_output, t, latents, **step_kwargs)
+            x0_pred = predicted_x0(output)  # pred_original_sample, or LCM's denoised, or TCD's pred_noised_sample
+            if x0_pred is None and isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
+                # the flow scheduler's output has no x_0 estimate (as diffusers'); the line back from x: x - sigma u
+                sigma = self.scheduler.sigmas[self.scheduler.step_index - 1].to(latents.device)
+                x0_pred = x0_from_flow_velocity(model_output, latents, sigma)
             latents = output.prev_sample
 
             if callback_on_step_end is not None:
@@ -262,7 +275,7 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
                 latents = changed.pop("latents", latents)
                 prompt_embeds = changed.pop("prompt_embeds", prompt_embeds)
                 negative_prompt_embeds = changed.pop("negative_prompt_embeds", negative_prompt_embeds)
-            yield DenoisingStep(step_index, len(timesteps), t, latents, noise_pred, predicted_x0(output))
+            yield DenoisingStep(step_index, len(timesteps), t, latents, noise_pred, x0_pred)
 
     def denoise(
         self,
@@ -292,14 +305,17 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         first image into `step.preview`, a PIL image: a live preview at a small fraction of a full VAE decode."""
         self.check_inputs(prompt, height, width, prompt_embeds=prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        prompts = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else len(prompt_embeds)
+        check_image_size(height, width, prompts * num_images_per_prompt, getattr(self.vae, "use_tiling", False))
+        check_finite(guidance_scale=guidance_scale, eta=eta)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, self.device, num_images_per_prompt, self.uses_classifier_free_guidance(guidance_scale), negative_prompt,
+            prompt, self._execution_device, num_images_per_prompt, self.uses_classifier_free_guidance(guidance_scale), negative_prompt,
             prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
         )
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        timesteps = self.prepare_timesteps(num_inference_steps)
         latents = self.prepare_latents(prompt_embeds.shape[0], height, width, prompt_embeds.dtype, generator, latents)
         for step in self.denoising_loop(
-            latents, self.scheduler.timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale,
+            latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale,
             self.step_kwargs(generator, eta), callback_on_step_end, callback_on_step_end_tensor_inputs,
             cross_attention_kwargs,
         ):
@@ -320,7 +336,7 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         """z -> image: undo the latent scaling (1 / 0.18215 for SD 1.5), decode with the VAE, convert to `output_type`."""
         if output_type == "latent":
             return latents
-        latents = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)  # the VAE may be float32 (upcast)
+        latents = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)  # float32 after upcast_vae()
         image = self.vae.decode(latents).sample  # (B, 3, H, W) in [-1, 1]
         return to_output_type(image, output_type)
 
@@ -363,4 +379,5 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         ):
             pass
         images = self.latents_to_output(step.latents, output_type)
+        self.maybe_free_model_hooks()  # with CPU offload: the VAE goes back to the CPU
         return StableDiffusionPipelineOutput(images=images) if return_dict else (images, None)

@@ -56,7 +56,11 @@ def node_seed(entropy: int, pool_size: int, spawn_key: tuple[int, int] | None = 
 
 
 def seeded_normal(shape, dtype, device, seed: int) -> torch.Tensor:
-    """z ~ N(0, I) of `shape`, drawn from a generator seeded with `seed` (the same z every time)."""
+    """z ~ N(0, I) of `shape`, drawn from a generator seeded with `seed` (the same z every time).
+
+    The generator lives on `device`, as torchsde's: a CUDA path differs from a CPU path of the same seed."""
+    if torch.device(device).type == "meta":  # no values and no generator there: the shape is all there is
+        return torch.empty(shape, dtype=dtype, device=device)
     generator = torch.Generator(device).manual_seed(seed)
     return torch.randn(shape, dtype=dtype, device=device, generator=generator)
 

@@ -15,6 +15,10 @@ Two rows differ from that page, on purpose:
 - "DPM++ 2S a" (ancestral 2S) has no exact diffusers class ("very similar to DPMSolverSinglestepScheduler");
   the closest is the singlestep solver's stochastic variant, `algorithm_type="sde-dpmsolver++"`, order 2.
 
+One row is not a diffusion sampler: "Flow Euler" (`FlowMatchEulerDiscreteScheduler`) steps a *velocity* model on
+x = (1 - sigma) x_0 + sigma eps (rectified-flow checkpoints, SD3, Flux). SD 1.5's eps-prediction UNet gives it nonsense,
+so its `family` is "flow" and "all" in `compare --schedulers` leaves it out (as diffusers' `compatibles` does).
+
 `order` is the method's order of accuracy (how the error falls with the step size h: error ~ h^order, for
 the ODE solvers), not diffusers' `scheduler.order` (model calls per step). Stochastic samplers converge to
 the right *distribution*, not to one ODE solution: their order column is the weak order (1).
@@ -35,6 +39,7 @@ from minidiff.schedulers.dpm_solver_sde import DPMSolverSDEScheduler
 from minidiff.schedulers.dpm_solver_singlestep import DPMSolverSinglestepScheduler
 from minidiff.schedulers.euler import EulerDiscreteScheduler
 from minidiff.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
+from minidiff.schedulers.flow_match_euler import FlowMatchEulerDiscreteScheduler
 from minidiff.schedulers.heun import HeunDiscreteScheduler
 from minidiff.schedulers.kdpm2 import KDPM2DiscreteScheduler
 from minidiff.schedulers.kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
@@ -56,6 +61,7 @@ class SamplerName:
     order: int = 1
     description: str = ""
     aliases: tuple[str, ...] = ()
+    family: str = "diffusion"  # "diffusion": SD 1.5's eps/v models; "flow": velocity models (flow matching)
 
     def from_config(self, config: dict) -> SchedulerMixin:
         """The scheduler this name means, built from another scheduler's config (the tutorial's swap)."""
@@ -89,9 +95,14 @@ SAMPLER_NAMES = [
     SamplerName("DPM++ 2S a", DPMSolverSinglestepScheduler, SDE, True, 1, "closest to A1111's ancestral 2S: SDE-DPM-Solver++ 2S"),
     SamplerName("DPM++ 2S a Karras", DPMSolverSinglestepScheduler, {**SDE, **KARRAS}, True, 1, "DPM++ 2S a on Karras sigmas"),
     SamplerName("DEIS", DEISMultistepScheduler, {}, False, 2, "exponential integrator, Adams-Bashforth in log rho (AB-DEIS)"),
+    SamplerName("Flow Euler", FlowMatchEulerDiscreteScheduler, {}, False, 1,
+                "Euler on the flow-matching ODE; for velocity models (rectified flow, SD3), not SD 1.5",
+                ("flow", "flow_match_euler"), family="flow"),
     # Few-step samplers: only for consistency-distilled models (LCM-LoRA, LCM Dreamshaper, TCD-LoRA), 2-8 steps.
-    SamplerName("LCM", LCMScheduler, {}, True, 1, "latent consistency: predict x0, re-noise; for LCM models and LCM-LoRA (4 steps)"),
-    SamplerName("TCD", TCDScheduler, {}, True, 1, "trajectory consistency: ODE jump to s, noise up to t_prev (gamma = eta)"),
+    SamplerName("LCM", LCMScheduler, {}, True, 1, "latent consistency: predict x0, re-noise; for LCM models and LCM-LoRA (4 steps)",
+                family="consistency"),
+    SamplerName("TCD", TCDScheduler, {}, True, 1, "trajectory consistency: ODE jump to s, noise up to t_prev (gamma = eta)",
+                family="consistency"),
 ]
 
 

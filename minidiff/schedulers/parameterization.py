@@ -38,6 +38,15 @@ Functions (stable names; the update rules in `update_rules.py` take their result
     add_noise_vp(x0, noise, alpha_t, sigma_t)            -> x_t = alpha_t x_0 + sigma_t eps
     add_noise_ve(x0, noise, sigma)                       -> x = x_0 + sigma eps
     velocity(x0, noise, alpha_t, sigma_t)                -> v = alpha_t eps - sigma_t x_0
+    add_noise_flow(x0, noise, sigma)                     -> x = (1 - sigma) x_0 + sigma eps   (flow matching)
+    x0_from_flow_velocity(u, sample, sigma)              -> x0 = x - sigma u                  (flow matching)
+    flow_velocity(x0, noise)                             -> u = eps - x_0                     (flow matching)
+
+A third frame, the flow-matching one (rectified flow, Liu et al. 2023; SD3, Esser et al. 2024), lives next to these:
+
+      x = (1 - sigma) x_0 + sigma eps,   sigma in [0, 1],   u = dx/dsigma = eps - x_0   ("velocity")
+
+It is the VP frame rescaled: x = x_t / (alpha_t + sigma_t) with sigma = sigma_t / (alpha_t + sigma_t) (docs/flow_matching.md).
 
 This is the role of k-diffusion's `external.py` (its `VDenoiser`, `DiscreteEpsDDPMDenoiser`). The floating-point
 order of each formula is the one diffusers 0.42.1 uses, so the schedulers stay bit-exact with it.
@@ -175,3 +184,23 @@ def add_noise_ve(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
 def velocity(x0: torch.Tensor, noise: torch.Tensor, alpha_t, sigma_t) -> torch.Tensor:
     """The v-prediction target v = alpha_t eps - sigma_t x_0  (Salimans & Ho 2022, §4)."""
     return alpha_t * noise - sigma_t * x0
+
+
+# ----- the flow-matching frame: x = (1 - sigma) x_0 + sigma eps ---------------------------------------
+
+
+def add_noise_flow(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """x = (1 - sigma) x_0 + sigma eps, the straight line from data (sigma = 0) to noise (sigma = 1)
+    (Lipman et al. 2023, arXiv 2210.02747, eq. 20 with sigma_min = 0; Liu et al. 2023, arXiv 2209.03003, eq. 1)."""
+    return sigma * noise + (1.0 - sigma) * x0
+
+
+def flow_velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The flow-matching target u = dx/dsigma = eps - x_0 along that line (diffusers' sign: it points to the noise)."""
+    return noise - x0
+
+
+def x0_from_flow_velocity(velocity: torch.Tensor, sample: torch.Tensor, sigma) -> torch.Tensor:
+    """x_0 = x - sigma u: follow the straight line from x back to sigma = 0 (exact when u is the true velocity of
+    this one line; for a learned u, the denoiser's estimate E[x_0 | x])."""
+    return sample - sigma * velocity

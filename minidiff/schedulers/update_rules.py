@@ -44,6 +44,10 @@ Functions (stable names):
     renoise(x0, alpha_bar, noise)                                        x = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) z
     tcd_step(x0, eps, alpha_bar_s, alpha_bar_prev, noise=None)           TCD's strategic stochastic sampling, eq. 8
 
+  Flow matching (Lipman et al. 2023, arXiv 2210.02747; Liu et al. 2023, arXiv 2209.03003)
+    flow_euler_step(sample, velocity, sigma, sigma_next)                 x + (sigma_next - sigma) u
+    flow_stochastic_step(sample, velocity, sigma, sigma_next, noise)     re-noise the predicted x_0 to sigma_next
+
 Other helpers add their rules in their own section at the end of this file.
 """
 
@@ -562,6 +566,23 @@ def deis_multistep_update(x, eps_list, alpha_t, alpha_s0, coefficients):
     for C_j, eps_j in zip(coefficients, eps_list):
         total = total + C_j * eps_j
     return alpha_t * total
+
+
+# ===== Flow matching (x = (1 - sigma) x_0 + sigma eps, u = dx/dsigma) =============================
+
+
+def flow_euler_step(sample: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    """One Euler step of the flow ODE dx/dsigma = u(x, sigma) from sigma to sigma_next:
+    x_next = x + (sigma_next - sigma) u. With u = (x - x0_pred) / sigma this is `euler_step` in the flow frame."""
+    return sample + (sigma_next - sigma) * velocity
+
+
+def flow_stochastic_step(sample: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next, noise: torch.Tensor) -> torch.Tensor:
+    """The stochastic variant of diffusers' FlowMatchEulerDiscreteScheduler: predict x_0 = x - sigma u, then put it
+    back on the line at sigma_next with fresh noise, x_next = (1 - sigma_next) x_0 + sigma_next z (the flow-frame
+    twin of DDPM-style ancestral sampling with all the noise renewed)."""
+    x0_pred = sample - sigma * velocity
+    return (1.0 - sigma_next) * x0_pred + sigma_next * noise
 
 
 # ===== Consistency models: LCM and TCD ===========================================================

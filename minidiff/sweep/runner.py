@@ -7,7 +7,9 @@ Under torchrun (RANK and WORLD_SIZE set in the environment) every rank joins the
 nccl when CUDA is there. Then, on every rank:
 1. read which jobs are done (their PNG and their manifest line both exist) and barrier, so that every rank
    sees the same list of jobs left to do;
-2. take every WORLD_SIZE-th of them, starting at RANK; load the pipeline once; for each job build its scheduler,
+2. take every WORLD_SIZE-th of them, starting at RANK; claim each job before doing it (claims.py: an exclusive-create
+   file next to the PNG, so that independent runs or several torchrun worlds on one folder do each job once, and
+   a job claimed elsewhere is skipped); load the pipeline once; for each job build its scheduler,
    seed a fresh `torch.Generator` from the job's seed (never a shared stream), generate, write the PNG to a
    temporary name and rename it (a killed job leaves no half-written PNG), then append one manifest line;
 3. barrier; rank 0 makes the grids and index.html (report.py).
@@ -37,7 +39,8 @@ from tqdm.auto import tqdm
 
 from minidiff.pipelines import StableDiffusionPipeline
 from minidiff.schedulers.names import find_sampler
-from minidiff.sweep.spec import Job, Spec, expand_jobs
+from minidiff.sweep.claims import claim_path, release, try_claim
+from minidiff.sweep.spec import Job, Spec, check_job_count, expand_jobs, job_count
 from minidiff.utils.cpu import fastest_cpu_dtype
 
 MANIFEST = "manifest.jsonl"
@@ -141,6 +144,11 @@ def run_job(pipeline: StableDiffusionPipeline, base_scheduler_config: dict, job:
     return target.read_bytes()
 
 
+def _done_meanwhile(out: Path, job: Job) -> bool:
+    """Finished by another runner since this one read the manifest (its PNG first, so the manifest is rarely read)."""
+    return (out / f"{job.job_id}.png").is_file() and job.job_id in done_job_ids(out)
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -148,26 +156,36 @@ def peak_rss_mib() -> float:
 # ----- the sweep ------------------------------------------------------------------------------------------------
 
 
-def run_sweep(spec: Spec, out: str | Path, progress: bool = True) -> dict:
-    """Do this process's share of the jobs not done yet; returns counts {total, skipped, done, failed} for this rank."""
+def run_sweep(spec: Spec, out: str | Path, progress: bool = True, allow_many_jobs: bool = False) -> dict:
+    """Do this process's share of the jobs not done yet; returns counts {total, skipped, done, failed} for this rank
+    (skipped: done before, or claimed by another runner). More than spec.MAX_JOBS jobs need `allow_many_jobs`."""
+    check_job_count(spec, allow_many_jobs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = expand_jobs(spec)
     with process_group() as (rank, world_size):
         done = done_job_ids(out)
         if rank == 0:
-            for stale in out.glob(".*.png.tmp"):
-                stale.unlink(missing_ok=True)  # left by a job that was killed halfway
+            for stale in out.glob(".*.png.tmp"):  # left by a job killed halfway; a live writer holds its job's claim
+                if not claim_path(out, stale.name.split(".")[1]).exists():
+                    stale.unlink(missing_ok=True)
         barrier(world_size)  # no rank writes before every rank has read what is done
         todo = [job for job in jobs if job.job_id not in done]
         mine = todo[rank::world_size]
         counts = {"total": len(jobs), "skipped": len(jobs) - len(todo), "done": 0, "failed": 0}
-        if mine:
-            torch.set_num_threads(spec.threads)  # the same in every process: see spec.py on why it decides the bits
-            pipeline = load_pipeline_for(spec, device_for_rank())
-            base_config = dict(pipeline.scheduler.config)
-            bar = tqdm(mine, desc=f"rank {rank}", position=rank, disable=not progress, unit="image")
-            for job in bar:
+        pipeline = None
+        for job in tqdm(mine, desc=f"rank {rank}", position=rank, disable=not progress, unit="image"):
+            claim = try_claim(out, job.job_id)  # another runner (another terminal, host or torchrun world) may have it
+            if claim is None or _done_meanwhile(out, job):
+                if claim is not None:
+                    release(claim)
+                counts["skipped"] += 1
+                continue
+            try:
+                if pipeline is None:  # loaded once, and only by a runner that got a job
+                    torch.set_num_threads(spec.threads)  # the same in every process: see spec.py on why it decides the bits
+                    pipeline = load_pipeline_for(spec, device_for_rank())
+                    base_config = dict(pipeline.scheduler.config)
                 start = time.perf_counter()
                 entry = {"job_id": job.job_id, "job": asdict(job), "rank": rank, "world_size": world_size,
                          "host": socket.gethostname()}
@@ -180,6 +198,8 @@ def run_sweep(spec: Spec, out: str | Path, progress: bool = True) -> dict:
                     entry.update(seconds=round(time.perf_counter() - start, 3), error=f"{type(error).__name__}: {error}")
                     counts["failed"] += 1
                 append_manifest_line(out, entry)
+            finally:
+                release(claim)  # after the manifest line: whoever claims the job next sees it done
         barrier(world_size)
         if rank == 0:
             from minidiff.sweep.report import write_report
@@ -193,10 +213,12 @@ def estimate_seconds(spec: Spec) -> tuple[float, int]:
     pipeline = load_pipeline_for(spec, device_for_rank())
     base_config = dict(pipeline.scheduler.config)
     calls = 0
-    for job in expand_jobs(spec):
-        scheduler = find_sampler(job.scheduler).from_config(base_config)
-        scheduler.set_timesteps(job.steps)
-        calls += len(scheduler.timesteps)  # second-order schedulers call the model about twice per step
+    for name in spec.schedulers:  # each (scheduler, steps) pair once, times the jobs that share it: never every job
+        for steps in spec.steps:
+            scheduler = find_sampler(name).from_config(base_config)
+            scheduler.set_timesteps(steps)
+            calls += len(scheduler.timesteps)  # second-order schedulers call the model about twice per step
+    calls *= job_count(spec) // (len(spec.schedulers) * len(spec.steps))
     latents = torch.randn(2, pipeline.unet.config.in_channels, spec.height // 8, spec.width // 8, dtype=pipeline.unet.dtype)
     context = torch.randn(2, 77, pipeline.unet.config.cross_attention_dim, dtype=pipeline.unet.dtype)
     with torch.no_grad():

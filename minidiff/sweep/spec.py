@@ -29,13 +29,16 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from minidiff.data import sd15_config
+from minidiff.pipelines.input_checks import check_image_size
 from minidiff.schedulers.names import find_sampler
 
 DTYPES = ("fp32", "bf16", "fp16", "auto")
+MAX_JOBS = 100_000  # a larger sweep (weeks on a CPU) is refused unless asked for: `minidiff sweep --allow-many-jobs`
 LIST_FIELDS = ("prompts", "negative_prompts", "schedulers", "steps", "guidance_scales", "seeds")
 KNOWN_FIELDS = ("weights", *LIST_FIELDS, "size", "dtype", "threads")
 
@@ -118,6 +121,8 @@ def load_spec(source: str | Path | dict) -> Spec:
     _check_items(lists["schedulers"], "schedulers", str)
     _check_items(lists["steps"], "steps", int)
     _check_items(lists["guidance_scales"], "guidance_scales", (int, float))
+    if not all(math.isfinite(g) for g in lists["guidance_scales"]):
+        raise SpecError(f"spec field 'guidance_scales' has {lists['guidance_scales']}; NaN and infinity are refused: give real numbers")
     _check_items(lists["seeds"], "seeds", int)
     if any(not prompt.strip() for prompt in lists["prompts"]):
         raise SpecError("spec field 'prompts' has an empty prompt; give each prompt some text")
@@ -139,11 +144,49 @@ def load_spec(source: str | Path | dict) -> Spec:
 
 def expand_jobs(spec: Spec) -> list[Job]:
     """Every combination, in a fixed order (prompt, negative, scheduler, steps, guidance, seed)."""
+    return list(iter_jobs(spec))
+
+
+def iter_jobs(spec: Spec):
+    """The jobs of `expand_jobs`, one at a time (the first few of a huge sweep, without building them all)."""
     product = itertools.product(spec.prompts, spec.negative_prompts, spec.schedulers, spec.steps, spec.guidance_scales, spec.seeds)
-    return [
-        Job(spec.weights, spec.dtype, prompt, negative, scheduler, steps, guidance, seed, spec.width, spec.height, spec.threads)
-        for prompt, negative, scheduler, steps, guidance, seed in product
-    ]
+    for prompt, negative, scheduler, steps, guidance, seed in product:
+        yield Job(spec.weights, spec.dtype, prompt, negative, scheduler, steps, guidance, seed, spec.width, spec.height, spec.threads)
+
+
+def job_count(spec: Spec) -> int:
+    """How many jobs the spec makes: the product of its lists' lengths, without listing them."""
+    return math.prod(len(getattr(spec, name)) for name in AXES)
+
+
+AXES = ("prompts", "negative_prompts", "schedulers", "steps", "guidance_scales", "seeds")  # the Spec fields jobs range over
+
+
+def check_job_count(spec: Spec, allow_many: bool = False) -> int:
+    """The job count, or SpecError when it passes MAX_JOBS and `allow_many` is not set."""
+    count = job_count(spec)
+    if count > MAX_JOBS and not allow_many:
+        axes = " x ".join(f"{len(getattr(spec, name))} {name}" for name in AXES)
+        raise SpecError(
+            f"the spec makes {count} jobs ({axes}), more than {MAX_JOBS}; check it with --dry-run, shorten its lists, "
+            "or pass --allow-many-jobs if you mean it"
+        )
+    return count
+
+
+def describe(spec: Spec, first: int = 10) -> list[str]:
+    """What --dry-run prints: the job count, each axis (its length and first values) and the first jobs."""
+    lines = [f"{job_count(spec)} jobs = " + " x ".join(f"{len(getattr(spec, name))} {name}" for name in AXES)
+             + f", at {spec.width}x{spec.height}, {spec.dtype}, {spec.threads} thread(s) each"]
+    for name in AXES:
+        values = getattr(spec, name)
+        shown = ", ".join(repr(value) for value in values[:5]) + (f", ... ({len(values) - 5} more)" if len(values) > 5 else "")
+        lines.append(f"  {name:17s} {len(values):7d}: {shown}")
+    lines.append(f"first {min(first, job_count(spec))} jobs:")
+    for job in itertools.islice(iter_jobs(spec), first):
+        lines.append(f"  {job.job_id}  {job.scheduler!r:24s} {job.steps:4d} steps  guidance {job.guidance_scale:g}  "
+                     f"seed {job.seed}  {job.width}x{job.height}  {job.prompt!r}")
+    return lines
 
 
 def _non_empty_list(raw: dict, name: str) -> list:
@@ -174,6 +217,10 @@ def _parse_size(size) -> tuple[int, int]:
         raise SpecError(f"spec field 'size' is {size!r}; write it as \"WIDTHxHEIGHT\", e.g. \"512x512\"")
     if width <= 0 or height <= 0 or width % 8 or height % 8:
         raise SpecError(f"spec field 'size' is {width}x{height}; width and height must be positive multiples of 8 (the VAE halves them 3 times)")
+    try:
+        check_image_size(height, width)
+    except ValueError as error:
+        raise SpecError(f"spec field 'size' is {width}x{height}: {error}") from None
     return width, height
 
 
@@ -185,6 +232,11 @@ def _check_schedulers_can_take_steps(schedulers: list[str], steps: list[int]) ->
             sampler = find_sampler(name)
         except ValueError as error:
             raise SpecError(f"spec field 'schedulers': {error}") from None
+        if sampler.family == "flow":  # the few-step ("consistency") samplers run SD 1.5's UNet, with an LCM model
+            raise SpecError(
+                f"spec field 'schedulers': {name!r} steps a velocity model (flow matching), but a sweep runs SD 1.5's "
+                "noise-predicting UNet; leave it out (see docs/flow_matching.md)"
+            )
         for count in steps:
             try:
                 sampler.from_config(config).set_timesteps(count)

@@ -38,9 +38,12 @@ def conv_memory_format(model: str, dtype: torch.dtype) -> torch.memory_format:
 
     Channels-last, (C_out, kH, kW, C_in): oneDNN's CPU convolutions run fastest on it, their outputs keep it, and
     the reshapes around attention become views. The float32 UNet runs as fast either way, so it keeps the file's
-    layout: its weights stay views of the memory-mapped file, with no copy to make.
+    layout: its weights stay views of the memory-mapped file, with no copy to make. float16, which no fast path
+    picks on a CPU, stays contiguous too: its results are then diffusers' to the bit.
     """
-    return torch.contiguous_format if model == "unet" and dtype == torch.float32 else torch.channels_last
+    if dtype == torch.float16 or (model == "unet" and dtype == torch.float32):
+        return torch.contiguous_format
+    return torch.channels_last
 
 
 def keep_freed_memory() -> bool:
