@@ -33,9 +33,10 @@ def on_meta(tiny_sd15_folder):
     return txt2img, img2img, dict(txt2img.scheduler.config)
 
 
-@pytest.mark.parametrize("name", [row.name for row in SAMPLER_NAMES])
+@pytest.mark.parametrize("name", [row.name for row in SAMPLER_NAMES if row.family == "diffusion"])
 def test_every_sampler_runs_with_the_models_on_another_device(on_meta, name):
-    """Noise from a CPU generator, then everything on the models' device: nothing made on the CPU meets them."""
+    """Noise from a CPU generator, then everything on the models' device: nothing made on the CPU meets them.
+    (The flow scheduler runs with the rectified-flow pipeline: tests/test_rectified_flow.py.)"""
     txt2img, img2img, sd15_config = on_meta
     row = next(row for row in SAMPLER_NAMES if row.name == name)
     for pipeline, inputs in ((txt2img, {"height": 64, "width": 64}), (img2img, {"image": IMAGE, "strength": 0.6})):
@@ -237,3 +238,14 @@ def test_cuda_txt2img_close_to_diffusers(tiny_sd15_folder, dtype):
     b = theirs(generator=torch.Generator().manual_seed(0), **kwargs).images
     assert a.device.type == "cuda" and torch.isfinite(a).all()
     torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=1e-3 if dtype == torch.float16 else 1e-5)
+
+
+def test_rectified_flow_pipeline_runs_with_the_models_on_another_device(on_meta):
+    from minidiff import RectifiedFlowPipeline
+
+    txt2img, _, _ = on_meta
+    pipeline = RectifiedFlowPipeline(**{**txt2img.components, "scheduler": None})
+    pipeline.set_progress_bar_config(disable=True)
+    latents = pipeline(PROMPT, height=64, width=64, num_inference_steps=3, output_type="latent",
+                       generator=torch.Generator().manual_seed(0)).images
+    assert latents.device.type == "meta" and latents.shape == (1, 4, 8, 8)
