@@ -232,6 +232,9 @@ pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
 lora = os.environ.get("MINIDIFF_LCM_LORA")
 if lora and hasattr(pipe, "load_lora_weights"):
     pipe.load_lora_weights(lora)
+    pipe.fuse_lora()  # the LoRA folded into the UNet's weights: each step costs what a base step costs
+elif lora:
+    print("MINIDIFF_LCM_LORA is set, but this minidiff has no load_lora_weights yet: running without the LoRA")
 taesd_folder = os.environ.get("MINIDIFF_TAESD")
 taesd = AutoencoderTiny.from_pretrained(taesd_folder) if taesd_folder else AutoencoderTiny()  # random weights without it
 assert taesd.config.scaling_factor == 1.0
