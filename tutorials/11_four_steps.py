@@ -232,7 +232,8 @@ pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
 lora = os.environ.get("MINIDIFF_LCM_LORA")
 if lora and hasattr(pipe, "load_lora_weights"):
     pipe.load_lora_weights(lora)
-    pipe.fuse_lora()  # the LoRA folded into the UNet's weights: each step costs what a base step costs
+    if hasattr(pipe, "fuse_lora"):
+        pipe.fuse_lora()  # the LoRA folded into the UNet's weights: each step costs what a base step costs
 elif lora:
     print("MINIDIFF_LCM_LORA is set, but this minidiff has no load_lora_weights yet: running without the LoRA")
 taesd_folder = os.environ.get("MINIDIFF_TAESD")
