@@ -368,7 +368,8 @@ def cmd_sweep(args) -> None:
               f"{seconds_per_call * calls / 60:.1f} min on one process (plus loading and decoding)")
         return
     check_job_count(spec, args.allow_many_jobs)  # before the folder is made
-    counts = run_sweep(spec, check_writable(Path(args.out)), progress=not args.no_progress, allow_many_jobs=args.allow_many_jobs)
+    counts = run_sweep(spec, check_writable(Path(args.out)), progress=not args.no_progress, allow_many_jobs=args.allow_many_jobs,
+                       backend=args.backend)
     print(f"sweep: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} already done, "
           f"of {counts['total']} jobs; see {Path(args.out) / 'index.html'}")
 
@@ -479,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", default="sweep", help="output folder: one PNG per job, manifest.jsonl, grids/, index.html")
     sweep.add_argument("--dry-run", action="store_true", help="list the jobs and estimate the time from one measured UNet call")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sweep.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto",
+                       help="torchrun's process group: auto = nccl with a GPU per local rank, else gloo")
     sweep.add_argument("--allow-many-jobs", action="store_true", help="run a spec of more than 100000 jobs (refused without it)")
     sweep.set_defaults(run=cmd_sweep)
 

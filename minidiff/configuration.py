@@ -257,12 +257,10 @@ class ConfigMixin:
         module docstring), else an AttributeError."""
         if is_deprecated_config_attribute(self, name):
             return deprecated_config_attribute(self, name, "scheduler", stacklevel=3)
-        raise AttributeError(
-            f"'{type(self).__name__}' object has no attribute '{name}', and '{name}' is not a key of its config "
-            f"either (config values are read as `.config.<key>`)",
-            name=name,
-            obj=self,
-        )
+        # Python's own message, exactly (diffusers' tests compare it); the hint goes in a note (PEP 678).
+        error = AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'", name=name, obj=self)
+        error.add_note(f"'{name}' is not a key of its config either (config values are read as `.config.<key>`)")
+        raise error
 
     def register_to_config(self, **kwargs) -> None:
         previous = self.__dict__.get("_internal_dict", {})

@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiff import accuracy
-from minidiff.models.gaussian_mixture import GaussianMixtureDenoiser
-from minidiff.plotting import image_grid, loglog_plot
+from minidiff.lab import accuracy
+from minidiff.lab.gaussian_mixture import GaussianMixtureDenoiser
+from minidiff.viz.grid import image_grid
+from minidiff.viz.plotting import loglog_plot
 
 FIRST_ORDER = ("DDIM", "Euler", "DPM++ 1")
 HIGHER_ORDER_SMOOTH_END = ("LMS", "DPM++ 2M sigma_min", "DPM++ 3M sigma_min")  # no first-order jump to sigma = 0

@@ -7,8 +7,8 @@ import csv
 import pytest
 from PIL import Image
 
-from minidiff import accuracy
-from minidiff.demo import run_demo
+from minidiff.lab import accuracy
+from minidiff.lab.demo import run_demo
 
 ALL_LABELS = [s.label for s in accuracy.DETERMINISTIC_SETUPS + accuracy.FLOW_SETUPS + accuracy.STOCHASTIC_SETUPS]
 
@@ -36,6 +36,10 @@ def test_demo_writes_every_file_and_valid_pngs(demo):
         with Image.open(result.files[name]) as image:
             assert image.format == "PNG" and image.width > 300 and image.height > 300
             assert len(image.convert("L").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 10  # not a blank canvas
+    with Image.open(result.files["accuracy.png"]) as image:  # one panel (400 high) per family, two per row
+        families = [f for f, labels in accuracy.FAMILIES.items() if set(labels) & {r.label for r in result.convergence}]
+        assert len(families) == len(accuracy.FAMILIES) and image.width % 2 == 0 and image.width >= 2 * 760
+        assert image.height == 40 + (len(families) + 1) // 2 * 400
     with Image.open(result.files["samples.png"]) as image:
         rows = 1 + len(ALL_LABELS)  # the exact PF-ODE row, then one row per scheduler
         assert image.height > rows * 2 * 16 * 2  # each cell: 2 rows of 16-pixel samples, enlarged twice

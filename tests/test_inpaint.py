@@ -282,7 +282,7 @@ def test_call_has_diffusers_arguments_in_diffusers_order():
 
     theirs = list(inspect.signature(diffusers.StableDiffusionInpaintPipeline.__call__).parameters)
     ours = list(inspect.signature(StableDiffusionInpaintPipeline.__call__).parameters)
-    not_here = {"ip_adapter_image", "ip_adapter_image_embeds", "kwargs"}  # no IP-Adapter; no deprecated callback
+    not_here = {"kwargs"}  # no deprecated callback; the IP-Adapter's are there to keep positions, refused unless None
     assert ours == [name for name in theirs if name not in not_here]
     for name in ours[1:]:
         ours_default = inspect.signature(StableDiffusionInpaintPipeline.__call__).parameters[name].default

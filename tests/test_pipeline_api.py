@@ -128,6 +128,52 @@ def test_check_inputs_runs_once_per_call_and_img2img_extends_denoise(pipelines, 
     assert set(base) - set(img2img) == {"height", "width", "latents"}  # the image sets the size and the start
 
 
+def positional_names(function) -> list[str]:
+    import inspect
+
+    return [name for name, p in inspect.signature(function).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+
+
+@pytest.mark.parametrize("name", ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"])
+def test_call_takes_diffusers_positional_order(name):
+    import minidiff
+
+    ours, theirs = positional_names(getattr(minidiff, name).__call__), positional_names(getattr(diffusers, name).__call__)
+    # every argument both have sits at the same position, so positional code means the same in both
+    shared = [n for n in theirs if n in ours]
+    assert [(n, ours.index(n)) for n in shared] == [(n, theirs.index(n)) for n in shared]
+    assert len(shared) >= 20 and ours == theirs[: len(ours)]  # nothing of ours is positional that diffusers lacks
+
+
+def test_positional_height_width_steps_mean_what_they_mean_in_diffusers(pipelines):
+    ours, _ = pipelines
+    steps = []
+    record = lambda pipe, i, t, tensors: steps.append(tuple(tensors["latents"].shape)) or {}  # noqa: E731
+    ours("a cat", 64, 48, 2, output_type="latent", callback_on_step_end=record)
+    assert set(steps) == {(1, 4, 8, 6)}  # height 64, width 48 (latents at 1/8)
+    assert ours.scheduler.num_inference_steps == 2 and len(steps) == len(ours.scheduler.timesteps)  # 2 steps
+    np.testing.assert_array_equal(
+        ours("a cat", 64, 64, 2, generator=torch.Generator().manual_seed(0), output_type="np").images,
+        generate(ours, prompt="a cat", num_inference_steps=2),
+    )
+    # arguments of diffusers' call that minidiff lacks are refused, not silently ignored, unless left at the default
+    for unsupported in ({"guidance_rescale": 0.7}, {"timesteps": [999, 500]}, {"ip_adapter_image_embeds": [torch.zeros(1)]}):
+        with pytest.raises(ValueError, match="does not implement"):
+            generate(ours, prompt="a cat", **unsupported)
+    generate(ours, prompt="a cat", num_inference_steps=1, guidance_rescale=0.0, timesteps=None, ip_adapter_image=None)
+
+
+def test_denoise_keeps_the_prompt_positional_and_the_rest_keyword_only():
+    import inspect
+
+    from minidiff import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+    assert positional_names(StableDiffusionPipeline.denoise) == ["self", "prompt"]
+    assert positional_names(StableDiffusionImg2ImgPipeline.denoise) == ["self", "prompt", "image", "strength"]
+    assert positional_names(StableDiffusionInpaintPipeline.denoise) == ["self", "prompt", "image", "mask_image"]
+    assert all(p.kind is not p.VAR_POSITIONAL for p in inspect.signature(StableDiffusionPipeline.denoise).parameters.values())
+
+
 def test_decode_latents_numpy_to_pil_and_attention_slicing(pipelines):
     ours, theirs = pipelines
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))

@@ -182,11 +182,12 @@ def test_pipeline_image_close_to_float32(tiny_sd15_folder, float32_generation, d
     assert psnr(image, float32_generation[1]) >= MIN_PSNR_DB
 
 
-def test_float16_pipeline_keeps_the_vae_in_float32(tiny_sd15_folder):
+def test_float16_pipeline_keeps_the_vae_in_float16_unless_upcast(tiny_sd15_folder):
+    # As diffusers' SD 1.x pipelines: force_upcast is read only by SDXL's (docs/gpu.md); upcast_vae() when asked.
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd15_folder, torch_dtype=torch.float16)
     assert pipeline.vae.config.force_upcast
-    assert pipeline.vae.dtype == torch.float32 and pipeline.unet.dtype == torch.float16
-    pipeline.to(dtype=torch.float16)  # a later cast keeps the upcast too
+    assert pipeline.vae.dtype == pipeline.unet.dtype == torch.float16
+    pipeline.upcast_vae()
     assert pipeline.vae.dtype == torch.float32 and pipeline.text_encoder.dtype == torch.float16
     bfloat16 = StableDiffusionPipeline.from_pretrained(tiny_sd15_folder, torch_dtype=torch.bfloat16)
     assert bfloat16.vae.dtype == torch.bfloat16  # bfloat16 has float32's range: no upcast needed
@@ -288,7 +289,7 @@ def test_cli_dtype_auto_and_switches(tiny_sd15_folder, monkeypatch):
     assert pipeline.unet.dtype == torch.bfloat16 and pipeline.vae.use_tiling
     monkeypatch.setattr(cpu, "cpu_flags", lambda: set())
     assert load_pipeline(str(tiny_sd15_folder), "auto").unet.dtype == torch.float32
-    assert load_pipeline(str(tiny_sd15_folder), "fp16").vae.dtype == torch.float32  # upcast
+    assert load_pipeline(str(tiny_sd15_folder), "fp16").vae.dtype == torch.float16  # no upcast, as diffusers' SD 1.x
 
 
 def test_cli_low_memory_keeps_the_allocator_default(tiny_sd15_folder, monkeypatch):

@@ -75,6 +75,23 @@ def test_img2img_checks_size_and_numbers_before_resizing(pipe, monkeypatch):
             img2img("a cat", image=small, **{name: float("nan")})
 
 
+def test_inpaint_checks_size_and_numbers_before_any_work(pipe, monkeypatch):
+    from minidiff import StableDiffusionInpaintPipeline
+
+    inpaint = StableDiffusionInpaintPipeline(**pipe.components)
+    monkeypatch.setattr(inpaint, "encode_prompt", lambda *a, **k: pytest.fail("work started"))
+    small, mask = Image.new("RGB", (64, 64)), Image.new("L", (64, 64), 255)
+    with pytest.raises(ValueError, match=r"height=100000, width=64 is too large"):
+        inpaint("a cat", small, mask, height=100_000, width=64)
+    with pytest.raises(ValueError, match=r"64 images of 1024x1024 are too many at once"):
+        inpaint("a cat", small, mask, height=1024, width=1024, num_images_per_prompt=64)
+    with pytest.raises(ValueError, match=r"height=8, width=100000 is too large"):  # the picture itself, before resizing
+        inpaint("a cat", Image.new("RGB", (100_000, 8)), Image.new("L", (100_000, 8)), height=64, width=64)
+    for name in ("strength", "guidance_scale", "eta"):
+        with pytest.raises(ValueError, match=rf"{name}=(nan|inf) is not a finite number"):
+            inpaint("a cat", small, mask, height=64, width=64, **{name: float("nan" if name != "eta" else "inf")})
+
+
 def test_ddpm_refuses_a_batch_that_cannot_fit():
     unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),

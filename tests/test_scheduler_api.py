@@ -282,9 +282,8 @@ def test_real_attributes_and_methods_do_not_warn(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_missing_attribute_raises_attribute_error(name):
+    """(The exact message, for all fourteen classes: test_scheduler_contract.py.)"""
     scheduler = getattr(minidiff, name)()
-    with pytest.raises(AttributeError, match=rf"'{name}' object has no attribute 'num_train_steps'.*not a key of its config"):
-        scheduler.num_train_steps
     assert not hasattr(scheduler, "no_such_thing")
     assert getattr(scheduler, "no_such_thing", 7) == 7
 

@@ -532,6 +532,9 @@ def test_unknown_config_values_raise_at_construction(cls, field, value):
 
 
 def test_unknown_variance_type_raises():
+    """A deliberate difference: diffusers' DDPMScheduler accepts variance_type="other" (it fails later, or never, if
+    no step reads it); minidiff refuses it at construction, naming the field and the allowed values."""
+    diffusers.DDPMScheduler(variance_type="other")  # the oracle lets it through
     with pytest.raises(ValueError, match="unknown variance_type 'other'"):
         DDPMScheduler(variance_type="other")
 

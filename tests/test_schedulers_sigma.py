@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 
 import diffusers
 from minidiff import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LMSDiscreteScheduler
-from minidiff.schedulers.base import beta_ppf, regularized_incomplete_beta, velocity_vp
+from minidiff.schedulers.base import velocity_vp
+from minidiff.schedulers.schedules import beta_ppf, regularized_incomplete_beta
 from minidiff.schedulers.lms import lagrange_basis_integral
 from scheduler_parity import ATOL, RTOL, assert_close, dummy_sample, fake_model, run_parity
 

@@ -52,6 +52,21 @@ def test_scheduler_trajectory_ends_where_the_loop_ends(model, noise):
                                    rtol=1e-4, atol=0)
 
 
+def test_flow_euler_points_are_ddims_after_the_change_of_variables(model, noise):
+    ddim_setup = accuracy.SchedulerSetup("DDIM", "DDIMScheduler", step_kwargs={"eta": 0.0})
+    ddim = scheduler_trajectory(accuracy.make_scheduler(ddim_setup), model, noise, 3, ddim_setup.step_kwargs)
+    sigma = ddim.sigmas[0]
+    flow_start = noise * math.sqrt(sigma**2 + 1) / (1 + sigma)  # x_t / (alpha + sigma_t)
+    flow = accuracy.make_scheduler(accuracy.SchedulerSetup("Flow Euler", "FlowMatchEulerDiscreteScheduler"))
+    steps = scheduler_trajectory(flow, model, flow_start, None, sigmas=[s / (1 + s) for s in ddim.sigmas[:-1]])
+    assert steps.sigmas[-1] == 0 and len(steps.sigmas) == 4
+    torch.testing.assert_close(steps.points[:-1], ddim.points[:-1], rtol=0, atol=1e-5)  # the same steps
+    flow.set_timesteps(4)  # from pure noise: s = 1 is VE sigma infinity, where x_flow = x_t
+    assert visited_sigmas(flow)[0] == math.inf and visited_sigmas(flow)[-1] == 0
+    with pytest.raises(ValueError, match="pure noise"):
+        exact_trajectory(model, noise, visited_sigmas(flow))
+
+
 def test_exact_trajectory_matches_one_solve_of_the_ode(model, noise):
     sigmas = [14.6, 3.0, 0.5, 0.0]
     start = noise / math.sqrt(14.6**2 + 1) * 14.6  # VP frame of noise * 14.6

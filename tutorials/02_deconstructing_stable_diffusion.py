@@ -67,7 +67,7 @@ else:
     default_scheduler = UniPCMultistepScheduler.load_config(model_id, subfolder="scheduler")["_class_name"]
     scheduler = UniPCMultistepScheduler.from_pretrained(model_id, subfolder="scheduler")
 
-torch_device = "cpu"
+torch_device = "cuda" if torch.cuda.is_available() else "cpu"  # as diffusers' tutorial: the GPU when there is one
 for part in (vae, text_encoder, unet):
     part.to(torch_device)
     print(f"{type(part).__name__:22s} {sum(p.numel() for p in part.parameters()) / 1e6:8.2f} M parameters")

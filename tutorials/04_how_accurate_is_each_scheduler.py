@@ -99,16 +99,9 @@ few_steps_order = {result.label: result.order_few_steps for result in results}
 
 from minidiff.viz.plotting import GUIDE, loglog_panels
 
-# Nineteen lines on one chart cannot be read: one panel per family, the same axes in every panel, and
-# Euler (gray) in each as the yardstick.
-FAMILIES = {
-    "first order": ("DDIM", "Euler", "DPM++ 1"),
-    "linear multistep (in sigma or t)": ("LMS", "PNDM (PLMS)"),
-    "two model calls a step": ("Heun", "DPM2"),
-    "multistep exponential integrators": ("DPM++ 2M", "DPM++ 3M", "DEIS", "DEIS 3"),
-    "UniPC, and singlestep DPM-Solver++": ("UniPC bh1", "UniPC bh2", "DPM++ 2S", "DPM++ 3S"),
-    "stopping at sigma_min (no jump to 0)": ("DPM++ 2M sigma_min", "DPM++ 3M sigma_min", "UniPC bh2 sigma_min", "DPM++ 2S sigma_min"),
-}
+# Nineteen lines on one chart cannot be read: one panel per family (`accuracy.FAMILIES`; the flow-matching
+# family is tutorial 13's), the same axes in every panel, and Euler (gray) in each as the yardstick.
+FAMILIES = {family: labels for family, labels in accuracy.FAMILIES.items() if not family.startswith("flow matching")}
 by_label = {r.label: r for r in results}
 assert sorted(label for family in FAMILIES.values() for label in family) == sorted(by_label)  # every row, once
 

@@ -34,6 +34,8 @@
 # open it as a notebook. Pictures go to `tutorials/out/07_a_scheduler_next_to_its_paper/`.
 
 # %%
+import math
+
 import numpy as np
 import torch
 
@@ -227,8 +229,15 @@ print("update_rules.dpm_solver_pp_*_order: equal to the class, bit for bit")
 # which stays bounded from the N(0, I) noise to the data. The exact path from the sampler's own start
 # is the wide gray curve, its end the ring; the sampler's steps are the dots. Heun (Karras et al.
 # Algorithm 1: Euler, then a correction with the slope at the step's end) joins the three, with 5 and
-# 20 steps. DDIM starts later than the others (SD's "leading" timesteps: t = 801, sigma 4.1, at 5
-# steps), so its exact paths are shorter.
+# 20 steps. DDIM starts later than the others (SD's "leading" timesteps: t = 801 at 5 steps), so its
+# exact paths are shorter.
+#
+# The fifth column is `FlowMatchEulerDiscreteScheduler`, Euler on the flow ODE of flow matching
+# (tutorial 13, docs/flow_matching.md), on the mixture's exact velocity. Its sample is
+# x_flow = x_t / (alpha + sigma) at the level s = sigma / (alpha + sigma) (in VE terms s = sigma_VE / (1 + sigma_VE)),
+# so we give it DDIM's levels and DDIM's start in those coordinates, and map its points back to x_t
+# (`lab.trajectories.to_vp_frame`). The flow scheduler always ends at s = 0, where SD's DDIM stops at
+# alpha_bar_0 (sigma 0.029): its last step goes a little further.
 
 # %%
 from minidiff.lab.trajectories import exact_trajectory, scheduler_trajectory
@@ -243,10 +252,26 @@ samplers = [
     accuracy.SchedulerSetup("Heun", "HeunDiscreteScheduler"),
     accuracy.SchedulerSetup("DPM++ 2M", "DPMSolverMultistepScheduler", {"solver_order": 2}),
 ]
-panels, colors, end_error, shortfall = {}, {}, {}, {}
+flow_setup = accuracy.SchedulerSetup("Flow Euler", "FlowMatchEulerDiscreteScheduler")
+
+
+def flow_euler_on_ddims_levels(ddim_steps):
+    """Flow Euler from DDIM's start, through DDIM's levels, in flow coordinates: s = sigma / (1 + sigma) (VE sigma),
+    x_flow = x_t / (alpha + sigma_t) with alpha + sigma_t = (1 + sigma) / sqrt(sigma^2 + 1)."""
+    sigma_start = ddim_steps.sigmas[0]
+    flow_start = ddim_steps.points[0] * math.sqrt(sigma_start**2 + 1) / (1 + sigma_start)
+    levels = [sigma / (1 + sigma) for sigma in ddim_steps.sigmas[:-1]]  # the scheduler appends s = 0 itself
+    return scheduler_trajectory(accuracy.make_scheduler(flow_setup), model_64, flow_start, None, sigmas=levels)
+
+
+panels, colors, end_error, shortfall, trajectories = {}, {}, {}, {}, {}
 for num_steps in (5, 20):
-    for color, setup in zip(PALETTE, samplers):
-        steps = scheduler_trajectory(accuracy.make_scheduler(setup), model_64, path_noise, num_steps, setup.step_kwargs)
+    for color, setup in zip(PALETTE, samplers + [flow_setup]):
+        if setup is flow_setup:
+            steps = flow_euler_on_ddims_levels(trajectories["DDIM", num_steps])
+        else:
+            steps = scheduler_trajectory(accuracy.make_scheduler(setup), model_64, path_noise, num_steps, setup.step_kwargs)
+        trajectories[setup.label, num_steps] = steps
         exact = exact_trajectory(model_64, steps.points[0], steps.sigmas)
         start, end, exact_end = steps.points[0], steps.points[-1], exact.points[-1]
         end_error[setup.label, num_steps] = accuracy.rms(end - exact_end)
@@ -257,7 +282,7 @@ for num_steps in (5, 20):
         panels[title], colors[title] = (exact.points, steps.points), color
         print(f"{title:20s} RMS distance of the last point from the exact end {end_error[setup.label, num_steps]:.3f}; "
               f"fraction of the way travelled {travelled.min():.2f}-{travelled.max():.2f}")
-trajectory_plot(panels, OUT / "trajectories.png", columns=4, bounds=(-4.5, 4.5, -4.5, 4.5),
+trajectory_plot(panels, OUT / "trajectories.png", columns=5, bounds=(-4.5, 4.5, -4.5, 4.5),
                 marks=model_64.means.reshape(-1, 2), colors=colors,
                 title="exact probability-flow paths (gray, ring = exact end) and each sampler's steps")
 print("wrote", OUT / "trajectories.png")
@@ -285,6 +310,22 @@ for setup in samplers:
 for label in ("DDIM", "Euler"):
     assert 0.05 < end_error[label, 20] < 0.15 and end_error[label, 20] > 4 * end_error["Heun", 20], label
 assert end_error["Heun", 20] < 0.02 and end_error["DPM++ 2M", 20] < 0.03
+
+# %% [markdown]
+# **Flow Euler is DDIM.** After the change of variables, the flow scheduler's points are DDIM's at every
+# level both visit, to float32 rounding of its levels (tutorial 13 shows why: both take the same
+# straight-line step in these coordinates). Only its last step differs: it goes on to s = 0, where DDIM stops
+# at alpha_bar_0, about 1e-3 away on this mixture.
+
+# %%
+for num_steps in (5, 20):
+    ddim, flow = trajectories["DDIM", num_steps], trajectories["Flow Euler", num_steps]
+    same_levels = torch.tensor(flow.sigmas[:-1]) / torch.tensor(ddim.sigmas[:-1])
+    gap = (flow.points[:-1] - ddim.points[:-1]).abs().max().item()
+    last_gap = (flow.points[-1] - ddim.points[-1]).abs().max().item()
+    print(f"{num_steps} steps: flow Euler vs DDIM, largest difference {gap:.1e} before the last step, {last_gap:.1e} after it")
+    assert torch.allclose(same_levels, torch.ones(len(same_levels), dtype=same_levels.dtype), rtol=1e-6, atol=0)
+    assert gap < 1e-5 and flow.sigmas[-1] == 0 and 1e-4 < last_gap < 1e-2
 
 # %% [markdown]
 # ## What to read next

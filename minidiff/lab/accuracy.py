@@ -106,6 +106,17 @@ STOCHASTIC_SETUPS = (
     SchedulerSetup("DPM++ SDE", "DPMSolverSDEScheduler", {"noise_sampler_seed": 0}, stochastic=True),
 )
 
+# The deterministic setups by family, for plots with a few lines per panel (tutorial 04, `minidiff demo`'s accuracy.png).
+FAMILIES = {
+    "first order": ("DDIM", "Euler", "DPM++ 1"),
+    "linear multistep (in sigma or t)": ("LMS", "PNDM (PLMS)"),
+    "two model calls a step": ("Heun", "DPM2"),
+    "multistep exponential integrators": ("DPM++ 2M", "DPM++ 3M", "DEIS", "DEIS 3"),
+    "UniPC, and singlestep DPM-Solver++": ("UniPC bh1", "UniPC bh2", "DPM++ 2S", "DPM++ 3S"),
+    "stopping at sigma_min (no jump to 0)": ("DPM++ 2M sigma_min", "DPM++ 3M sigma_min", "UniPC bh2 sigma_min", "DPM++ 2S sigma_min"),
+    "flow matching (flow ODE from pure noise)": ("Flow Euler", "Flow Euler shift 3"),
+}
+
 # Model calls per step where it is not one: the second-order single-step methods evaluate the model at the
 # step's start and at a second point (Heun: the Euler step's end; DPM2 and DPM++ SDE: a midpoint). With N steps
 # they make 2N - 1 calls (the last step has one), as `len(scheduler.timesteps)` says.

@@ -7,7 +7,7 @@ writes into the output folder
     accuracy.txt      the tables printed on screen
     accuracy.csv      deterministic schedulers: RMS error to the exact ODE endpoint per step count, fitted orders
     distribution.csv  stochastic schedulers: per-component frequency / mean / variance against the mixture
-    accuracy.png      error vs steps on log-log axes, one line per scheduler
+    accuracy.png      error vs steps on log-log axes, one panel per family of schedulers
     samples.png       32x32 samples of the picture mixture, one row per scheduler, one column per step count;
                       each cell holds one sample per class (class_labels 0..7: circle, square, ..., boat)
     trace.png         the denoising loop step by step (minidiff.viz.trace): x_t on top, the predicted x0 below,
@@ -30,7 +30,7 @@ from minidiff.lab import accuracy
 from minidiff.viz import trace
 from minidiff.pipelines.ddpm import DDPMPipeline
 from minidiff.viz.grid import image_grid, tile
-from minidiff.viz.plotting import loglog_plot
+from minidiff.viz.plotting import GUIDE, loglog_panels
 from minidiff.lab.prototypes import tensor_to_pil
 from minidiff.schedulers import DPMSolverMultistepScheduler
 
@@ -207,15 +207,27 @@ def _sample_grid(setups, grid_steps, image_size, seed, library, bar):
 
 
 def _accuracy_plot(results: list[accuracy.ConvergenceResult], path: Path) -> Path:
-    series = {f"{r.label} ({_order_text(r.order)})": (r.steps, r.errors) for r in results}
-    dashed = tuple(key for key in series if "sigma_min" in key)
-    return loglog_plot(
-        series,
+    """Error vs steps, one panel per family (`accuracy.FAMILIES`) on shared axes, Euler in gray in each as the
+    yardstick (as tutorial 04 draws it); a scheduler of no family gets an "other" panel."""
+    by_label = {r.label: r for r in results}
+    groups = {family: [label for label in labels if label in by_label] for family, labels in accuracy.FAMILIES.items()}
+    placed = {label for labels in groups.values() for label in labels}
+    groups["other"] = [label for label in by_label if label not in placed]
+    line = {label: f"{label} ({_order_text(r.order)})" for label, r in by_label.items()}
+    yardstick = ("Euler",) if "Euler" in by_label else ()
+    panels = {
+        family: {line[label]: (by_label[label].steps, by_label[label].errors)
+                 for label in (labels if "Euler" in labels else [*yardstick, *labels])}
+        for family, labels in groups.items() if labels
+    }
+    return loglog_panels(
+        panels,
         path,
-        title="Deterministic schedulers vs the exact probability-flow ODE (2-D mixture, SD 1.5 schedule)",
+        columns=2,
+        title="Deterministic schedulers vs the exact ODE (2-D mixture, SD 1.5 schedule; Euler in gray in each panel)",
         x_label="number of steps",
         y_label="RMS error of the final sample",
-        dashed=dashed,
+        colors={line["Euler"]: GUIDE} if yardstick else None,
     )
 
 

@@ -43,6 +43,8 @@ from torch import nn
 
 from minidiff.models.attention_processor import AttnProcessor, split_heads
 from minidiff.models.layers import checkpointed
+from minidiff.utils.cpu import conv_memory_format
+from minidiff.utils.device import is_cpu
 
 
 class Attention(nn.Module):
@@ -349,8 +351,8 @@ class Transformer2DModel(nn.Module):
 
         if self.use_linear_projection:
             hidden_states = self.proj_out(hidden_states)  # (B, H*W, inner) -> (B, H*W, C_out)
-        # (B, H*W, C) -> (B, C, H, W), in the layout the block was given: for a channels-last map that is this
-        # very view (no copy); for a contiguous one, one copy (mixed layouts would slow every later op)
+        # (B, H*W, C) -> (B, C, H, W): contiguous, as diffusers, except in a channels-last CPU UNet, where the
+        # channels-last view needs no copy (_memory_format)
         hidden_states = hidden_states.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
         hidden_states = hidden_states.contiguous(memory_format=_memory_format(residual))
         if not self.use_linear_projection:
@@ -359,5 +361,13 @@ class Transformer2DModel(nn.Module):
 
 
 def _memory_format(feature_map: torch.Tensor) -> torch.memory_format:
-    """torch.channels_last if the (B, C, H, W) map is stored channels-last, else torch.contiguous_format."""
-    return torch.channels_last if feature_map.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    """The layout of a transformer's output map: channels-last only for a channels-last map on a CPU whose UNet
+    runs channels-last in this dtype (`conv_memory_format`: bfloat16), else contiguous, as diffusers' `.contiguous()`.
+
+    The layout decides the numbers: on channels-last float16 maps (img2img latents keep the PIL array's layout)
+    the CPU's GroupNorm sums in another order than on contiguous ones, and PNDM's sums carried that 1e-3 to 3e-2.
+    """
+    channels_last = feature_map.is_contiguous(memory_format=torch.channels_last)
+    if channels_last and is_cpu(feature_map.device) and conv_memory_format("unet", feature_map.dtype) == torch.channels_last:
+        return torch.channels_last
+    return torch.contiguous_format

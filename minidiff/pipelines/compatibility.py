@@ -4,6 +4,8 @@ None of it is the denoising loop:
 - `correct_outdated_scheduler_config`: diffusers' SD pipelines fix two fields of an old scheduler config when
   they are built (steps_offset -> 1, clip_sample -> False), with its deprecation warnings;
 - `warn_unused_parts`: a safety checker, feature extractor or image encoder is accepted and not used;
+- `refuse_unsupported_arguments`: arguments of diffusers' `__call__` that minidiff does not implement sit in our
+  signatures only so that diffusers' positional order holds; given a value other than their default, they are refused;
 - `DiffusersCompatibilityMixin`: diffusers' deprecated spellings (`_encode_prompt`, `decode_latents`), its
   helpers (`numpy_to_pil`) and switches that are pipeline-level there (attention slicing, VAE tiling).
 """
@@ -55,6 +57,27 @@ def warn_unused_parts(safety_checker=None, feature_extractor=None, image_encoder
             "minidiff has no safety checker, feature extractor or image encoder: the one given is not used. "
             "Pass safety_checker=None (as diffusers' SD 1.5 users who disable it do) to silence this.",
             stacklevel=3,
+        )
+
+
+# diffusers 0.42.1 `__call__` arguments minidiff has no implementation of, with the default that means "not used".
+UNSUPPORTED_CALL_ARGUMENTS = {
+    "timesteps": None,
+    "sigmas": None,
+    "ip_adapter_image": None,
+    "ip_adapter_image_embeds": None,
+    "guidance_rescale": 0.0,
+}
+
+
+def refuse_unsupported_arguments(**values) -> None:
+    """Each keyword must be left at its default in UNSUPPORTED_CALL_ARGUMENTS: a value is an error, never ignored."""
+    given = [name for name, value in values.items()
+             if value is not None and (UNSUPPORTED_CALL_ARGUMENTS[name] is None or value != UNSUPPORTED_CALL_ARGUMENTS[name])]
+    if given:
+        raise ValueError(
+            f"minidiff does not implement {', '.join(given)} (an argument of diffusers' pipeline, kept in the signature "
+            "so that positional arguments mean what they mean in diffusers); leave it at its default"
         )
 
 

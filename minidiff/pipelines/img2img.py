@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from minidiff.pipelines.common import StableDiffusionPipelineOutput, check_output_type
+from minidiff.pipelines.compatibility import refuse_unsupported_arguments
 from minidiff.pipelines.devices import SCHEDULE_DEVICE
 from minidiff.pipelines.input_checks import check_finite, check_image_size
 from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
@@ -133,23 +134,29 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         prompt: str | list[str] | None = None,
         image=None,
         strength: float = 0.8,
-        negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
         eta: float = 0.0,
-        output_type: str = "pil",
-        cross_attention_kwargs: dict | None = None,
-        *,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
         clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-        return_dict: bool = True,
     ) -> StableDiffusionPipelineOutput | tuple:
-        """Image to image: the `denoise` loop run to the end, then decoded (`output_type` as text-to-image's)."""
+        """Image to image: the `denoise` loop run to the end, then decoded (`output_type` as text-to-image's).
+        Arguments and positions are diffusers 0.42.1's; timesteps, sigmas and the IP-Adapter's are refused unless None."""
+        refuse_unsupported_arguments(timesteps=timesteps, sigmas=sigmas, ip_adapter_image=ip_adapter_image,
+                                     ip_adapter_image_embeds=ip_adapter_image_embeds)
         check_output_type(output_type)  # the other inputs: in denoise
         step = None
         for step in self.denoise(

@@ -31,7 +31,9 @@ import torch
 from PIL import Image
 
 from minidiff.pipelines.common import DenoisingStep, StableDiffusionPipelineOutput, check_output_type
+from minidiff.pipelines.compatibility import refuse_unsupported_arguments
 from minidiff.pipelines.devices import SCHEDULE_DEVICE
+from minidiff.pipelines.input_checks import check_finite, check_image_size
 from minidiff.pipelines.img2img import StableDiffusionImg2ImgPipeline
 from minidiff.pipelines.mask_processing import VaeImageProcessor, check_is_image, image_size
 from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
@@ -208,6 +210,17 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         After the last step, `self.inpaint_state` holds what decoding needs (the preprocessed image, the crop box)."""
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
+        # the shared checks of every pipeline (pipelines/input_checks.py), before any work: finite numbers, then sizes
+        check_finite(guidance_scale=guidance_scale, strength=strength, eta=eta)
+        prompts = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None or prompt_embeds is None else len(prompt_embeds)
+        tiling = getattr(self.vae, "use_tiling", False)
+        check_image_size(height, width, prompts * num_images_per_prompt, tiling)  # what the loop makes and decodes
+        for name, given in (("image", image), ("mask_image", mask_image)):  # what is read and resized (None: below)
+            if given is not None:
+                check_is_image(given, name)
+                given_wh = image_size(given)  # None for latents
+                if given_wh is not None:
+                    check_image_size(given_wh[1], given_wh[0], 1, tiling)
         self.check_inputs(prompt, height, width, output_type, prompt_embeds, callback_on_step_end_tensor_inputs)
         self.check_inpaint_inputs(image, mask_image, masked_image_latents, strength, output_type, padding_mask_crop)
         do_cfg = guidance_scale > 1.0
@@ -321,6 +334,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict | None = None,
@@ -328,7 +343,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ) -> StableDiffusionPipelineOutput | tuple:
-        """Inpaint `image` where `mask_image` is white; diffusers 0.42.1's arguments (no IP-Adapter)."""
+        """Inpaint `image` where `mask_image` is white; diffusers 0.42.1's arguments and positions (the IP-Adapter's are
+        refused unless None)."""
+        refuse_unsupported_arguments(ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
         check_output_type(output_type)
         step = None
         for step in self.denoise(

@@ -36,6 +36,7 @@ from minidiff.pipelines.common import (
 from minidiff.pipelines.compatibility import (
     DiffusersCompatibilityMixin,
     correct_outdated_scheduler_config,
+    refuse_unsupported_arguments,
     warn_unused_parts,
 )
 from minidiff.pipelines.devices import SCHEDULE_DEVICE, DevicePlacementMixin
@@ -347,25 +348,36 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
     def __call__(
         self,
         prompt: str | list[str] | None = None,
-        negative_prompt: str | list[str] | None = None,
         height: int = 512,
         width: int = 512,
         num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
+        eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
-        eta: float = 0.0,
-        output_type: str = "pil",
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
+        guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-        cross_attention_kwargs: dict | None = None,
-        return_dict: bool = True,
     ) -> StableDiffusionPipelineOutput | tuple:
-        """Text to image: the `denoise` loop run to the end, then decoded (`output_type` "pil", "np", "pt" or "latent")."""
+        """Text to image: the `denoise` loop run to the end, then decoded (`output_type` "pil", "np", "pt" or "latent").
+
+        The arguments and their positions are diffusers 0.42.1's, so `pipe("a cat", 512, 512, 20)` is height, width and
+        steps there and here. timesteps, sigmas, the IP-Adapter's and guidance_rescale are not implemented: they
+        are in the signature only to keep those positions, and refused unless left at their default."""
+        refuse_unsupported_arguments(timesteps=timesteps, sigmas=sigmas, ip_adapter_image=ip_adapter_image,
+                                     ip_adapter_image_embeds=ip_adapter_image_embeds, guidance_rescale=guidance_rescale)
         check_output_type(output_type)  # the other inputs: check_inputs, first thing in denoise
         step = None
         for step in self.denoise(

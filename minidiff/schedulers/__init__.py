@@ -1,4 +1,5 @@
-"""Schedulers: one algorithm per file, each readable next to its paper. Shared arithmetic is in base.py."""
+"""Schedulers: one algorithm per file, each readable next to its paper. Shared pieces: base.py (the mixins), schedules.py
+(the pure schedule functions), exponential_integrator.py, two_model_calls.py, parameterization.py, update_rules.py."""
 
 from minidiff.schedulers.base import SchedulerMixin, SchedulerOutput
 from minidiff.schedulers.ddim import DDIMScheduler

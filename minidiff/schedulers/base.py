@@ -20,24 +20,32 @@ schedulers (Karras et al. 2022, "EDM", arXiv 2206.00364) rewrite it as x = x_0 +
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from minidiff.configuration import CONFIG_CLASSES, ConfigMixin
+from minidiff.configuration import CONFIG_CLASSES, ConfigMixin, check_choice
 from minidiff.schedulers import parameterization
-from minidiff.schedulers.parameterization import vp_from_alpha_bar
+from minidiff.schedulers.parameterization import PREDICTION_TYPES, vp_from_alpha_bar
+from minidiff.schedulers.schedules import (
+    BETA_SCHEDULES,
+    TIMESTEP_SPACINGS,
+    check_one_noise_ramp,
+    make_betas,
+    sigmas_from_alphas_cumprod,
+)
 from minidiff.utils.outputs import BaseOutput
-from minidiff.schedulers.schedules import BETA_SCHEDULES, make_betas, sigmas_from_alphas_cumprod
 
-# Old import paths, kept so that code importing these names from `base` keeps working (noqa: F401):
-from minidiff.configuration import check_choice  # noqa: F401,E402
-from minidiff.schedulers.parameterization import PREDICTION_TYPES, dynamic_threshold  # noqa: F401,E402
+# Old import paths: these names lived here; code that imports them from `base` keeps working. Their homes:
+# PREDICTION_TYPES, dynamic_threshold -> parameterization.py; randn_tensor -> utils/torch_utils.py; check_choice ->
+# configuration.py; the schedule functions (make_betas, spaced_timesteps, karras_sigmas, ..., TIMESTEP_SPACINGS,
+# BETA_SCHEDULES, and check_one_noise_schedule, now check_one_noise_ramp) -> schedules.py. New code imports them there.
+from minidiff.schedulers.parameterization import dynamic_threshold  # noqa: F401,E402
 from minidiff.utils.torch_utils import randn_tensor  # noqa: F401,E402
 from minidiff.schedulers.schedules import (  # noqa: F401,E402  (the pure schedule functions, moved from here)
-    TIMESTEP_SPACINGS,
     beta_ppf,
     beta_sigmas,
     betas_for_alpha_bar,
@@ -108,8 +116,12 @@ def check_num_inference_steps(num_inference_steps, num_train_timesteps: int) -> 
 
 
 def check_decreasing(name: str, values) -> None:
-    """Custom `timesteps` or `sigmas` must strictly decrease: the loop goes from the noisiest level to the cleanest."""
+    """Custom `timesteps` or `sigmas` must be finite and strictly decrease: the loop goes from the noisiest level
+    to the cleanest (a NaN would pass any comparison unnoticed)."""
     values = [float(value) for value in values]
+    not_finite = [value for value in values if not math.isfinite(value)]
+    if not_finite:
+        raise ValueError(f"custom `{name}` must be finite numbers, got {not_finite[0]} in {values}")
     for i, (earlier, later) in enumerate(zip(values, values[1:])):
         if later >= earlier:
             raise ValueError(
@@ -269,6 +281,21 @@ class SchedulerMixin(ConfigMixin):
         """The v-prediction target v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (`sample` is x_0)."""
         return velocity_vp(self.alphas_cumprod, sample, noise, timesteps)
 
+    _prediction_types: tuple[str, ...] = PREDICTION_TYPES  # PNDM takes fewer
+
+    def _check_common_config(self) -> None:
+        """The config checks every scheduler makes at construction: prediction_type, timestep_spacing (where the
+        class has one), at most one noise ramp (`schedules.check_one_noise_ramp`)."""
+        config = self.config
+        check_choice("prediction_type", config.prediction_type, self._prediction_types)
+        if "timestep_spacing" in config:
+            check_choice("timestep_spacing", config.timestep_spacing, TIMESTEP_SPACINGS)
+        check_one_noise_ramp(config)
+
+    def _clip_range(self) -> float | None:
+        """DDPM's and DDIM's clip_sample: the range x0_pred is clamped to, or None (`parameterization.limit_x0`)."""
+        return self.config.clip_sample_range if self.config.clip_sample else None
+
     def _check_step_inputs(self, model_output: torch.Tensor, sample: torch.Tensor, learned_variance: bool = False) -> None:
         """What every `step` checks first: the shapes match (`check_step_shapes`), and set_timesteps was called
         when this scheduler needs it."""
@@ -291,9 +318,10 @@ class SchedulerMixin(ConfigMixin):
 
 
 class SigmaSchedulerMixin(SchedulerMixin):
-    """What Euler, Euler Ancestral and LMS share: they move x = x_0 + sigma eps (Karras et al. 2022), but the
-    model was trained on x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps = x / sqrt(sigma^2 + 1).
-    Subclasses set `self.sigmas` (N+1 values, the last 0) in `set_timesteps`."""
+    """What the VE-frame schedulers share (Euler, Euler a, LMS, Heun, DPM2, DPM2 a, DPM++ SDE): they move
+    x = x_0 + sigma eps (Karras et al. 2022), but the model was trained on
+    x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps = x / sqrt(sigma^2 + 1).
+    Subclasses call `set_training_sigmas` in `__init__` and set `self.sigmas` (the last one 0) in `set_timesteps`."""
 
     is_scale_input_called = False
 

@@ -16,10 +16,10 @@ output (`parameterization.to_x0`, `to_eps`) and calls `update_rules.ddim_step`.
 
 Config fields (diffusers' names and defaults):
 - num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training noise
-  schedule alpha_bar_t (see `base.make_betas`).
+  schedule alpha_bar_t (see `schedules.make_betas`).
 - rescale_betas_zero_snr: shift alpha_bar so alpha_bar_{T-1} = 0 (Lin et al. 2023, arXiv 2305.08891).
   Then x_{T-1} is pure noise and eps cannot give x_0: use it with prediction_type "v_prediction".
-- timestep_spacing, steps_offset: which N of the T training timesteps to visit (`base.spaced_timesteps`).
+- timestep_spacing, steps_offset: which N of the T training timesteps to visit (`schedules.spaced_timesteps`).
   Whatever the spacing, `prev = t - T // N` uses a fixed stride, as diffusers does.
 - prediction_type: what the model outputs: "epsilon" (eps), "sample" (x_0 itself) or
   "v_prediction" (v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0, Salimans & Ho 2022).
@@ -35,10 +35,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minidiff.configuration import check_choice, register_to_config
+from minidiff.configuration import register_to_config
 from minidiff.schedulers.base import SchedulerMixin, check_num_inference_steps, integer_timestep
-from minidiff.schedulers.parameterization import PREDICTION_TYPES, eps_from_x0, limit_x0, to_eps, to_x0, vp_from_alpha_bar
-from minidiff.schedulers.schedules import TIMESTEP_SPACINGS, make_betas, spaced_timesteps
+from minidiff.schedulers.parameterization import eps_from_x0, limit_x0, to_eps, to_x0, vp_from_alpha_bar
+from minidiff.schedulers.schedules import make_betas, spaced_timesteps
 from minidiff.schedulers.update_rules import ddim_noise_std, ddim_step, posterior_variance
 from minidiff.utils.torch_utils import randn_tensor
 
@@ -67,8 +67,7 @@ class DDIMScheduler(SchedulerMixin):
         timestep_spacing: str = "leading",
         rescale_betas_zero_snr: bool = False,
     ):
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        self._check_common_config()
         self.betas = make_betas(
             beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas, rescale_betas_zero_snr
         )
@@ -98,9 +97,6 @@ class DDIMScheduler(SchedulerMixin):
         """The variance of eq. 16 at eta = 1, DDPM's beta~_t between `timestep` and `prev_timestep`."""
         alpha_bar_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
         return posterior_variance(self.alphas_cumprod[timestep], alpha_bar_prev)
-
-    def _clip_range(self) -> float | None:
-        return self.config.clip_sample_range if self.config.clip_sample else None
 
     def step(
         self,

@@ -26,8 +26,8 @@ The variance noise_std^2 is chosen by `variance_type`, from beta~_t = (1 - alpha
 
 Other config fields (diffusers' names and defaults):
 - num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr:
-  the training noise schedule alpha_bar_t (see `base.make_betas`).
-- timestep_spacing, steps_offset: which N timesteps to visit (`base.spaced_timesteps`);
+  the training noise schedule alpha_bar_t (see `schedules.make_betas`).
+- timestep_spacing, steps_offset: which N timesteps to visit (`schedules.spaced_timesteps`);
   `set_timesteps(timesteps=[...])` takes any descending list instead.
 - prediction_type: "epsilon" (eps), "sample" (x_0) or "v_prediction" (v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0).
 - clip_sample, clip_sample_range: clamp x0_pred to [-range, range].
@@ -42,8 +42,8 @@ import torch
 
 from minidiff.configuration import check_choice, register_to_config
 from minidiff.schedulers.base import SchedulerMixin, check_decreasing, check_num_inference_steps, integer_timestep
-from minidiff.schedulers.parameterization import PREDICTION_TYPES, limit_x0, to_x0, vp_from_alpha_bar
-from minidiff.schedulers.schedules import TIMESTEP_SPACINGS, make_betas, spaced_timesteps
+from minidiff.schedulers.parameterization import limit_x0, to_x0, vp_from_alpha_bar
+from minidiff.schedulers.schedules import make_betas, spaced_timesteps
 from minidiff.schedulers.update_rules import ddpm_posterior_mean, posterior_variance
 from minidiff.utils.torch_utils import randn_tensor
 
@@ -76,8 +76,7 @@ class DDPMScheduler(SchedulerMixin):
         rescale_betas_zero_snr: bool = False,
     ):
         check_choice("variance_type", variance_type, (None, *VARIANCE_TYPES))  # None (a DPM-Solver config): fixed_small
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        self._check_common_config()
         self.betas = make_betas(
             beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas, rescale_betas_zero_snr
         )
@@ -179,9 +178,6 @@ class DDPMScheduler(SchedulerMixin):
         if self.config.variance_type in ("fixed_large_log", "learned_range"):
             return torch.exp(0.5 * variance)
         return variance**0.5
-
-    def _clip_range(self) -> float | None:
-        return self.config.clip_sample_range if self.config.clip_sample else None
 
     def step(
         self,

@@ -32,7 +32,7 @@ Config fields (diffusers' names and defaults):
   spaced sigmas (the timesteps then come from the sigmas); the final sigma repeats the ramp's last one.
   Without a ramp the final sigma is sigma_min, the smallest training sigma.
 - timestep_spacing, steps_offset: N + 1 points spaced over the training timesteps, the last one dropped
-  (`multistep_timesteps`).
+  (`exponential_integrator.multistep_timesteps`).
 - use_flow_sigmas, flow_shift, use_dynamic_shifting, time_shift_type: flow-matching options (SD3, Flux);
   minidiff implements the VP form of SD 1.x only, so they are refused fields (`_refused_config`).
 """

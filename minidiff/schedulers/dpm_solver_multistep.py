@@ -34,7 +34,7 @@ is one function of `update_rules.py` (`dpm_solver_pp_first_order`, `dpm_solver_p
 
 Config fields (diffusers' names and defaults):
 - num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training schedule
-  alpha_bar (`base.make_betas`).
+  alpha_bar (`schedules.make_betas`).
 - rescale_betas_zero_snr: zero terminal SNR (Lin et al. 2023, arXiv 2305.08891); alpha_bar[-1] is then
   set to 2^-24 instead of 0, so the first sigma is large but finite.
 - solver_order: 1, 2 or 3 (2 is recommended with classifier-free guidance).
@@ -50,10 +50,10 @@ Config fields (diffusers' names and defaults):
 - final_sigmas_type: the noise level after the last step: "zero" (sigma = 0, lambda = inf, so the last
   step is first order) or "sigma_min" (the smallest training sigma).
 - timestep_spacing, steps_offset: N + 1 points spaced over the training timesteps, the last one dropped
-  (`multistep_timesteps`).
+  (`exponential_integrator.multistep_timesteps`).
 - use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas / use_lu_lambdas: replace the spaced sigmas
-  by a Karras ramp (rho = 7), an exponential ramp, Beta(0.6, 0.6) quantiles (`base.beta_sigmas`), or steps
-  uniform in lambda (Lu et al.); the timesteps then come from those sigmas (`base.sigma_to_t`).
+  by a Karras ramp (rho = 7), an exponential ramp, Beta(0.6, 0.6) quantiles (`schedules.beta_sigmas`), or steps
+  uniform in lambda (Lu et al.); the timesteps then come from those sigmas (`schedules.sigma_to_t`).
 - lambda_min_clipped: timesteps whose lambda is below this are never visited (for the cosine schedule).
 - variance_type: "learned" / "learned_range" for models that also output a variance: only the first
   half of the channels (the mean) is used. DDPM's other types (a DDPM config) change nothing, as None.
@@ -235,10 +235,6 @@ class DPMSolverMultistepScheduler(ExponentialIntegratorMixin):
         prev_sample = prev_sample.to(m0.dtype)
         self._step_index += 1
         return self._step_output(prev_sample, x0_pred, return_dict)
-
-    def _x0_from_eps(self, eps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        alpha_t, sigma_t, _ = self._alpha_sigma_lambda(self.step_index)
-        return x0_from_eps(eps, sample, alpha_t, sigma_t)
 
     def _sde_noise(self, like: torch.Tensor, generator, variance_noise) -> torch.Tensor | None:
         """z ~ N(0, I) in float32 for the SDE variants, drawn on every step (even a first-order one)."""

@@ -55,11 +55,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minidiff.configuration import check_choice, register_to_config
+from minidiff.configuration import register_to_config
 from minidiff.schedulers.base import SigmaSchedulerMixin, check_num_inference_steps
 from minidiff.schedulers.brownian import BrownianTreeNoiseSampler
-from minidiff.schedulers.parameterization import PREDICTION_TYPES, to_x0_ve
-from minidiff.schedulers.schedules import TIMESTEP_SPACINGS, check_one_noise_ramp, sigma_to_t, spaced_sigmas
+from minidiff.schedulers.parameterization import to_x0_ve
+from minidiff.schedulers.schedules import sigma_to_t, spaced_sigmas
 from minidiff.schedulers.two_model_calls import sigmas_per_model_call
 from minidiff.schedulers.update_rules import dpm_solver_pp_sde_stage, euler_step, log_sigma_time, sigma_at
 
@@ -87,9 +87,7 @@ class DPMSolverSDEScheduler(SigmaSchedulerMixin):
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
     ):
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        check_one_noise_ramp(self.config)
+        self._check_common_config()
         self.set_training_sigmas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
         self.noise_sampler_seed = noise_sampler_seed
         # As diffusers: until `set_timesteps`, the schedule visits every training timestep.
@@ -111,7 +109,7 @@ class DPMSolverSDEScheduler(SigmaSchedulerMixin):
         self.num_inference_steps = num_inference_steps
 
         timesteps, sigmas = spaced_sigmas(config, self.train_sigmas, self.log_train_sigmas, num_inference_steps,
-                                          num_train_timesteps, timestep_dtype=np.float64)  # (N,) float64 both
+                                          num_train_timesteps, np.float64, karras_takes_config_bounds=False)
         midpoint_timesteps = sigma_to_t(self._midpoint_sigmas(sigmas), self.log_train_sigmas)  # (N-1,)
 
         sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))  # (N+1,)

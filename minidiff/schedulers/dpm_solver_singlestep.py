@@ -231,10 +231,6 @@ class DPMSolverSinglestepScheduler(ExponentialIntegratorMixin):
         self._step_index += 1
         return self._step_output(prev_sample, x0_pred, return_dict)
 
-    def _x0_from_eps(self, eps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        alpha_t, sigma_t, _ = vp_from_sigma(self.sigmas[self.step_index])
-        return x0_from_eps(eps, sample, alpha_t, sigma_t)
-
     def singlestep_dpm_solver_update(self, model_output_list: list, sample: torch.Tensor, order: int, noise=None) -> torch.Tensor:
         """The update of order 1, 2 or 3 from the group's start `sample` to the next timestep."""
         if order == 1:

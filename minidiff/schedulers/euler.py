@@ -45,10 +45,9 @@ import torch
 
 from minidiff.configuration import check_choice, register_to_config
 from minidiff.schedulers.base import SigmaSchedulerMixin, check_decreasing, check_float_timestep, check_num_inference_steps
-from minidiff.schedulers.parameterization import PREDICTION_TYPES, to_x0_ve
+from minidiff.schedulers.parameterization import to_x0_ve
 from minidiff.schedulers.schedules import (
-    TIMESTEP_SPACINGS,
-    check_one_noise_ramp,
+    check_no_ramp_for_custom_timesteps,
     chosen_noise_ramp,
     replace_by_noise_ramp,
     sigma_to_t,
@@ -89,12 +88,10 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         rescale_betas_zero_snr: bool = False,
         final_sigmas_type: str = "zero",
     ):
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        self._check_common_config()
         check_choice("interpolation_type", interpolation_type, INTERPOLATION_TYPES)
         check_choice("timestep_type", timestep_type, TIMESTEP_TYPES)
         check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
-        check_one_noise_ramp(self.config)
         self.set_training_sigmas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas,
                                  rescale_betas_zero_snr)
 
@@ -150,11 +147,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         if num_inference_steps is not None:
             check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
         if timesteps is not None:
-            if chosen_noise_ramp(self.config):
-                raise ValueError(
-                    f"custom `timesteps` cannot be used with use_{chosen_noise_ramp(self.config)}_sigmas=True, which "
-                    "picks its own noise levels"
-                )
+            check_no_ramp_for_custom_timesteps(chosen_noise_ramp(self.config))
             if self.config.timestep_type == "continuous" and self.config.prediction_type == "v_prediction":
                 raise ValueError(
                     "custom `timesteps` cannot be used with timestep_type='continuous' and v_prediction, whose "

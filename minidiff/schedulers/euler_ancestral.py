@@ -33,10 +33,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minidiff.configuration import check_choice, register_to_config
+from minidiff.configuration import register_to_config
 from minidiff.schedulers.base import SigmaSchedulerMixin, check_float_timestep, check_num_inference_steps
-from minidiff.schedulers.parameterization import PREDICTION_TYPES, to_x0_ve
-from minidiff.schedulers.schedules import TIMESTEP_SPACINGS, spaced_timesteps
+from minidiff.schedulers.parameterization import to_x0_ve
+from minidiff.schedulers.schedules import spaced_timesteps
 from minidiff.schedulers.update_rules import ancestral_sigmas, euler_ancestral_step
 from minidiff.utils.torch_utils import randn_tensor
 
@@ -60,8 +60,7 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        self._check_common_config()
         self.set_training_sigmas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas,
                                  rescale_betas_zero_snr)
 

@@ -24,10 +24,9 @@ import torch
 
 from minidiff.configuration import check_choice
 from minidiff.schedulers.base import SchedulerMixin, check_decreasing, check_num_inference_steps
-from minidiff.schedulers.parameterization import PREDICTION_TYPES, add_noise_vp, vp_from_sigma
+from minidiff.schedulers.parameterization import PREDICTION_TYPES, add_noise_vp, vp_from_sigma, x0_from_eps
 from minidiff.schedulers.schedules import (
-    TIMESTEP_SPACINGS,
-    check_one_noise_ramp,
+    check_no_ramp_for_custom_timesteps,
     chosen_noise_ramp,
     make_betas,
     ramp_sigmas,
@@ -65,13 +64,11 @@ def multistep_timesteps(
     return points.round()[:-1].astype(np.int64)
 
 
-def custom_timesteps(timesteps, config) -> np.ndarray:
+def custom_timesteps(timesteps, num_train_timesteps: int, ramp: str | None) -> np.ndarray:
     """`set_timesteps(timesteps=[...])`: a strictly decreasing list of training timesteps instead of spaced ones,
     checked (a sigma ramp chooses its own timesteps, so it cannot be combined with a custom list)."""
-    for flag in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas"):
-        if config.get(flag):
-            raise ValueError(f"custom timesteps cannot be used with {flag}=True: the sigma ramp chooses the timesteps")
-    T = config.num_train_timesteps
+    check_no_ramp_for_custom_timesteps(ramp)
+    T = num_train_timesteps
     timesteps = np.array(timesteps).astype(np.int64)
     if timesteps.ndim != 1 or len(timesteps) == 0 or timesteps.min() < 0 or timesteps.max() >= T:
         raise ValueError(f"custom timesteps must be a non-empty list of training timesteps in [0, {T - 1}], got {timesteps}")
@@ -140,10 +137,8 @@ class ExponentialIntegratorMixin(SchedulerMixin):
         config = self.config
         check_vp_only(config.prediction_type, use_flow_sigmas=config.get("use_flow_sigmas"),
                       use_dynamic_shifting=config.get("use_dynamic_shifting"))
-        check_one_noise_ramp(config)
-        check_choice("prediction_type", config.prediction_type, PREDICTION_TYPES)
-        for field, allowed in (("timestep_spacing", TIMESTEP_SPACINGS), ("final_sigmas_type", FINAL_SIGMAS_TYPES),
-                               ("variance_type", VARIANCE_TYPES)):
+        self._check_common_config()
+        for field, allowed in (("final_sigmas_type", FINAL_SIGMAS_TYPES), ("variance_type", VARIANCE_TYPES)):
             if field in config:
                 check_choice(field, config[field], allowed)
         order, max_order = config.solver_order, self.max_solver_order
@@ -166,7 +161,7 @@ class ExponentialIntegratorMixin(SchedulerMixin):
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps to set_timesteps")
         if timesteps is not None:
-            return custom_timesteps(timesteps, self.config)
+            return custom_timesteps(timesteps, self.config.num_train_timesteps, self._noise_ramp())
         T = self.config.num_train_timesteps
         check_num_inference_steps(num_inference_steps, T)
         clipped = torch.searchsorted(torch.flip(self.lambda_t, [0]), lambda_min_clipped).item()
@@ -244,6 +239,11 @@ class ExponentialIntegratorMixin(SchedulerMixin):
         """alpha_t, sigma_t, lambda_t of `sigmas[index]`."""
         sigma = self.sigmas[index]
         return vp_from_sigma(sigma if device is None else sigma.to(device))
+
+    def _x0_from_eps(self, eps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """x0_pred = (x_t - sigma_t eps) / alpha_t at the current step (DDPM eq. 15), for `pred_original_sample`."""
+        alpha_t, sigma_t, _ = self._alpha_sigma_lambda(self.step_index, sample.device)
+        return x0_from_eps(eps, sample, alpha_t, sigma_t)
 
     # ----- the forward process -----
 

@@ -23,7 +23,8 @@ are small enough (tutorial 04 measures it).
 
 Config fields (diffusers' names and defaults):
 - num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training schedule alpha_bar_t,
-  hence sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t).
+  hence sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t). Heun alone also offers beta_schedule "exp",
+  alpha_bar(t) = exp(-12 t) (`schedules.exp_alpha_bar`), as diffusers' Heun does.
 - prediction_type: "epsilon": x0 = x - sigma eps; "v_prediction": x0 = x / (sigma^2+1) - v sigma / sqrt(sigma^2+1);
   "sample": the model predicts x0.
 - use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas (at most one): Karras rho = 7, log-even or
@@ -37,10 +38,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minidiff.configuration import check_choice, register_to_config
+from minidiff.configuration import register_to_config
 from minidiff.schedulers.base import SigmaSchedulerMixin, check_decreasing, check_num_inference_steps
-from minidiff.schedulers.parameterization import PREDICTION_TYPES, to_x0_ve
-from minidiff.schedulers.schedules import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_one_noise_ramp, spaced_sigmas
+from minidiff.schedulers.parameterization import to_x0_ve
+from minidiff.schedulers.schedules import BETA_SCHEDULES, check_no_ramp_for_custom_timesteps, chosen_noise_ramp, spaced_sigmas
 from minidiff.schedulers.two_model_calls import sigmas_per_model_call, twice_after_first
 from minidiff.schedulers.update_rules import euler_step, heun_correction, to_d
 
@@ -69,9 +70,7 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin):
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
     ):
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        check_one_noise_ramp(self.config)
+        self._check_common_config()
         self.set_training_sigmas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas,
                                  beta_schedules=HEUN_BETA_SCHEDULES)
         self.set_timesteps(num_train_timesteps)  # as diffusers: until `set_timesteps`, every training timestep
@@ -89,9 +88,7 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin):
         config = self.config
         num_train_timesteps = num_train_timesteps or config.num_train_timesteps
         if timesteps is not None:
-            replacing = [name for name in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if config[name]]
-            if replacing:
-                raise ValueError(f"custom `timesteps` cannot be used with {replacing[0]}=True, which picks its own noise levels")
+            check_no_ramp_for_custom_timesteps(chosen_noise_ramp(config))
             check_decreasing("timesteps", timesteps)
             timesteps = np.asarray(timesteps, dtype=np.float32)
             num_inference_steps = len(timesteps)

@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import torch
 
-from minidiff.configuration import check_choice, register_to_config
+from minidiff.configuration import register_to_config
 from minidiff.schedulers.base import SigmaSchedulerMixin
-from minidiff.schedulers.schedules import TIMESTEP_SPACINGS, check_one_noise_ramp
 from minidiff.schedulers.two_model_calls import midpoint_timesteps_float32, per_model_call, step_noise_levels
-from minidiff.schedulers.parameterization import PREDICTION_TYPES, to_x0_ve
+from minidiff.schedulers.parameterization import to_x0_ve
 from minidiff.schedulers.update_rules import dpm_solver_2_step, euler_step
 
 
@@ -57,9 +56,7 @@ class KDPM2DiscreteScheduler(SigmaSchedulerMixin):
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
     ):
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        check_one_noise_ramp(self.config)
+        self._check_common_config()
         self.set_training_sigmas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
         self.set_timesteps(num_train_timesteps)  # as diffusers: until `set_timesteps`, every training timestep
 

@@ -34,10 +34,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minidiff.configuration import check_choice, register_to_config
+from minidiff.configuration import register_to_config
 from minidiff.schedulers.base import SigmaSchedulerMixin, check_num_inference_steps
-from minidiff.schedulers.parameterization import PREDICTION_TYPES, to_x0_ve
-from minidiff.schedulers.schedules import TIMESTEP_SPACINGS, check_one_noise_ramp, spaced_sigmas
+from minidiff.schedulers.parameterization import to_x0_ve
+from minidiff.schedulers.schedules import spaced_sigmas
 from minidiff.schedulers.update_rules import lagrange_basis_integral, lms_coefficients, lms_step, to_d  # noqa: F401
 
 
@@ -62,9 +62,7 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
     ):
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        check_one_noise_ramp(self.config)
+        self._check_common_config()
         self.set_training_sigmas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
 
         self.use_karras_sigmas = use_karras_sigmas  # a plain attribute as in diffusers (no deprecation warning)
@@ -90,7 +88,7 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
         self.num_inference_steps = num_inference_steps
         timesteps, sigmas = spaced_sigmas(self.config, self.train_sigmas, self.log_train_sigmas, num_inference_steps,
-                                          self.config.num_train_timesteps)  # (N,) float32 timesteps
+                                          self.config.num_train_timesteps, karras_takes_config_bounds=False)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # (N+1,)
         repeated = np.flatnonzero(sigmas[:-1] == sigmas[1:])
         if len(repeated):

@@ -34,11 +34,11 @@ keeps the PRK/PLMS state machine (which call is which stage, the stored outputs)
 
 Config fields (diffusers' names and defaults):
 - num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training noise
-  schedule alpha_bar_t (see `base.make_betas`).
+  schedule alpha_bar_t (see `schedules.make_betas`).
 - skip_prk_steps: PLMS only (True), or three PRK steps then PLMS as in the paper (False).
 - set_alpha_to_one: alpha_bar_prev once prev < 0: 1 when true, alpha_bar_0 when false (SD 1.5: false).
 - prediction_type: "epsilon", or "v_prediction" (turned into eps = sqrt(alpha_bar) v + sqrt(1 - alpha_bar) x_t).
-- timestep_spacing, steps_offset: which N timesteps to visit (`base.spaced_timesteps`). Steps use the
+- timestep_spacing, steps_offset: which N timesteps to visit (`schedules.spaced_timesteps`). Steps use the
   fixed stride delta = T // N whatever the spacing, as diffusers does.
 """
 
@@ -47,9 +47,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minidiff.configuration import check_choice, register_to_config
+from minidiff.configuration import register_to_config
 from minidiff.schedulers.base import SchedulerMixin, check_num_inference_steps, integer_timestep
-from minidiff.schedulers.schedules import TIMESTEP_SPACINGS, make_betas, spaced_timesteps
+from minidiff.schedulers.schedules import make_betas, spaced_timesteps
 from minidiff.schedulers.parameterization import to_eps, vp_from_alpha_bar, x0_from_eps
 from minidiff.schedulers.update_rules import plms_eps, pndm_transfer
 
@@ -61,6 +61,7 @@ class PNDMScheduler(SchedulerMixin):
 
     order = 1
     _tuple_has_pred_original_sample = False  # diffusers' step returns (prev_sample,)
+    _prediction_types = PNDM_PREDICTION_TYPES
     pndm_order = 4  # PRK evaluations per step, and the highest PLMS order
 
     @register_to_config
@@ -77,8 +78,7 @@ class PNDMScheduler(SchedulerMixin):
         timestep_spacing: str = "leading",
         steps_offset: int = 0,
     ):
-        check_choice("prediction_type", prediction_type, PNDM_PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        self._check_common_config()
         self.betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # alpha_bar_t, t = 0..T-1

@@ -12,8 +12,9 @@ Functions (stable names):
   training schedule   make_betas, betas_for_alpha_bar (cosine_alpha_bar, exp_alpha_bar), rescale_zero_terminal_snr,
                       check_training_schedule, sigmas_from_alphas_cumprod
   spacing             spaced_timesteps, sigma_to_t, spaced_sigmas
-  noise ramps         check_one_noise_ramp, chosen_noise_ramp, ramp_sigmas, replace_by_noise_ramp,
-                      karras_sigmas, exponential_sigmas, beta_sigmas (beta_ppf, regularized_incomplete_beta)
+  noise ramps         check_one_noise_ramp, chosen_noise_ramp, check_no_ramp_for_custom_timesteps, ramp_sigmas,
+                      replace_by_noise_ramp, karras_sigmas, exponential_sigmas, beta_sigmas
+                      (beta_ppf, regularized_incomplete_beta)
 """
 
 from __future__ import annotations
@@ -180,6 +181,14 @@ def chosen_noise_ramp(config) -> str | None:
     return next((ramp for flag, ramp in NOISE_RAMP_FLAGS.items() if config.get(flag)), None)
 
 
+def check_no_ramp_for_custom_timesteps(ramp: str | None) -> None:
+    """Custom timesteps replace the spacing, and a noise ramp (`chosen_noise_ramp`, or "lu" for DPM-Solver's
+    use_lu_lambdas) picks its own timesteps: the two cannot go together."""
+    if ramp is not None:
+        flag = "use_lu_lambdas" if ramp == "lu" else f"use_{ramp}_sigmas"
+        raise ValueError(f"custom `timesteps` cannot be used with {flag}=True, which picks its own noise levels")
+
+
 def ramp_sigmas(ramp: str, sigma_min: float, sigma_max: float, num_inference_steps: int, config=None) -> np.ndarray:
     """N noise levels from sigma_max down to sigma_min on the named ramp (`karras_sigmas`, `exponential_sigmas`,
     `beta_sigmas`). As in diffusers, a config carrying sigma_min / sigma_max (Euler's and UniPC's fields, or keys
@@ -193,25 +202,30 @@ def ramp_sigmas(ramp: str, sigma_min: float, sigma_max: float, num_inference_ste
 
 
 def replace_by_noise_ramp(config, sigmas: np.ndarray, timesteps: np.ndarray, log_train_sigmas: np.ndarray,
-                          num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
+                          num_inference_steps: int, karras_takes_config_bounds: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(sigmas, timesteps) of the sigma schedulers: unchanged, or, when the config chooses a ramp, N noise levels
-    on it between the ends of `sigmas` and the (fractional) timesteps they sit at (`sigma_to_t`)."""
+    on it between the ends of `sigmas` (or the config's sigma_min / sigma_max) and the (fractional) timesteps they
+    sit at (`sigma_to_t`). diffusers' LMS and DPM++ SDE ignore the config's bounds for the Karras ramp only (their
+    exponential and beta ramps honour them): `karras_takes_config_bounds=False` does the same."""
     ramp = chosen_noise_ramp(config)
     if ramp is None:
         return sigmas, timesteps
-    sigmas = ramp_sigmas(ramp, float(sigmas[-1]), float(sigmas[0]), num_inference_steps, config)
+    bounds = config if ramp != "karras" or karras_takes_config_bounds else None
+    sigmas = ramp_sigmas(ramp, float(sigmas[-1]), float(sigmas[0]), num_inference_steps, bounds)
     return sigmas, sigma_to_t(sigmas, log_train_sigmas)
 
 
 def spaced_sigmas(config, train_sigmas: np.ndarray, log_train_sigmas: np.ndarray, num_inference_steps: int,
-                  num_train_timesteps: int, timestep_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+                  num_train_timesteps: int, timestep_dtype=np.float32,
+                  karras_takes_config_bounds: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps, sigmas) of N steps for the k-diffusion schedulers (LMS, Heun, DPM2, DPM++ SDE): the spaced
     timesteps (cast to `timestep_dtype`, as the diffusers class does), sigma interpolated linearly between
     training timesteps, then the config's noise ramp, if any (`replace_by_noise_ramp`)."""
     timesteps = spaced_timesteps(config.timestep_spacing, num_inference_steps, num_train_timesteps, config.steps_offset)
     timesteps = timesteps.astype(timestep_dtype)
     sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)  # (N,) float64
-    sigmas, timesteps = replace_by_noise_ramp(config, sigmas, timesteps, log_train_sigmas, num_inference_steps)
+    sigmas, timesteps = replace_by_noise_ramp(config, sigmas, timesteps, log_train_sigmas, num_inference_steps,
+                                              karras_takes_config_bounds)
     return timesteps, sigmas
 
 

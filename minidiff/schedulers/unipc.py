@@ -31,7 +31,7 @@ predictor and c_1 = 0.5 for the order-1 corrector. B(h) is the free function of 
 
 Config fields (diffusers' names and defaults):
 - num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr:
-  the training schedule (`base.make_betas`; alpha_bar[-1] = 2^-24 when rescaled to zero SNR).
+  the training schedule (`schedules.make_betas`; alpha_bar[-1] = 2^-24 when rescaled to zero SNR).
 - solver_order: p of the predictor (2 for guided sampling, 3 for unconditional).
 - prediction_type: "epsilon" | "v_prediction" | "sample".
 - predict_x0: integrate the data prediction (True, "UniPC with DPM-Solver++") or the noise prediction.
@@ -42,7 +42,7 @@ Config fields (diffusers' names and defaults):
   guidance at the first steps).
 - solver_p: another scheduler to use as the predictor instead of UniP (UniC then corrects its output).
 - thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen's dynamic thresholding of x0_pred.
-- timestep_spacing, steps_offset: as DPM-Solver (`multistep_timesteps`: N + 1 points, the last dropped).
+- timestep_spacing, steps_offset: as DPM-Solver (`exponential_integrator.multistep_timesteps`: N + 1 points, the last dropped).
 - use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas, sigma_min, sigma_max: a Karras, exponential
   or Beta(0.6, 0.6)-quantile sigma ramp (between sigma_min and sigma_max when set, else the training range).
 - final_sigmas_type: "zero" or "sigma_min", the noise level after the last step.
@@ -57,7 +57,7 @@ import torch
 from minidiff.configuration import register_to_config
 from minidiff.schedulers.base import SchedulerMixin
 from minidiff.schedulers.exponential_integrator import ExponentialIntegratorMixin
-from minidiff.schedulers.parameterization import limit_x0, to_eps, to_x0, x0_from_eps
+from minidiff.schedulers.parameterization import limit_x0, to_eps, to_x0
 from minidiff.schedulers.update_rules import uni_c_update, uni_p_update, unipc_bh_coefficients, unipc_differences
 
 
@@ -216,6 +216,3 @@ class UniPCMultistepScheduler(ExponentialIntegratorMixin):
         self._step_index += 1
         return self._step_output(prev_sample, x0_pred, return_dict)
 
-    def _x0_from_eps(self, eps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        alpha_t, sigma_t, _ = self._alpha_sigma_lambda(self.step_index, sample.device)
-        return x0_from_eps(eps, sample, alpha_t, sigma_t)

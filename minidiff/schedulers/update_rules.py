@@ -6,49 +6,72 @@ noise levels, and returns the next sample. The scheduler classes do the rest (wh
 Names follow `parameterization.py`: `alpha_t, sigma_t` the VP pair, `sigma` the VE noise level, `lambda_t` the
 half log-SNR; `_s0, _s1, _s2` mark the current and two previous levels of a multistep solver, `_t` the next one.
 
-Functions (stable names):
-  DDPM (Ho et al. 2020, arXiv 2006.11239)
-    posterior_variance(alpha_bar_t, alpha_bar_prev)                      beta~_t, eq. 7
-    ddpm_posterior_mean(x0, sample, alpha_bar_t, alpha_bar_prev)         mu~_t, eq. 7
-  DDIM (Song et al. 2020, arXiv 2010.02502)
-    ddim_noise_std(alpha_bar_t, alpha_bar_prev, eta)                     eq. 16
-    ddim_step(x0, eps, alpha_bar_prev, noise_std=0.0, noise=None)        eq. 12
-  PNDM (Liu et al. 2022, arXiv 2202.09778)
-    pndm_transfer(sample, eps, alpha_bar_t, alpha_bar_prev)              formula (9)
-    plms_eps(ets)                                                        eq. 12 (Adams-Bashforth 1..4)
-  Euler family (Karras et al. 2022, arXiv 2206.00364; k-diffusion)
-    to_d(sample, x0, sigma)                                              eq. 3
-    euler_step(sample, x0, sigma, sigma_next)                            Algorithm 2 without line 8-10
-    churn(sample, sigma, sigma_hat, s_noise, noise)                      Algorithm 2, lines 5-6
-    ancestral_sigmas(sigma_from, sigma_to)                               -> sigma_down, sigma_up
-    euler_ancestral_step(sample, x0, sigma, sigma_down, sigma_up, noise)
-  LMS (k-diffusion's sample_lms; Adams-Bashforth with non-uniform steps)
-    lagrange_basis_integral(nodes, j, start, end)
-    lms_coefficients(sigmas, sigma_next)
-    lms_step(sample, derivatives, coefficients)
-  DPM-Solver / DPM-Solver++ multistep (Lu et al. 2022, arXiv 2206.00927 and 2211.01095), x0 = data prediction
-    dpm_solver_pp_first_order(x, x0_s0, alpha_t, sigma_t, sigma_s0, lambda_t, lambda_s0)
-    dpm_solver_pp_second_order(x, x0_s0, x0_s1, alpha_t, sigma_t, sigma_s0, lambda_t, lambda_s0, lambda_s1, solver_type)
-    dpm_solver_pp_third_order(x, x0_s0, x0_s1, x0_s2, alpha_t, sigma_t, sigma_s0, lambda_t, lambda_s0, lambda_s1, lambda_s2)
-    dpm_solver_first_order / _second_order / _third_order   (noise prediction, same arguments with eps and alpha_s0)
-    sde_dpm_solver_pp_first_order / _second_order / _third_order, sde_dpm_solver_first_order / _second_order
-        (as above, plus `noise`)
-  UniPC (Zhao et al. 2023, arXiv 2302.04867)
-    unipc_differences(m_s0, previous_outputs, previous_lambdas, lambda_s0, h)   -> r_k, D_k
-    unipc_bh_coefficients(h, rks, order, predict_x0, solver_type)         -> h phi_1, B(h), R, phi / B(h)
-    uni_p_update(x, m_s0, D1s, R, b, h_phi_1, B_h, alpha_t, sigma_t, alpha_s0, sigma_s0, order, predict_x0)
-    uni_c_update(x, m_s0, m_t, D1s, R, b, h_phi_1, B_h, alpha_t, sigma_t, alpha_s0, sigma_s0, order, predict_x0)
-  Consistency models: LCM (Luo et al. 2023, arXiv 2310.04378) and TCD (Zheng et al. 2024, arXiv 2402.19159)
-    consistency_scalings(timestep, timestep_scaling, sigma_data=0.5)     -> c_skip, c_out (Song et al. 2023, App. C)
-    consistency_function(x0, sample, c_skip, c_out)                      f(x_t, t) = c_skip x_t + c_out x0
-    renoise(x0, alpha_bar, noise)                                        x = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) z
-    tcd_step(x0, eps, alpha_bar_s, alpha_bar_prev, noise=None)           TCD's strategic stochastic sampling, eq. 8
+Functions (stable names), grouped by the frame they work in, in the order of this file:
 
-  Flow matching (Lipman et al. 2023, arXiv 2210.02747; Liu et al. 2023, arXiv 2209.03003)
+  alpha_bar frame: indexed by training timestep, x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
+    DDPM (Ho et al. 2020, arXiv 2006.11239)
+      posterior_variance(alpha_bar_t, alpha_bar_prev)                      beta~_t, eq. 7
+      ddpm_posterior_mean(x0, sample, alpha_bar_t, alpha_bar_prev)         mu~_t, eq. 7
+    DDIM (Song et al. 2020, arXiv 2010.02502)
+      ddim_noise_std(alpha_bar_t, alpha_bar_prev, eta)                     eq. 16
+      ddim_step(x0, eps, alpha_bar_prev, noise_std=0.0, noise=None)        eq. 12
+    PNDM (Liu et al. 2022, arXiv 2202.09778)
+      pndm_transfer(sample, eps, alpha_bar_t, alpha_bar_prev)              formula (9)
+      plms_eps(ets)                                                        eq. 12 (Adams-Bashforth 1..4)
+    Consistency models: LCM (Luo et al. 2023, arXiv 2310.04378), TCD (Zheng et al. 2024, arXiv 2402.19159)
+      consistency_scalings(timestep, timestep_scaling, sigma_data=0.5)   -> c_skip, c_out (Song et al. 2023, App. C)
+      consistency_function(x0, sample, c_skip, c_out)                    f(x_t, t) = c_skip x_t + c_out x0
+      renoise(x0, alpha_bar, noise)                                      sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) z
+      tcd_step(x0, eps, alpha_bar_s, alpha_bar_prev, noise=None)         strategic stochastic sampling, eq. 8
+
+  sigma frame (VE): x = x_0 + sigma eps, d = (x - x0) / sigma (Karras et al. 2022, arXiv 2206.00364; k-diffusion)
+    Euler, Euler ancestral
+      to_d(sample, x0, sigma)                                              eq. 3
+      euler_step(sample, x0, sigma, sigma_next)                            Algorithm 2 without lines 8-10
+      churn(sample, sigma, sigma_hat, s_noise, noise)                      Algorithm 2, lines 5-6
+      ancestral_sigmas(sigma_from, sigma_to)                               -> sigma_down, sigma_up
+      euler_ancestral_step(sample, x0, sigma, sigma_down, sigma_up, noise)
+    LMS (k-diffusion's sample_lms; Adams-Bashforth with non-uniform steps)
+      lagrange_basis_integral(nodes, j, start, end)
+      lms_coefficients(sigmas, sigma_next)
+      lms_step(sample, derivatives, coefficients)
+    Heun (Algorithm 1)
+      heun_correction(sample, derivative, derivative_next, dt)             line 8
+    DPM-Solver-2 in sigma (k-diffusion's sample_dpm_2 / _ancestral)
+      dpm_solver_2_step(sample, sample_mid, x0_mid, sigma, sigma_mid, sigma_next)
+    DPM++ SDE (k-diffusion's sample_dpmpp_sde), in log-sigma time t = -log(sigma)
+      log_sigma_time(sigma), sigma_at(t)                                   t = -log(sigma) and back
+      dpm_solver_pp_sde_stage(sample, x0, t, t_to, noise, s_noise=1.0)     2211.01095 eq. 8, k = 1, ancestral
+
+  lambda frame (VP): x_t = alpha_t x_0 + sigma_t eps, lambda_t = log(alpha_t / sigma_t), h = lambda_t - lambda_s0
+    DPM-Solver / DPM-Solver++ multistep (Lu et al. 2022, arXiv 2206.00927 and 2211.01095), x0 = data prediction
+      dpm_solver_pp_first_order(x, x0_s0, alpha_t, sigma_t, sigma_s0, lambda_t, lambda_s0)
+      dpm_solver_pp_second_order(x, x0_s0, x0_s1, alpha_t, sigma_t, sigma_s0, lambda_t, lambda_s0, lambda_s1, solver_type)
+      dpm_solver_pp_third_order(x, x0_s0, x0_s1, x0_s2, alpha_t, sigma_t, sigma_s0, lambda_t, lambda_s0, lambda_s1, lambda_s2)
+      dpm_solver_first_order, dpm_solver_second_order, dpm_solver_third_order
+          (noise prediction: the same arguments with eps and alpha_s0)
+      sde_dpm_solver_pp_first_order, sde_dpm_solver_pp_second_order, sde_dpm_solver_pp_third_order,
+      sde_dpm_solver_first_order, sde_dpm_solver_second_order          (as above, plus `noise`)
+    UniPC (Zhao et al. 2023, arXiv 2302.04867)
+      unipc_differences(m_s0, previous_outputs, previous_lambdas, lambda_s0, h)   -> r_k, D_k
+      unipc_bh_coefficients(h, rks, order, predict_x0, solver_type)         -> h phi_1, B(h), R, phi / B(h)
+      uni_p_update(x, m_s0, D1s, R, b, h_phi_1, B_h, alpha_t, sigma_t, alpha_s0, sigma_s0, order, predict_x0)
+      uni_c_update(x, m_s0, m_t, D1s, R, b, h_phi_1, B_h, alpha_t, sigma_t, alpha_s0, sigma_s0, order, predict_x0)
+    DPM-Solver singlestep (2206.00927 Algorithms 1-2; 2211.01095 Algorithm 1): from the group's start s to t
+      dpm_solver_pp_2s(x_s, x0_s, x0_r, alpha_t, sigma_t, sigma_s, lambda_t, lambda_s, lambda_r, solver_type)
+      dpm_solver_pp_3s(x_s, x0_s, x0_r1, x0_r2, alpha_t, sigma_t, sigma_s, lambda_t, lambda_s, lambda_r1, lambda_r2, solver_type)
+      dpm_solver_2s / dpm_solver_3s                     (noise prediction, alpha_s in place of sigma_s)
+      sde_dpm_solver_pp_2s / sde_dpm_solver_pp_3s       (as the ++ rules, plus `noise`)
+    DEIS (Zhang & Chen 2022, arXiv 2204.13902), in rho = sigma_t / alpha_t (the VE sigma) with alpha_t
+      deis_logrho_coefficients(rho_t, rho_s0, rho_s1, rho_s2=None)         C_j, the "logrho" weights
+      deis_multistep_update(x, eps_list, alpha_t, alpha_s0, coefficients)  x_t = alpha_t (x_s0 / alpha_s0 + sum C_j eps_sj)
+
+  flow frame (velocity): x = (1 - sigma) x_0 + sigma eps, u = dx/dsigma (Lipman et al. 2023, arXiv 2210.02747;
+  Liu et al. 2023, arXiv 2209.03003)
     flow_euler_step(sample, velocity, sigma, sigma_next)                 x + (sigma_next - sigma) u
     flow_stochastic_step(sample, velocity, sigma, sigma_next, noise)     re-noise the predicted x_0 to sigma_next
 
-Other helpers add their rules in their own section at the end of this file.
+A new rule goes into the section of its frame, and into this index.
 """
 
 from __future__ import annotations
@@ -122,6 +145,48 @@ def plms_eps(ets: list[torch.Tensor]) -> torch.Tensor:
     return 1 / 24 * (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4])
 
 
+# ===== Consistency models: LCM and TCD ===========================================================
+
+
+def consistency_scalings(timestep, timestep_scaling: float, sigma_data: float = 0.5) -> tuple[float, float]:
+    """The boundary condition of a consistency model (Song et al. 2023, arXiv 2303.01469, Appendix C), in LCM's
+    discrete form (Luo et al. 2023, eq. 5) with the timestep stretched by `timestep_scaling`:
+
+        c_skip(t) = sigma_data^2 / ((s t)^2 + sigma_data^2),   c_out(t) = s t / sqrt((s t)^2 + sigma_data^2)
+
+    At t = 0, c_skip = 1 and c_out = 0, so f(x_0, 0) = x_0 exactly; at s t >> sigma_data, f is the x0 estimate."""
+    scaled = timestep * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
+def consistency_function(x0_pred: torch.Tensor, sample: torch.Tensor, c_skip, c_out) -> torch.Tensor:
+    """f_theta(x_t, t) = c_skip(t) x_t + c_out(t) x0_pred (Song et al. 2023, eq. 7): LCM's `denoised`."""
+    return c_out * x0_pred + c_skip * sample
+
+
+def renoise(x0: torch.Tensor, alpha_bar, noise: torch.Tensor) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1, line 5; LCM Algorithm 3): forget x_t and
+    draw a fresh x_prev ~ q(x_prev | x0) = N(sqrt(alpha_bar_prev) x0, (1 - alpha_bar_prev) I)."""
+    return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise
+
+
+def tcd_step(x0_pred: torch.Tensor, eps: torch.Tensor, alpha_bar_s, alpha_bar_prev, noise: torch.Tensor | None = None):
+    """TCD's strategic stochastic sampling (Zheng et al. 2024, Algorithm 4 / eq. 8), from t to s = floor((1 - gamma) t_prev):
+
+        x_s    = sqrt(alpha_bar_s) x0_pred + sqrt(1 - alpha_bar_s) eps                 DDIM's jump to s (the "pred_noised_sample")
+        x_prev = sqrt(alpha_bar_prev / alpha_bar_s) x_s + sqrt(1 - alpha_bar_prev / alpha_bar_s) z   forward noise s -> prev
+
+    gamma = 0 is a deterministic DDIM jump to t_prev; gamma = 1 jumps to x0 and re-noises as LCM does.
+    Returns (x_prev, x_s); without `noise` x_prev is x_s."""
+    pred_noised_sample = alpha_bar_s**0.5 * x0_pred + (1 - alpha_bar_s) ** 0.5 * eps
+    if noise is None:
+        return pred_noised_sample, pred_noised_sample
+    ratio = alpha_bar_prev / alpha_bar_s
+    return ratio**0.5 * pred_noised_sample + (1 - ratio) ** 0.5 * noise, pred_noised_sample
+
+
 # ===== Euler, Euler ancestral (sigma, the VE frame) ==============================================
 
 
@@ -183,6 +248,57 @@ def lms_coefficients(sigmas: list[float], sigma_next: float) -> list[float]:
 def lms_step(sample: torch.Tensor, derivatives: list[torch.Tensor], coefficients: list[float]) -> torch.Tensor:
     """x_{i+1} = x_i + sum_j c_j d_{i-j}, with `derivatives` newest first (k-diffusion's `sample_lms`)."""
     return sample + sum(c_j * d for c_j, d in zip(coefficients, derivatives))
+
+
+# ===== DPM++ SDE (Lu et al. 2022b; k-diffusion sample_dpmpp_sde), in log-sigma time =======================
+# k-diffusion's DPM++ SDE works in log-sigma time t = -log(sigma) of the VE frame (t grows as the noise falls).
+
+
+def log_sigma_time(sigma: torch.Tensor) -> torch.Tensor:
+    """t = -log(sigma), k-diffusion's `t_fn`."""
+    return sigma.log().neg()
+
+
+def sigma_at(t: torch.Tensor) -> torch.Tensor:
+    """sigma = e^-t, k-diffusion's `sigma_fn` (the inverse of `log_sigma_time`)."""
+    return t.neg().exp()
+
+
+def dpm_solver_pp_sde_stage(sample, x0_pred, t, t_to, noise: torch.Tensor, s_noise: float = 1.0) -> torch.Tensor:
+    """One stage of k-diffusion's `sample_dpmpp_sde` (eta = 1): an ancestral DPM-Solver++(1) step from
+    log-sigma time t to t_to. The step is split into a deterministic part down to sigma_down and fresh noise
+    of std sigma_up (`ancestral_sigmas`); the deterministic part is DPM-Solver++(1) (2211.01095 eq. 8, k = 1,
+    written in the VE frame, where it is exact for a constant x0_pred):
+
+        x_to = (sigma_down / sigma) x - expm1(t - t_down) x0_pred + s_noise sigma_up z,   t_down = -log(sigma_down)
+
+    Both stages of a DPM++ SDE step call this from the same x_i: stage 1 to the midpoint with D(x_i; sigma_i),
+    stage 2 to t_{i+1} with D at the midpoint (2211.01095 Algorithm 1 with r_1 = 1/2)."""
+    sigma = sigma_at(t)
+    sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_at(t_to))
+    t_down = log_sigma_time(sigma_down)
+    deterministic = (sigma_at(t_down) / sigma) * sample - (t - t_down).expm1() * x0_pred
+    return deterministic + noise * s_noise * sigma_up
+
+
+# ===== Heun (Karras et al. 2022) ==================================================================
+
+
+def heun_correction(sample: torch.Tensor, derivative: torch.Tensor, derivative_next: torch.Tensor, dt) -> torch.Tensor:
+    """x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (d_i + d'_i) / 2: Heun's trapezoidal correction of an Euler step,
+    with d'_i the slope at the Euler step's end (Karras et al. 2022, arXiv 2206.00364, Algorithm 1, line 8)."""
+    return sample + (derivative + derivative_next) / 2 * dt
+
+
+# ===== DPM-Solver-2 in sigma (k-diffusion's sample_dpm_2 and sample_dpm_2_ancestral) ===============
+
+
+def dpm_solver_2_step(sample: torch.Tensor, sample_mid: torch.Tensor, x0_mid: torch.Tensor, sigma, sigma_mid,
+                      sigma_next) -> torch.Tensor:
+    """x_{i+1} = x_i + (sigma_next - sigma_i) d_mid, with d_mid = (x_mid - D(x_mid; sigma_mid)) / sigma_mid the slope
+    at the midpoint (DPM-Solver-2, Lu et al. 2022, arXiv 2206.00927, Algorithm 1 with r_1 = 1/2, in sigma as
+    k-diffusion's `sample_dpm_2`). `sigma_next` is sigma_down for the ancestral variant."""
+    return sample + to_d(sample_mid, x0_mid, sigma_mid) * (sigma_next - sigma)
 
 
 # ===== DPM-Solver++ and DPM-Solver, multistep (the VP frame, in lambda) ==========================
@@ -390,58 +506,7 @@ def uni_c_update(x, m_s0, m_t, D1s, R, b, h_phi_1, B_h, alpha_t, sigma_t, alpha_
     return x_t.to(x.dtype)
 
 
-# ----- SDE-DPM-Solver++ (Lu et al. 2022b; k-diffusion sample_dpmpp_sde) -----
-# k-diffusion's DPM++ SDE works in log-sigma time t = -log(sigma) of the VE frame (t grows as the noise falls).
-
-
-def log_sigma_time(sigma: torch.Tensor) -> torch.Tensor:
-    """t = -log(sigma), k-diffusion's `t_fn`."""
-    return sigma.log().neg()
-
-
-def sigma_at(t: torch.Tensor) -> torch.Tensor:
-    """sigma = e^-t, k-diffusion's `sigma_fn` (the inverse of `log_sigma_time`)."""
-    return t.neg().exp()
-
-
-def dpm_solver_pp_sde_stage(sample, x0_pred, t, t_to, noise: torch.Tensor, s_noise: float = 1.0) -> torch.Tensor:
-    """One stage of k-diffusion's `sample_dpmpp_sde` (eta = 1): an ancestral DPM-Solver++(1) step from
-    log-sigma time t to t_to. The step is split into a deterministic part down to sigma_down and fresh noise
-    of std sigma_up (`ancestral_sigmas`); the deterministic part is DPM-Solver++(1) (2211.01095 eq. 8, k = 1,
-    written in the VE frame, where it is exact for a constant x0_pred):
-
-        x_to = (sigma_down / sigma) x - expm1(t - t_down) x0_pred + s_noise sigma_up z,   t_down = -log(sigma_down)
-
-    Both stages of a DPM++ SDE step call this from the same x_i: stage 1 to the midpoint with D(x_i; sigma_i),
-    stage 2 to t_{i+1} with D at the midpoint (2211.01095 Algorithm 1 with r_1 = 1/2)."""
-    sigma = sigma_at(t)
-    sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_at(t_to))
-    t_down = log_sigma_time(sigma_down)
-    deterministic = (sigma_at(t_down) / sigma) * sample - (t - t_down).expm1() * x0_pred
-    return deterministic + noise * s_noise * sigma_up
-
-
-# ----- Heun (Karras et al. 2022) -----
-
-
-def heun_correction(sample: torch.Tensor, derivative: torch.Tensor, derivative_next: torch.Tensor, dt) -> torch.Tensor:
-    """x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (d_i + d'_i) / 2: Heun's trapezoidal correction of an Euler step,
-    with d'_i the slope at the Euler step's end (Karras et al. 2022, arXiv 2206.00364, Algorithm 1, line 8)."""
-    return sample + (derivative + derivative_next) / 2 * dt
-
-
-# ----- DPM-Solver-2 in sigma (k-diffusion's sample_dpm_2 and sample_dpm_2_ancestral) -----
-
-
-def dpm_solver_2_step(sample: torch.Tensor, sample_mid: torch.Tensor, x0_mid: torch.Tensor, sigma, sigma_mid,
-                      sigma_next) -> torch.Tensor:
-    """x_{i+1} = x_i + (sigma_next - sigma_i) d_mid, with d_mid = (x_mid - D(x_mid; sigma_mid)) / sigma_mid the slope
-    at the midpoint (DPM-Solver-2, Lu et al. 2022, arXiv 2206.00927, Algorithm 1 with r_1 = 1/2, in sigma as
-    k-diffusion's `sample_dpm_2`). `sigma_next` is sigma_down for the ancestral variant."""
-    return sample + to_d(sample_mid, x0_mid, sigma_mid) * (sigma_next - sigma)
-
-
-# ----- DPM-Solver singlestep and DEIS (Lu et al. 2022; Zhang & Chen 2022) -----
+# ===== DPM-Solver singlestep and DEIS (Lu et al. 2022; Zhang & Chen 2022), in lambda and rho ============
 # Singlestep (DPM-Solver, arXiv 2206.00927, Algorithms 1-2; DPM-Solver++, arXiv 2211.01095, Algorithm 1): a step
 # of order k goes from the level s where its group of k steps started (sample x_s, output m_s) to t, with
 # h = lambda_t - lambda_s, using the outputs at the k - 1 levels r1 (, r2) between s and t that the group's
@@ -583,45 +648,3 @@ def flow_stochastic_step(sample: torch.Tensor, velocity: torch.Tensor, sigma, si
     twin of DDPM-style ancestral sampling with all the noise renewed)."""
     x0_pred = sample - sigma * velocity
     return (1.0 - sigma_next) * x0_pred + sigma_next * noise
-
-
-# ===== Consistency models: LCM and TCD ===========================================================
-
-
-def consistency_scalings(timestep, timestep_scaling: float, sigma_data: float = 0.5) -> tuple[float, float]:
-    """The boundary condition of a consistency model (Song et al. 2023, arXiv 2303.01469, Appendix C), in LCM's
-    discrete form (Luo et al. 2023, eq. 5) with the timestep stretched by `timestep_scaling`:
-
-        c_skip(t) = sigma_data^2 / ((s t)^2 + sigma_data^2),   c_out(t) = s t / sqrt((s t)^2 + sigma_data^2)
-
-    At t = 0, c_skip = 1 and c_out = 0, so f(x_0, 0) = x_0 exactly; at s t >> sigma_data, f is the x0 estimate."""
-    scaled = timestep * timestep_scaling
-    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
-    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
-    return c_skip, c_out
-
-
-def consistency_function(x0_pred: torch.Tensor, sample: torch.Tensor, c_skip, c_out) -> torch.Tensor:
-    """f_theta(x_t, t) = c_skip(t) x_t + c_out(t) x0_pred (Song et al. 2023, eq. 7): LCM's `denoised`."""
-    return c_out * x0_pred + c_skip * sample
-
-
-def renoise(x0: torch.Tensor, alpha_bar, noise: torch.Tensor) -> torch.Tensor:
-    """Multistep consistency sampling (Song et al. 2023, Algorithm 1, line 5; LCM Algorithm 3): forget x_t and
-    draw a fresh x_prev ~ q(x_prev | x0) = N(sqrt(alpha_bar_prev) x0, (1 - alpha_bar_prev) I)."""
-    return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise
-
-
-def tcd_step(x0_pred: torch.Tensor, eps: torch.Tensor, alpha_bar_s, alpha_bar_prev, noise: torch.Tensor | None = None):
-    """TCD's strategic stochastic sampling (Zheng et al. 2024, Algorithm 4 / eq. 8), from t to s = floor((1 - gamma) t_prev):
-
-        x_s    = sqrt(alpha_bar_s) x0_pred + sqrt(1 - alpha_bar_s) eps                 DDIM's jump to s (the "pred_noised_sample")
-        x_prev = sqrt(alpha_bar_prev / alpha_bar_s) x_s + sqrt(1 - alpha_bar_prev / alpha_bar_s) z   forward noise s -> prev
-
-    gamma = 0 is a deterministic DDIM jump to t_prev; gamma = 1 jumps to x0 and re-noises as LCM does.
-    Returns (x_prev, x_s); without `noise` x_prev is x_s."""
-    pred_noised_sample = alpha_bar_s**0.5 * x0_pred + (1 - alpha_bar_s) ** 0.5 * eps
-    if noise is None:
-        return pred_noised_sample, pred_noised_sample
-    ratio = alpha_bar_prev / alpha_bar_s
-    return ratio**0.5 * pred_noised_sample + (1 - ratio) ** 0.5 * noise, pred_noised_sample

@@ -3,8 +3,13 @@
     python -m minidiff sweep spec.json --out sweep/                                  # one process
     torchrun --standalone --nproc_per_node=2 -m minidiff sweep spec.json --out sweep/ # two ranks, one machine
 
-Under torchrun (RANK and WORLD_SIZE set in the environment) every rank joins the process group: gloo on a CPU,
-nccl when CUDA is there. Then, on every rank:
+Under torchrun (RANK and WORLD_SIZE set in the environment) every rank joins the process group (`choose_backend`):
+nccl only when every local rank has a GPU of its own (LOCAL_WORLD_SIZE <= torch.cuda.device_count(): NCCL refuses
+two ranks on one GPU), else gloo, with ranks then sharing the GPUs (local rank modulo the GPU count); forcing nccl
+with `backend="nccl"` (`--backend nccl`) on too few GPUs is a clear error. The sweep's only collectives are its
+barriers, and they run on a gloo group with a timeout of BARRIER_TIMEOUT: a rank whose share finished early waits
+at the final barrier for the slowest rank instead of dying on NCCL's 10-minute (gloo's 30-minute) default.
+Then, on every rank:
 1. read which jobs are done (their PNG and their manifest line both exist) and barrier, so that every rank
    sees the same list of jobs left to do;
 2. take every WORLD_SIZE-th of them, starting at RANK; claim each job before doing it (claims.py: an exclusive-create
@@ -17,8 +22,9 @@ An image so depends only on its job, never on the rank or the world size. A job 
 manifest with its error, and the sweep goes on.
 
 The manifest (manifest.jsonl) has one JSON object a line: job_id, the job, rank, seconds, peak_rss_mib (the
-process's peak resident memory so far: on a CPU it grows, it does not reset per job), sha256 of the PNG file,
-or error. Ranks append whole lines with one write each to a file opened O_APPEND, which Linux keeps whole on a
+process's peak resident memory so far: on a CPU it grows, it does not reset per job), on CUDA peak_gpu_mib (the
+most GPU memory PyTorch's allocator held during this job: `torch.cuda.max_memory_allocated`, reset per job),
+sha256 of the PNG file, or error. Ranks append whole lines with one write each to a file opened O_APPEND, which Linux keeps whole on a
 local disk; on a shared network file system across hosts, give each host its own --out and merge afterwards.
 """
 
@@ -32,6 +38,7 @@ import socket
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -41,46 +48,74 @@ from minidiff.pipelines import StableDiffusionPipeline
 from minidiff.schedulers.names import find_sampler
 from minidiff.sweep.claims import claim_path, release, try_claim
 from minidiff.sweep.spec import Job, Spec, check_job_count, expand_jobs, job_count
-from minidiff.utils.cpu import fastest_cpu_dtype
+from minidiff.utils.device import auto_dtype, peak_gpu_memory_mib, synchronize
 
 MANIFEST = "manifest.jsonl"
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BACKENDS = ("auto", "nccl", "gloo")
+BARRIER_TIMEOUT = timedelta(days=7)  # a sweep's ranks may finish hours apart; a hung peer is a killed job, resumable
 
 
 # ----- the process group ---------------------------------------------------------------------------------------
 
 
+def local_world_size() -> int:
+    """How many ranks run on this host (torchrun's LOCAL_WORLD_SIZE; WORLD_SIZE when it is not set)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def choose_backend(requested: str = "auto") -> str:
+    """nccl when every local rank has a GPU of its own, else gloo; `requested="nccl"` on too few GPUs raises."""
+    if requested not in BACKENDS:
+        raise ValueError(f"backend {requested!r} is not one of {list(BACKENDS)}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    ranks = local_world_size()
+    if requested == "nccl" and ranks > gpus:
+        raise RuntimeError(
+            f"backend nccl needs one GPU per rank, but this host runs {ranks} rank(s) and PyTorch sees {gpus} GPU(s); "
+            f"launch at most {gpus} process(es) per node (torchrun --nproc_per_node={max(gpus, 1)}), or use --backend gloo")
+    if requested != "auto":
+        return requested
+    return "nccl" if 0 < ranks <= gpus else "gloo"
+
+
 @contextmanager
-def process_group():
-    """(rank, world_size): joins torch.distributed when launched by torchrun, else (0, 1) without a group."""
+def process_group(backend: str = "auto"):
+    """(rank, world_size, barrier_group): joins torch.distributed when launched by torchrun, else (0, 1, None)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        yield 0, 1
+        yield 0, 1, None
         return
     import torch.distributed as dist
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+    backend = choose_backend(backend)
+    if backend == "nccl":  # device_id binds this rank's communicator to its own GPU
+        dist.init_process_group(backend="nccl", device_id=torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+        barrier_group = dist.new_group(backend="gloo", timeout=BARRIER_TIMEOUT)  # barriers wait on the CPU, for days
+    else:
+        dist.init_process_group(backend="gloo", timeout=BARRIER_TIMEOUT)
+        barrier_group = None  # the default group, with the long timeout
     try:
-        yield dist.get_rank(), dist.get_world_size()
+        yield dist.get_rank(), dist.get_world_size(), barrier_group
     finally:
         dist.destroy_process_group()
 
 
-def barrier(world_size: int) -> None:
+def barrier(world_size: int, group=None) -> None:
     if world_size > 1:
         import torch.distributed as dist
 
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def device_for_rank() -> torch.device:
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
+    """cuda:LOCAL_RANK with a GPU per rank; ranks beyond the GPU count share them (modulo); the CPU without CUDA."""
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        torch.cuda.set_device(index)
         torch.backends.cudnn.benchmark = False  # autotuning may pick different kernels on different GPUs
         torch.backends.cudnn.deterministic = True
-        return torch.device("cuda", local_rank)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
@@ -119,7 +154,7 @@ def append_manifest_line(out: Path, entry: dict) -> None:
 
 
 def load_pipeline_for(spec: Spec, device: torch.device) -> StableDiffusionPipeline:
-    dtype = fastest_cpu_dtype() if spec.dtype == "auto" else TORCH_DTYPES[spec.dtype]
+    dtype = auto_dtype(device) if spec.dtype == "auto" else TORCH_DTYPES[spec.dtype]  # auto: fp16 on CUDA
     path = Path(spec.weights).expanduser()
     if path.is_file():
         pipeline = StableDiffusionPipeline.from_single_file(path, dtype=dtype)
@@ -153,23 +188,31 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def gpu_memory_fields(device: torch.device) -> dict:
+    """{"peak_gpu_mib": ...} on CUDA (`torch.cuda.max_memory_allocated`), nothing on another device."""
+    peak = peak_gpu_memory_mib(device)
+    return {} if peak is None else {"peak_gpu_mib": round(peak, 1)}
+
+
 # ----- the sweep ------------------------------------------------------------------------------------------------
 
 
-def run_sweep(spec: Spec, out: str | Path, progress: bool = True, allow_many_jobs: bool = False) -> dict:
+def run_sweep(spec: Spec, out: str | Path, progress: bool = True, allow_many_jobs: bool = False,
+              backend: str = "auto") -> dict:
     """Do this process's share of the jobs not done yet; returns counts {total, skipped, done, failed} for this rank
-    (skipped: done before, or claimed by another runner). More than spec.MAX_JOBS jobs need `allow_many_jobs`."""
+    (skipped: done before, or claimed by another runner). More than spec.MAX_JOBS jobs need `allow_many_jobs`;
+    `backend` (auto, nccl, gloo) is the process group's under torchrun (`choose_backend`)."""
     check_job_count(spec, allow_many_jobs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = expand_jobs(spec)
-    with process_group() as (rank, world_size):
+    with process_group(backend) as (rank, world_size, barrier_group):
         done = done_job_ids(out)
         if rank == 0:
             for stale in out.glob(".*.png.tmp"):  # left by a job killed halfway; a live writer holds its job's claim
                 if not claim_path(out, stale.name.split(".")[1]).exists():
                     stale.unlink(missing_ok=True)
-        barrier(world_size)  # no rank writes before every rank has read what is done
+        barrier(world_size, barrier_group)  # no rank writes before every rank has read what is done
         todo = [job for job in jobs if job.job_id not in done]
         mine = todo[rank::world_size]
         counts = {"total": len(jobs), "skipped": len(jobs) - len(todo), "done": 0, "failed": 0}
@@ -184,15 +227,18 @@ def run_sweep(spec: Spec, out: str | Path, progress: bool = True, allow_many_job
             try:
                 if pipeline is None:  # loaded once, and only by a runner that got a job
                     torch.set_num_threads(spec.threads)  # the same in every process: see spec.py on why it decides the bits
-                    pipeline = load_pipeline_for(spec, device_for_rank())
+                    device = device_for_rank()
+                    pipeline = load_pipeline_for(spec, device)
                     base_config = dict(pipeline.scheduler.config)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)  # peak_gpu_mib is this job's
                 start = time.perf_counter()
                 entry = {"job_id": job.job_id, "job": asdict(job), "rank": rank, "world_size": world_size,
                          "host": socket.gethostname()}
                 try:
-                    png = run_job(pipeline, base_config, job, out)
+                    png = run_job(pipeline, base_config, job, out)  # PIL output: the device has finished
                     entry.update(seconds=round(time.perf_counter() - start, 3), peak_rss_mib=round(peak_rss_mib(), 1),
-                                 sha256=hashlib.sha256(png).hexdigest())
+                                 **gpu_memory_fields(device), sha256=hashlib.sha256(png).hexdigest())
                     counts["done"] += 1
                 except Exception as error:  # noqa: BLE001 - a failing job is recorded, the sweep goes on
                     entry.update(seconds=round(time.perf_counter() - start, 3), error=f"{type(error).__name__}: {error}")
@@ -200,7 +246,7 @@ def run_sweep(spec: Spec, out: str | Path, progress: bool = True, allow_many_job
                 append_manifest_line(out, entry)
             finally:
                 release(claim)  # after the manifest line: whoever claims the job next sees it done
-        barrier(world_size)
+        barrier(world_size, barrier_group)  # long timeout: early ranks wait for the slowest
         if rank == 0:
             from minidiff.sweep.report import write_report
 
@@ -208,9 +254,11 @@ def run_sweep(spec: Spec, out: str | Path, progress: bool = True, allow_many_job
     return counts
 
 
-def estimate_seconds(spec: Spec) -> tuple[float, int]:
-    """(seconds for one UNet call at the spec's size, model calls of the whole sweep): measured, not guessed."""
-    pipeline = load_pipeline_for(spec, device_for_rank())
+def estimate_seconds(spec: Spec, device: torch.device | str | None = None) -> tuple[float, int]:
+    """(seconds for one UNet call at the spec's size, model calls of the whole sweep): measured, not guessed.
+    The call runs where the sweep would (`device_for_rank` unless `device` is given), on inputs made there, timed
+    between two synchronisations (CUDA queues its work: without them the clock reads the launch, not the call)."""
+    pipeline = load_pipeline_for(spec, device_for_rank() if device is None else torch.device(device))
     base_config = dict(pipeline.scheduler.config)
     calls = 0
     for name in spec.schedulers:  # each (scheduler, steps) pair once, times the jobs that share it: never every job
@@ -219,10 +267,13 @@ def estimate_seconds(spec: Spec) -> tuple[float, int]:
             scheduler.set_timesteps(steps)
             calls += len(scheduler.timesteps)  # second-order schedulers call the model about twice per step
     calls *= job_count(spec) // (len(spec.schedulers) * len(spec.steps))
-    latents = torch.randn(2, pipeline.unet.config.in_channels, spec.height // 8, spec.width // 8, dtype=pipeline.unet.dtype)
-    context = torch.randn(2, 77, pipeline.unet.config.cross_attention_dim, dtype=pipeline.unet.dtype)
+    where, dtype = pipeline._execution_device, pipeline.unet.dtype
+    latents = torch.randn(2, pipeline.unet.config.in_channels, spec.height // 8, spec.width // 8, dtype=dtype, device=where)
+    context = torch.randn(2, 77, pipeline.unet.config.cross_attention_dim, dtype=dtype, device=where)
     with torch.no_grad():
         pipeline.unet(latents, 999, encoder_hidden_states=context)  # warm-up
+        synchronize(where)
         start = time.perf_counter()
         pipeline.unet(latents, 999, encoder_hidden_states=context)
+        synchronize(where)
     return time.perf_counter() - start, calls
