@@ -11,9 +11,11 @@ from minidiff.lab.gaussian_mixture import GaussianMixtureDenoiser
 from minidiff.models.unet_2d import UNet2DModel
 from minidiff.models.unet_2d_condition import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
+from minidiff.models.autoencoder_tiny import AutoencoderTiny
 from minidiff.pipelines import (
     DDPMPipeline,
     DiffusionPipeline,
+    LatentConsistencyModelPipeline,
     RectifiedFlowPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -28,6 +30,8 @@ from minidiff.schedulers import (
     HeunDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
+    LCMScheduler,
+    TCDScheduler,
     DPMSolverSinglestepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -61,11 +65,11 @@ for _old, _new in MOVED_MODULES.items():
 
 __all__ = [
     "ConfigMixin", "FrozenConfig", "register_to_config",
-    "CLIPTokenizer", "CLIPTextModel", "UNet2DConditionModel", "AutoencoderKL", "UNet2DModel", "GaussianMixtureDenoiser",
+    "CLIPTokenizer", "CLIPTextModel", "UNet2DConditionModel", "AutoencoderKL", "AutoencoderTiny", "UNet2DModel", "GaussianMixtureDenoiser",
     "SchedulerMixin", "SchedulerOutput", "PNDMScheduler", "DDIMScheduler", "DDPMScheduler", "LMSDiscreteScheduler",
     "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
     "DPMSolverSDEScheduler", "DEISMultistepScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler",
-    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline", "DDPMPipeline", "DiffusionPipeline", "RectifiedFlowPipeline",
+    "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler", "TCDScheduler",
+    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline", "DDPMPipeline", "DiffusionPipeline", "RectifiedFlowPipeline", "LatentConsistencyModelPipeline",
     "load_textual_inversion",
 ]

@@ -80,12 +80,14 @@ def parse_lora(text: str) -> tuple[str, float]:
     path = Path(file)
     if not path.exists() and (file.count("/") != 1 or file.startswith((".", "/", "~"))):
         raise CLIError(f"--lora {text}: {file} is neither a LoRA file, a folder holding one, nor a hub repo id "
-                       "(write --lora FILE or --lora FILE:SCALE, e.g. --lora pixel.safetensors:0.8)")
+                       "(write --lora FILE or --lora FILE:SCALE, e.g. --lora pixel.safetensors:0.8; get LCM-LoRA with "
+                       "`minidiff download lcm-lora`)")
     return file, value
 
 
 def apply_loras(pipeline, loras: list[tuple[str, float]]) -> None:
-    """Loads each LoRA as adapter lora_0, lora_1, ... and mixes them with their scales (pipe.set_adapters)."""
+    """Loads each LoRA as adapter lora_0, lora_1, ... , mixes them with their scales (pipe.set_adapters), and fuses
+    them (pipe.fuse_lora) for speed."""
     if not loras:
         return
     from minidiff.loaders.lora_formats import LoraFormatError
@@ -98,6 +100,7 @@ def apply_loras(pipeline, loras: list[tuple[str, float]]) -> None:
             raise CLIError(f"--lora {file}: {error}") from None
         names.append(f"lora_{index}")
     pipeline.set_adapters(names, [scale for _, scale in loras])
+    pipeline.fuse_lora()  # into the weights once: the steps then cost what they cost without LoRA
 
 
 def check_generation_args(args) -> tuple[int, int]:
@@ -181,30 +184,60 @@ def cmd_schedulers(args) -> None:
             print(f"{'':21s}{settings + '; ' if settings else ''}default config: {defaults}")
 
 
+TAESD_NAMES = ("taesd", "madebyollin/taesd")
+
+
+def load_tiny_autoencoder(where: str):
+    """--vae / --preview's autoencoder: "taesd" (madebyollin/taesd through the hub cache) or a folder in diffusers'
+    AutoencoderTiny layout. Its scaling_factor is 1.0: it decodes SD's scaled latents as they are."""
+    from minidiff.models.autoencoder_tiny import AutoencoderTiny
+
+    source = "madebyollin/taesd" if where.lower() in TAESD_NAMES else where
+    if source == where and not Path(where).expanduser().is_dir():
+        raise CLIError(f"--vae {where}: give taesd (madebyollin/taesd) or a folder holding TAESD's config.json and weights "
+                       "(`minidiff download taesd --out FOLDER`)")
+    try:
+        return AutoencoderTiny.from_pretrained(source)
+    except OSError as error:
+        raise CLIError(f"{str(error).splitlines()[0]} (get TAESD with `minidiff download taesd`)") from None
+
+
 def cmd_generate(args) -> None:
     import torch
 
     width, height = check_generation_args(args)
+    if args.trace and args.preview:
+        raise CLIError("--trace and --preview both record the loop; choose one (--preview decodes with TAESD, far cheaper)")
     chosen_sampler = find_sampler(args.scheduler) if args.scheduler else None
     loras = [parse_lora(text) for text in args.lora or []]
     refuse_velocity_samplers([chosen_sampler] if chosen_sampler else [])
     out = check_writable(Path(args.out))
+    tiny_vae = load_tiny_autoencoder(args.vae) if args.vae else None
     pipeline = load_pipeline(args.weights, args.dtype, args.vae_tiling, args.compile, args.low_memory, args.device)
     if chosen_sampler:
         pipeline.scheduler = chosen_sampler.from_config(pipeline.scheduler.config)
     apply_loras(pipeline, loras)
+    if tiny_vae is not None:
+        pipeline.vae = tiny_vae.to(pipeline.device)  # decodes the final image too (fast path: --vae taesd)
+    preview_vae = (tiny_vae or load_tiny_autoencoder("taesd")).to(pipeline.device) if args.preview else None
     generator = torch.Generator().manual_seed(args.seed)
     steps = pipeline.denoise(
         args.prompt, negative_prompt=args.negative, height=height, width=width, num_inference_steps=args.steps,
-        guidance_scale=args.guidance, generator=generator,
+        guidance_scale=args.guidance, generator=generator, preview_vae=preview_vae,
     )
-    if args.trace:
+    if args.trace or args.preview:
         from minidiff.viz import trace
 
-        frames = trace.record(steps, pipeline.latents_to_image, count=8)
-        print(f"wrote {trace.save_film_strip(frames, Path(args.trace) / 'film_strip.png')}")
-        print(f"wrote {trace.save_gif(frames, Path(args.trace) / 'denoising.gif')}")
-        last = frames[-1].sample
+        seen = []
+        steps = (seen.append(step) or step for step in steps)
+        if args.preview:  # every step, x_t and x0 both through TAESD
+            frames = trace.record(steps, lambda latents: pipeline.preview_image(latents, preview_vae))
+        else:
+            frames = trace.record(steps, pipeline.latents_to_image, count=8)
+        folder = Path(args.preview or args.trace)
+        print(f"wrote {trace.save_film_strip(frames, folder / 'film_strip.png')}")
+        print(f"wrote {trace.save_gif(frames, folder / 'denoising.gif')}")
+        last = frames[-1].sample if args.trace else pipeline.latents_to_output(seen[-1].latents, "pil")[0]
     else:
         *_, final = steps
         last = pipeline.latents_to_output(final.latents, "pil")[0]
@@ -316,12 +349,24 @@ def cmd_download(args) -> None:
             return
         if args.what == "sd15":
             where = download.download_sd15(args.out, args.variant, args.single_file, overwrite=args.overwrite)
+        elif args.what == "lcm-lora":
+            where = download.download_lcm_lora(args.out, overwrite=args.overwrite)
+        elif args.what == "taesd":
+            where = download.download_taesd(args.out, overwrite=args.overwrite)
+        elif args.what == "lcm-dreamshaper":
+            where = download.download_lcm_dreamshaper(args.out, args.variant, overwrite=args.overwrite)
         else:
             where = download.download_ddpm_cat(args.out, overwrite=args.overwrite)
     except (ConnectionError, FileNotFoundError) as error:
         raise CLIError(str(error)) from None
     print(f"downloaded to {where}")
-    print(f'next: minidiff generate "a photograph of an astronaut riding a horse" --weights {where}')
+    prompt = '"a photograph of an astronaut riding a horse"'
+    if args.what == "lcm-lora":
+        print(f"next: minidiff generate {prompt} --scheduler LCM --lora {where} --steps 4 --guidance 1 --vae taesd")
+    elif args.what == "taesd":
+        print(f"next: minidiff generate {prompt} --vae {where}   (or --preview FOLDER: a film strip of each step)")
+    else:
+        print(f"next: minidiff generate {prompt} --weights {where}")
 
 
 def cmd_convert(args) -> None:
@@ -420,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--scheduler", default=None, help="a name as in `minidiff schedulers`: \"DPM++ 2M Karras\", \"Euler a\", dpm, ...")
             command.add_argument("--out", default="image.png")
             command.add_argument("--trace", default=None, help="folder for a film strip PNG and a GIF of x_t and predicted x0")
+            command.add_argument("--preview", default=None, metavar="FOLDER",
+                                 help="like --trace, every step, decoded by TAESD (the --vae one, else madebyollin/taesd)")
+            command.add_argument("--vae", default=None, help="taesd (madebyollin/taesd) or a TAESD folder: the tiny "
+                                 "autoencoder decodes the image (fast path: --scheduler LCM --lora FILE --steps 4 --guidance 1 --vae taesd)")
             command.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                                  help="a LoRA (file, folder or hub repo) and its weight, default 1; repeat to mix several")
         else:
@@ -452,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint.set_defaults(run=cmd_inpaint)
 
     download = commands.add_parser("download", help="fetch real weights from the Hugging Face hub")
-    download.add_argument("what", choices=["sd15", "ddpm-cat", "lora"])
+    download.add_argument("what", choices=["sd15", "ddpm-cat", "lcm-lora", "taesd", "lcm-dreamshaper", "lora"])
     download.add_argument("repo", nargs="?", default=None, help="lora: the hub repo id holding the LoRA file")
     download.add_argument("--weight-name", default=None, help="lora: the file in the repo (default: pytorch_lora_weights."
                           "safetensors, or the repo's only .safetensors)")

@@ -9,6 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # several worker processes that each import diffusers: over a minute on 2 cores
 def test_run_all_bf16_only_compares_quality_against_the_best_reference(tmp_path):
     # Without an fp32 run there is no minidiff fp32 image: the quality table must fall back to diffusers' bf16 one.
     # (The crash this guards against was in the quality section, after generation; compute is left out for time.)

@@ -12,7 +12,7 @@ from minidiff.checkpoints import download
 from minidiff.cli import main
 
 
-def test_generate_with_two_loras_equals_the_pipeline_with_set_adapters(tiny_sd15_folder, tmp_path, capsys):
+def test_generate_with_two_loras_equals_the_pipeline_with_set_adapters_fused(tiny_sd15_folder, tmp_path, capsys):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_folder)
     pipe.set_progress_bar_config(disable=True)
     random_lora = load_weights_script("make_random_lora").random_lora
@@ -27,6 +27,7 @@ def test_generate_with_two_loras_equals_the_pipeline_with_set_adapters(tiny_sd15
     pipe.load_lora_weights(files[0], adapter_name="a")
     pipe.load_lora_weights(files[1], adapter_name="b")
     pipe.set_adapters(["a", "b"], [0.7, 1.0])
+    pipe.fuse_lora()  # the command fuses, for speed
     expected = pipe("a cat", height=64, width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
 

@@ -64,6 +64,9 @@ def test_every_name_is_unique_and_every_class_is_named():
     assert [row.scheduler_class for row in flow] == [schedulers.FlowMatchEulerDiscreteScheduler]
     assert schedulers.FlowMatchEulerDiscreteScheduler not in schedulers.PNDMScheduler.compatibles
     assert find_sampler("flow").scheduler_class is schedulers.FlowMatchEulerDiscreteScheduler
+    few_step = [row.scheduler_class for row in SAMPLER_NAMES if row.family == "consistency"]  # named, in no compatibles
+    assert few_step == [schedulers.LCMScheduler, schedulers.TCDScheduler]
+    assert not set(few_step) & set(schedulers.PNDMScheduler.compatibles)
 
 
 def test_unknown_names_suggest_the_closest():

@@ -38,6 +38,7 @@ PICTURES = {
     "08_train_a_denoiser": ["data.png", "eps_error_vs_sigma.png", "samples.png"],
     "09_steering_the_loop": ["loss_guidance.png", "attention_maps.png"],
     "10_lora": ["rank_vs_fit.png"],
+    "11_four_steps": ["samples.png", "previews.png", "image.png"],
     "12_inpainting_measured": ["methods.png"],
     "13_flow_matching": ["paths.png", "alpha_bar.png", "log_snr.png"],
 }

@@ -5,6 +5,9 @@ resumable, with progress.
     minidiff download sd15 --variant fp16      # the fp16 files (about 2.1 GB)
     minidiff download sd15 --single-file       # v1-5-pruned-emaonly.safetensors (about 4.3 GB)
     minidiff download ddpm-cat                 # google/ddpm-cat-256
+    minidiff download lcm-lora                 # latent-consistency/lcm-lora-sdv1-5: one LoRA file (about 135 MB)
+    minidiff download taesd                    # madebyollin/taesd, the tiny autoencoder (diffusers layout, about 10 MB)
+    minidiff download lcm-dreamshaper          # SimianLuo/LCM_Dreamshaper_v7, a full LCM checkpoint (folder layout)
 
 The scripts in weights_scripts/ call these functions. Choosing the files is separate from fetching
 them (`select_sd15_files`), so the choice is tested without a network.
@@ -20,6 +23,11 @@ from minidiff.utils.no_clobber import refuse_to_replace
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD15_SINGLE_FILE = "v1-5-pruned-emaonly.safetensors"
 DDPM_CAT_REPO = "google/ddpm-cat-256"
+LCM_LORA_REPO = "latent-consistency/lcm-lora-sdv1-5"
+LCM_LORA_FILE = "pytorch_lora_weights.safetensors"
+TAESD_REPO = "madebyollin/taesd"
+TAESD_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
+LCM_DREAMSHAPER_REPO = "SimianLuo/LCM_Dreamshaper_v7"
 
 # component folder -> the weight file's base name in that folder
 SD15_COMPONENTS = {
@@ -40,8 +48,10 @@ SD15_CONFIG_FILES = [
 ]
 
 
-def select_sd15_files(repo_files: list[str], variant: str | None = None, single_file: bool = False) -> list[str]:
-    """The files of the SD 1.5 repo to fetch: configs + tokenizer + one safetensors per model (or the single file)."""
+def select_sd15_files(repo_files: list[str], variant: str | None = None, single_file: bool = False,
+                      repo: str = SD15_REPO) -> list[str]:
+    """The files of the SD 1.5 repo (or another in its folder layout, `repo`) to fetch: configs + tokenizer + one
+    safetensors per model (or the single file)."""
     available = set(repo_files)
     if single_file:
         if SD15_SINGLE_FILE not in available:
@@ -52,7 +62,7 @@ def select_sd15_files(repo_files: list[str], variant: str | None = None, single_
         name = f"{folder}/{stem}.{variant}.safetensors" if variant else f"{folder}/{stem}.safetensors"
         if name not in available:
             hint = " (try without --variant)" if variant else ""
-            raise FileNotFoundError(f"{name} is not in {SD15_REPO}{hint}")
+            raise FileNotFoundError(f"{name} is not in {repo}{hint}")
         chosen.append(name)
     return chosen
 
@@ -64,6 +74,14 @@ def select_ddpm_files(repo_files: list[str]) -> list[str]:
     if weights not in available:
         weights = "diffusion_pytorch_model.bin"
     return [name for name in ("config.json", "scheduler_config.json", weights) if name in available]
+
+
+def select_files(repo_files: list[str], wanted: list[str], repo: str) -> list[str]:
+    """Exactly `wanted`, each of which must be in the repo's listing (a missing one is named)."""
+    missing = [name for name in wanted if name not in set(repo_files)]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)} not in {repo}'s file list")
+    return list(wanted)
 
 
 def _fetch(repo_id: str, choose, out: str | Path | None, overwrite: bool = False) -> Path:
@@ -127,3 +145,17 @@ def download_lora(repo_id: str, weight_name: str | None = None, out: str | Path 
 
     root = _fetch(repo_id, choose, out, overwrite)
     return root / chosen[0]
+def download_lcm_lora(out: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Fetch LCM-LoRA for SD 1.5 (one safetensors file in kohya/PEFT keys); returns the file, for `--lora`."""
+    return _fetch(LCM_LORA_REPO, lambda files: select_files(files, [LCM_LORA_FILE], LCM_LORA_REPO), out, overwrite) / LCM_LORA_FILE
+
+
+def download_taesd(out: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Fetch TAESD in diffusers' layout (config.json + weights); returns its folder, for `--vae` / `--preview`."""
+    return _fetch(TAESD_REPO, lambda files: select_files(files, TAESD_FILES, TAESD_REPO), out, overwrite)
+
+
+def download_lcm_dreamshaper(out: str | Path | None = None, variant: str | None = None,
+                             overwrite: bool = False) -> Path:
+    """Fetch LCM Dreamshaper v7 (SD 1.5's folder layout, a UNet with the guidance embedding); returns its folder."""
+    return _fetch(LCM_DREAMSHAPER_REPO, lambda files: select_sd15_files(files, variant, repo=LCM_DREAMSHAPER_REPO), out, overwrite)

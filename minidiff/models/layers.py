@@ -9,8 +9,9 @@ API (constructor signatures are kept stable; other models build on them):
                            scale=1, max_period=10000)        # (N,) -> (N, embedding_dim), no parameters
     Timesteps(num_channels, flip_sin_to_cos, downscale_freq_shift, scale=1)
                                                               # the same, as a parameter-free module
-    TimestepEmbedding(in_channels, time_embed_dim, act_fn="silu", out_dim=None)
-                                                              # linear_1 -> act -> linear_2
+    guidance_scale_embedding(w, embedding_dim=512, dtype=float32)  # (N,) guidance scales -> (N, embedding_dim) (LCM)
+    TimestepEmbedding(in_channels, time_embed_dim, act_fn="silu", out_dim=None, cond_proj_dim=None)
+                                                              # linear_1 -> act -> linear_2; forward(x, condition=None)
     ResnetBlock2D(in_channels=..., out_channels=None, temb_channels=512, groups=32, groups_out=None,
                   eps=1e-6, non_linearity="swish", time_embedding_norm="default", dropout=0.0,
                   output_scale_factor=1.0, use_in_shortcut=None, conv_shortcut_bias=True)
@@ -77,6 +78,20 @@ def get_timestep_embedding(
     return embedding
 
 
+def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int = 512, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The guidance scale w as LCM's guided distillation feeds it to the UNet (Luo et al. 2023, §4.2; VDM's
+    sinusoidal embedding of a scalar): (N,) -> (N, embedding_dim), sines then cosines of 1000 w at the
+    frequencies 10000^(-i / (half - 1)), i = 0..half-1; zero-padded when embedding_dim is odd."""
+    if w.ndim != 1:
+        raise ValueError(f"guidance_scale_embedding takes a 1-D tensor of guidance scales, got shape {tuple(w.shape)}")
+    half = embedding_dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    frequencies = torch.exp(torch.arange(half, dtype=dtype) * -step)
+    angles = (w * 1000.0).to(dtype)[:, None] * frequencies[None, :]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return F.pad(embedding, (0, 1)) if embedding_dim % 2 == 1 else embedding
+
+
 class Timesteps(nn.Module):
     """`get_timestep_embedding` with its settings fixed: (N,) timesteps -> (N, num_channels). No parameters."""
 
@@ -94,18 +109,30 @@ class Timesteps(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-    """The small MLP on top of the sinusoidal embedding: temb = linear_2(act(linear_1(sinusoid(t)))).
+    """The small MLP on top of the sinusoidal embedding: temb = linear_2(act(linear_1(sinusoid(t) + cond_proj(w)))).
 
     SD 1.5: (B, 320) -> (B, 1280), i.e. time_embed_dim = 4 * block_out_channels[0].
+    `cond_proj_dim` (a UNet's `time_cond_proj_dim`): a bias-free linear map of an extra condition added to the
+    sinusoid before the MLP. LCM checkpoints distilled with guidance (Luo et al. 2023, eq. 9) feed it the
+    embedding of the guidance scale w, so one model call gives a guided prediction (no CFG batch).
     """
 
-    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu", out_dim: int | None = None):
+    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu", out_dim: int | None = None,
+                 cond_proj_dim: int | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.cond_proj = nn.Linear(cond_proj_dim, in_channels, bias=False) if cond_proj_dim is not None else None
         self.act = get_activation(act_fn)
         self.linear_2 = nn.Linear(time_embed_dim, out_dim or time_embed_dim)
 
-    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            if self.cond_proj is None:
+                raise ValueError(
+                    "a timestep condition (timestep_cond, the guidance embedding) was given, but this UNet has no "
+                    "time_cond_proj_dim: only LCM-distilled UNets (e.g. SimianLuo/LCM_Dreamshaper_v7) take one"
+                )
+            sample = sample + self.cond_proj(condition)
         return self.linear_2(self.act(self.linear_1(sample)))
 
 

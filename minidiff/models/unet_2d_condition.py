@@ -184,7 +184,6 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin, LoraAdapterMixin):
         "resnet_out_scale_factor": 1.0,
         "time_embedding_type": "positional",
         "timestep_post_act": None,
-        "time_cond_proj_dim": None,
         "projection_class_embeddings_input_dim": None,
         "attention_type": "default",
         "class_embeddings_concat": False,
@@ -226,6 +225,7 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin, LoraAdapterMixin):
         time_embedding_act_fn: str | None = None,
         conv_in_kernel: int = 3,
         conv_out_kernel: int = 3,
+        time_cond_proj_dim: int | None = None,
     ):
         super().__init__()
         self.sample_size = sample_size  # a plain attribute as in diffusers (read without the deprecation warning)
@@ -254,7 +254,9 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin, LoraAdapterMixin):
         # time: t -> sinusoid (B, C0) -> MLP (B, time_embed_dim), with time_embed_dim = 4 * C0 by default
         time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
         self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
-        self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim, act_fn=act_fn)
+        # time_cond_proj_dim: LCM's guidance embedding w (B, time_cond_proj_dim) enters here (`timestep_cond`)
+        self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim, act_fn=act_fn,
+                                                cond_proj_dim=time_cond_proj_dim)
         # optional class conditioning: a learned embedding per class label, added to temb
         self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds is not None else None
         self.time_embed_act = get_activation(time_embedding_act_fn) if time_embedding_act_fn is not None else None
@@ -314,6 +316,7 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin, LoraAdapterMixin):
         class_labels: torch.Tensor | None = None,
         return_dict: bool = True,
         *,
+        timestep_cond: torch.Tensor | None = None,
         cross_attention_kwargs: dict | None = None,
     ) -> UNet2DConditionOutput | tuple:
         """eps_theta(z_t, t, c).
@@ -321,15 +324,19 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin, LoraAdapterMixin):
         sample: z_t (B, in_channels, H, W); timestep: a number, a 0-d tensor, or a (B,) / (1,) tensor;
         encoder_hidden_states: c (B, tokens, cross_attention_dim), e.g. CLIP's (B, 77, 768).
         cross_attention_kwargs: keyword arguments for every attention processor (see attention_processor.py).
+        timestep_cond: (B, time_cond_proj_dim), the guidance-scale embedding of LCM-distilled UNets
+        (`guidance_scale_embedding` in pipelines/latent_consistency.py); only when the config has time_cond_proj_dim.
         Returns UNet2DConditionOutput(sample=(B, out_channels, H, W)), or a 1-tuple with return_dict=False.
         """
         self._check_inputs(sample, encoder_hidden_states, class_labels)
         cross_attention_kwargs, scale = _split_lora_scale(cross_attention_kwargs)
         with lora_scale(self, scale):  # the LoRA layers' scale for this call (models/lora.py)
-            sample = self._forward(sample, timestep, encoder_hidden_states, class_labels, cross_attention_kwargs)
+            sample = self._forward(sample, timestep, encoder_hidden_states, class_labels, cross_attention_kwargs,
+                                   timestep_cond)
         return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
 
-    def _forward(self, sample, timestep, encoder_hidden_states, class_labels, cross_attention_kwargs) -> torch.Tensor:
+    def _forward(self, sample, timestep, encoder_hidden_states, class_labels, cross_attention_kwargs,
+                 timestep_cond=None) -> torch.Tensor:
         # Latents whose size is not a multiple of 2**num_upsamplers: each upsampler resizes to its skip's size.
         odd_size = any(size % 2**self.num_upsamplers != 0 for size in sample.shape[-2:])
         if self.config.center_input_sample:
@@ -338,7 +345,7 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin, LoraAdapterMixin):
         # 1. time embedding
         timesteps = timesteps_for_batch(timestep, sample)  # (B,)
         t_emb = self.time_proj(timesteps).to(dtype=sample.dtype)  # (B, C0), computed in float32
-        emb = self.time_embedding(t_emb)  # (B, time_embed_dim)
+        emb = self.time_embedding(t_emb, timestep_cond)  # (B, time_embed_dim)
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(class_labels).to(dtype=sample.dtype)
         if self.time_embed_act is not None:

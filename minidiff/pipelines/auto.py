@@ -18,6 +18,7 @@ import torch
 from minidiff.checkpoints.hub import HubOptions, download_file
 from minidiff.pipelines.ddpm import DDPMPipeline
 from minidiff.pipelines.img2img import StableDiffusionImg2ImgPipeline
+from minidiff.pipelines.latent_consistency import LatentConsistencyModelPipeline
 from minidiff.pipelines.rectified_flow import RectifiedFlowPipeline
 from minidiff.pipelines.inpaint import StableDiffusionInpaintPipeline
 from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
@@ -26,7 +27,7 @@ from minidiff.utils.torch_utils import resolve_dtype
 PIPELINES = {
     cls.__name__: cls
     for cls in (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, DDPMPipeline,
-                RectifiedFlowPipeline)
+                RectifiedFlowPipeline, LatentConsistencyModelPipeline)
 }
 
 

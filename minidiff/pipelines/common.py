@@ -34,7 +34,18 @@ class DenoisingStep:
     t: torch.Tensor
     latents: torch.Tensor  # x_{t-1}, after the scheduler step: (B, 4, H/8, W/8) (pixels for DDPMPipeline)
     noise_pred: torch.Tensor  # the guided prediction eps_uncond + s * (eps_text - eps_uncond)
-    pred_original_sample: torch.Tensor  # the scheduler's estimate of x_0 from this step
+    pred_original_sample: torch.Tensor  # the scheduler's estimate of x_0 from this step (LCM: its `denoised`)
+    preview: Image.Image | None = None  # the first image's x_0 decoded by `denoise(..., preview_vae=...)`
+
+
+def predicted_x0(output) -> torch.Tensor | None:
+    """The estimate of x_0 in a scheduler's step output: `pred_original_sample`, or LCM's `denoised` (the consistency
+    function's sample), or TCD's `pred_noised_sample` (x at the intermediate time s; x_0 itself when gamma = 1)."""
+    for name in ("pred_original_sample", "denoised", "pred_noised_sample"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
 
 
 def to_output_type(image: torch.Tensor, output_type: str):

@@ -113,7 +113,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         self.check_inputs(prompt, image.shape[-2], image.shape[-1], prompt_embeds=prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, self._execution_device, num_images_per_prompt, guidance_scale > 1.0, negative_prompt,
+            prompt, self._execution_device, num_images_per_prompt, self.uses_classifier_free_guidance(guidance_scale), negative_prompt,
             prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
             lora_scale=(cross_attention_kwargs or {}).get("scale"),
         )

@@ -17,6 +17,8 @@ This class is the loop and its steps; the rest comes from mixins, each in its ow
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 from PIL import Image
@@ -24,10 +26,12 @@ from PIL import Image
 from minidiff.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
 from minidiff.loaders.textual_inversion import TextualInversionLoaderMixin
 from minidiff.models.lora_adapters import lora_scale as scaled_lora
+from minidiff.models.layers import guidance_scale_embedding
 from minidiff.pipelines.common import (
     DenoisingStep,
     ProgressBarMixin,
     StableDiffusionPipelineOutput,
+    predicted_x0,
     check_output_type,
     to_output_type,
 )
@@ -189,15 +193,35 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         return latents.to(self._execution_device) * self.scheduler.init_noise_sigma
 
     def step_kwargs(self, generator, eta: float) -> dict:
-        """Every scheduler's `step` takes `generator` (the deterministic ones ignore it); `eta` is DDIM's (eq. 16)."""
-        if eta == 0:
-            return {"generator": generator}
-        if not isinstance(self.scheduler, DDIMScheduler):
+        """Every scheduler's `step` takes `generator` (the deterministic ones ignore it); `eta` goes to the schedulers
+        whose step has one, as diffusers' `prepare_extra_step_kwargs`: DDIM's noise weight (eq. 16), TCD's gamma
+        (so TCD under this pipeline runs with eta=0, deterministic, unless you pass eta=0.3 as TCD's authors do)."""
+        if "eta" in inspect.signature(self.scheduler.step).parameters:
+            return {"generator": generator, "eta": eta}
+        if eta != 0:
             raise ValueError(
-                f"eta={eta} is the noise weight of DDIM (Song et al. 2020, eq. 16); {type(self.scheduler).__name__} "
-                "has no eta. Leave eta=0, or use DDIMScheduler"
+                f"eta={eta} is the noise weight of DDIM (Song et al. 2020, eq. 16) and TCD's gamma; "
+                f"{type(self.scheduler).__name__} has no eta. Leave eta=0, or use DDIMScheduler or TCDScheduler"
             )
-        return {"generator": generator, "eta": eta}
+        return {"generator": generator}
+
+    def uses_classifier_free_guidance(self, guidance_scale: float) -> bool:
+        """CFG (a batch of two: unconditional and text) only when guidance_scale > 1 and the UNet has no guidance
+        embedding (`time_cond_proj_dim`): an LCM-distilled UNet takes the guidance scale as an input instead."""
+        return guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
+
+    def get_guidance_scale_embedding(self, w: torch.Tensor, embedding_dim: int = 512, dtype: torch.dtype = torch.float32):
+        """diffusers' pipeline method: (N,) guidance scales -> (N, embedding_dim) (`layers.guidance_scale_embedding`)."""
+        return guidance_scale_embedding(w, embedding_dim, dtype)
+
+    def guidance_condition(self, guidance_scale: float, batch_size: int, like: torch.Tensor) -> torch.Tensor | None:
+        """The UNet's `timestep_cond` for an LCM-distilled UNet, None for any other: the embedding of w = guidance_scale - 1
+        (the pipelines write guidance as eps_u + s (eps_c - eps_u); LCM's paper as eps_c + w (eps_c - eps_u), w = s - 1)."""
+        dim = self.unet.config.time_cond_proj_dim
+        if dim is None:
+            return None
+        w = torch.tensor(guidance_scale - 1).repeat(batch_size)
+        return self.get_guidance_scale_embedding(w, embedding_dim=dim).to(device=like.device, dtype=like.dtype)
 
     def prepare_timesteps(self, num_inference_steps: int) -> torch.Tensor:
         """`scheduler.set_timesteps` for this loop. A flow-matching scheduler gets the levels of the rectified-flow
@@ -224,7 +248,8 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         tensors named in `callback_on_step_end_tensor_inputs`, and may return new ones to continue with. As in
         diffusers, "prompt_embeds" is the text batch the UNet sees: [negative; prompt] under guidance, (2B, 77, D).
         `cross_attention_kwargs` go to the UNet's attention processors (models/attention_processor.py)."""
-        do_classifier_free_guidance = guidance_scale > 1.0
+        do_classifier_free_guidance = self.uses_classifier_free_guidance(guidance_scale)
+        timestep_cond = self.guidance_condition(guidance_scale, latents.shape[0], latents)  # LCM UNets only
         # one batch instead of two forward passes: the first half is unconditional, (2B, 77, 768)
         if do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
@@ -236,7 +261,7 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
             # predict the noise residual
             with torch.no_grad():
                 noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=prompt_embeds,
-                                       cross_attention_kwargs=cross_attention_kwargs).sample
+                                       timestep_cond=timestep_cond, cross_attention_kwargs=cross_attention_kwargs).sample
 
             # perform guidance
             if do_classifier_free_guidance:
@@ -246,7 +271,7 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
             # compute the previous noisy sample x_t -> x_t-1
             model_output = self.model_output_for_scheduler(noise_pred)
             output = self.scheduler.step(model_output, t, latents, **step_kwargs)
-            x0_pred = getattr(output, "pred_original_sample", None)
+            x0_pred = predicted_x0(output)  # pred_original_sample, or LCM's denoised, or TCD's pred_noised_sample
             if x0_pred is None and isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
                 # the flow scheduler's output has no x_0 estimate (as diffusers'); the line back from x: x - sigma u
                 sigma = self.scheduler.sigmas[self.scheduler.step_index - 1].to(latents.device)
@@ -280,26 +305,41 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         cross_attention_kwargs: dict | None = None,
+        preview_vae=None,
     ):
         """The whole text-to-image loop as a generator of `DenoisingStep`s: stop at any step, inspect, resume.
-        Only the prompt is positional (a subclass such as img2img adds its own positional inputs after it)."""
+        Only the prompt is positional (a subclass such as img2img adds its own positional inputs after it).
+
+        preview_vae: an autoencoder (typically `AutoencoderTiny`, TAESD) that decodes each step's predicted x0 of the
+        first image into `step.preview`, a PIL image: a live preview at a small fraction of a full VAE decode."""
         self.check_inputs(prompt, height, width, prompt_embeds=prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
         prompts = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else len(prompt_embeds)
         check_image_size(height, width, prompts * num_images_per_prompt, getattr(self.vae, "use_tiling", False))
         check_finite(guidance_scale=guidance_scale, eta=eta)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, self._execution_device, num_images_per_prompt, guidance_scale > 1.0, negative_prompt,
+            prompt, self._execution_device, num_images_per_prompt, self.uses_classifier_free_guidance(guidance_scale), negative_prompt,
             prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
             lora_scale=(cross_attention_kwargs or {}).get("scale"),
         )
         timesteps = self.prepare_timesteps(num_inference_steps)
         latents = self.prepare_latents(prompt_embeds.shape[0], height, width, prompt_embeds.dtype, generator, latents)
-        yield from self.denoising_loop(
+        for step in self.denoising_loop(
             latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale,
             self.step_kwargs(generator, eta), callback_on_step_end, callback_on_step_end_tensor_inputs,
             cross_attention_kwargs,
-        )
+        ):
+            if preview_vae is not None:
+                step.preview = self.preview_image(step.pred_original_sample, preview_vae)
+            yield step
+
+    @torch.no_grad()
+    def preview_image(self, latents: torch.Tensor, vae) -> Image.Image:
+        """The first latent of a batch decoded by `vae` (any autoencoder with `decode` and `config.scaling_factor`).
+        TAESD's scaling_factor is 1.0: it decodes SD's scaled latents as they are, so dividing by it changes nothing."""
+        parameter = next(vae.parameters())
+        latents = (latents[:1] / vae.config.scaling_factor).to(device=parameter.device, dtype=parameter.dtype)
+        return to_output_type(vae.decode(latents).sample.float(), "pil")[0]
 
     @torch.no_grad()
     def latents_to_output(self, latents: torch.Tensor, output_type: str = "pil"):

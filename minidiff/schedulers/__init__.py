@@ -17,7 +17,10 @@ from minidiff.schedulers.unipc import UniPCMultistepScheduler
 from minidiff.schedulers.dpm_solver_singlestep import DPMSolverSinglestepScheduler
 from minidiff.schedulers.deis_multistep import DEISMultistepScheduler
 from minidiff.schedulers.flow_match_euler import FlowMatchEulerDiscreteScheduler
+from minidiff.schedulers.lcm import LCMScheduler, LCMSchedulerOutput
+from minidiff.schedulers.tcd import TCDScheduler, TCDSchedulerOutput
 
 __all__ = ["SchedulerMixin", "SchedulerOutput", "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler",
            "DPMSolverSDEScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-           "FlowMatchEulerDiscreteScheduler"]
+           "FlowMatchEulerDiscreteScheduler",
+           "LCMScheduler", "LCMSchedulerOutput", "TCDScheduler", "TCDSchedulerOutput"]

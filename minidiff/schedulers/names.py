@@ -6,6 +6,9 @@ own mapping (docs, "Schedulers" overview: "A1111/k-diffusion -> Diffusers"), wri
 
     "DPM++ 2M Karras"  ->  DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)
 
+"LCM" and "TCD" are not on that page: they are the samplers of consistency-distilled models (LCM-LoRA, TCD-LoRA),
+and an ordinary SD 1.5 gives blurs with them. Like diffusers, they are in no other scheduler's `compatibles`.
+
 Two rows differ from that page, on purpose:
 - "DPM++ SDE" is k-diffusion's `sample_dpmpp_sde` (a 2-stage SDE solver with Brownian-tree noise), which
   is what diffusers' `DPMSolverSDEScheduler` implements; the page lists `DPMSolverSinglestepScheduler`.
@@ -40,8 +43,10 @@ from minidiff.schedulers.flow_match_euler import FlowMatchEulerDiscreteScheduler
 from minidiff.schedulers.heun import HeunDiscreteScheduler
 from minidiff.schedulers.kdpm2 import KDPM2DiscreteScheduler
 from minidiff.schedulers.kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
+from minidiff.schedulers.lcm import LCMScheduler
 from minidiff.schedulers.lms import LMSDiscreteScheduler
 from minidiff.schedulers.pndm import PNDMScheduler
+from minidiff.schedulers.tcd import TCDScheduler
 from minidiff.schedulers.unipc import UniPCMultistepScheduler
 
 
@@ -93,6 +98,11 @@ SAMPLER_NAMES = [
     SamplerName("Flow Euler", FlowMatchEulerDiscreteScheduler, {}, False, 1,
                 "Euler on the flow-matching ODE; for velocity models (rectified flow, SD3), not SD 1.5",
                 ("flow", "flow_match_euler"), family="flow"),
+    # Few-step samplers: only for consistency-distilled models (LCM-LoRA, LCM Dreamshaper, TCD-LoRA), 2-8 steps.
+    SamplerName("LCM", LCMScheduler, {}, True, 1, "latent consistency: predict x0, re-noise; for LCM models and LCM-LoRA (4 steps)",
+                family="consistency"),
+    SamplerName("TCD", TCDScheduler, {}, True, 1, "trajectory consistency: ODE jump to s, noise up to t_prev (gamma = eta)",
+                family="consistency"),
 ]
 
 

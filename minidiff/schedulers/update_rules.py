@@ -18,6 +18,11 @@ Functions (stable names), grouped by the frame they work in, in the order of thi
     PNDM (Liu et al. 2022, arXiv 2202.09778)
       pndm_transfer(sample, eps, alpha_bar_t, alpha_bar_prev)              formula (9)
       plms_eps(ets)                                                        eq. 12 (Adams-Bashforth 1..4)
+    Consistency models: LCM (Luo et al. 2023, arXiv 2310.04378), TCD (Zheng et al. 2024, arXiv 2402.19159)
+      consistency_scalings(timestep, timestep_scaling, sigma_data=0.5)   -> c_skip, c_out (Song et al. 2023, App. C)
+      consistency_function(x0, sample, c_skip, c_out)                    f(x_t, t) = c_skip x_t + c_out x0
+      renoise(x0, alpha_bar, noise)                                      sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) z
+      tcd_step(x0, eps, alpha_bar_s, alpha_bar_prev, noise=None)         strategic stochastic sampling, eq. 8
 
   sigma frame (VE): x = x_0 + sigma eps, d = (x - x0) / sigma (Karras et al. 2022, arXiv 2206.00364; k-diffusion)
     Euler, Euler ancestral
@@ -138,6 +143,48 @@ def plms_eps(ets: list[torch.Tensor]) -> torch.Tensor:
     if len(ets) == 3:
         return (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
     return 1 / 24 * (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4])
+
+
+# ===== Consistency models: LCM and TCD ===========================================================
+
+
+def consistency_scalings(timestep, timestep_scaling: float, sigma_data: float = 0.5) -> tuple[float, float]:
+    """The boundary condition of a consistency model (Song et al. 2023, arXiv 2303.01469, Appendix C), in LCM's
+    discrete form (Luo et al. 2023, eq. 5) with the timestep stretched by `timestep_scaling`:
+
+        c_skip(t) = sigma_data^2 / ((s t)^2 + sigma_data^2),   c_out(t) = s t / sqrt((s t)^2 + sigma_data^2)
+
+    At t = 0, c_skip = 1 and c_out = 0, so f(x_0, 0) = x_0 exactly; at s t >> sigma_data, f is the x0 estimate."""
+    scaled = timestep * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
+def consistency_function(x0_pred: torch.Tensor, sample: torch.Tensor, c_skip, c_out) -> torch.Tensor:
+    """f_theta(x_t, t) = c_skip(t) x_t + c_out(t) x0_pred (Song et al. 2023, eq. 7): LCM's `denoised`."""
+    return c_out * x0_pred + c_skip * sample
+
+
+def renoise(x0: torch.Tensor, alpha_bar, noise: torch.Tensor) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1, line 5; LCM Algorithm 3): forget x_t and
+    draw a fresh x_prev ~ q(x_prev | x0) = N(sqrt(alpha_bar_prev) x0, (1 - alpha_bar_prev) I)."""
+    return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise
+
+
+def tcd_step(x0_pred: torch.Tensor, eps: torch.Tensor, alpha_bar_s, alpha_bar_prev, noise: torch.Tensor | None = None):
+    """TCD's strategic stochastic sampling (Zheng et al. 2024, Algorithm 4 / eq. 8), from t to s = floor((1 - gamma) t_prev):
+
+        x_s    = sqrt(alpha_bar_s) x0_pred + sqrt(1 - alpha_bar_s) eps                 DDIM's jump to s (the "pred_noised_sample")
+        x_prev = sqrt(alpha_bar_prev / alpha_bar_s) x_s + sqrt(1 - alpha_bar_prev / alpha_bar_s) z   forward noise s -> prev
+
+    gamma = 0 is a deterministic DDIM jump to t_prev; gamma = 1 jumps to x0 and re-noises as LCM does.
+    Returns (x_prev, x_s); without `noise` x_prev is x_s."""
+    pred_noised_sample = alpha_bar_s**0.5 * x0_pred + (1 - alpha_bar_s) ** 0.5 * eps
+    if noise is None:
+        return pred_noised_sample, pred_noised_sample
+    ratio = alpha_bar_prev / alpha_bar_s
+    return ratio**0.5 * pred_noised_sample + (1 - ratio) ** 0.5 * noise, pred_noised_sample
 
 
 # ===== Euler, Euler ancestral (sigma, the VE frame) ==============================================

@@ -261,7 +261,7 @@ def _check_schedulers_can_take_steps(schedulers: list[str], steps: list[int]) ->
             sampler = find_sampler(name)
         except ValueError as error:
             raise SpecError(f"spec field 'schedulers': {error}") from None
-        if sampler.family != "diffusion":
+        if sampler.family == "flow":  # the few-step ("consistency") samplers run SD 1.5's UNet, with an LCM model
             raise SpecError(
                 f"spec field 'schedulers': {name!r} steps a velocity model (flow matching), but a sweep runs SD 1.5's "
                 "noise-predicting UNet; leave it out (see docs/flow_matching.md)"

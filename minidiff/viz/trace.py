@@ -6,7 +6,10 @@
     save_gif(frames, "out/denoising.gif")         # one frame per recorded step
 
 `to_image` turns a (B, C, H, W) sample into a PIL image: the VAE decode for latent models
-(`pipeline.latents_to_image`), `to_output_type(x, "pil")[0]` for pixel models.
+(`pipeline.latents_to_image`), `to_output_type(x, "pil")[0]` for pixel models. A step that carries a `preview`
+(`denoise(..., preview_vae=taesd)`) gives its predicted-x0 picture from it; with
+`to_image=lambda z: pipeline.preview_image(z, taesd)` the x_t row is TAESD's too, and the whole strip costs
+a few tiny-autoencoder decodes instead of full VAE decodes (`minidiff generate --preview`).
 """
 
 from __future__ import annotations
@@ -42,9 +45,9 @@ def record(steps, to_image, count: int | None = None) -> list[TraceFrame]:
     for step in steps:
         if count is None or step.step_index in evenly_spaced(step.num_steps, count):
             x0 = step.pred_original_sample
-            frames.append(
-                TraceFrame(step.step_index, float(step.t), to_image(step.latents), to_image(x0) if x0 is not None else None)
-            )
+            preview = getattr(step, "preview", None)  # already decoded by denoise(..., preview_vae=...): no second decode
+            x0_image = preview if preview is not None else (to_image(x0) if x0 is not None else None)
+            frames.append(TraceFrame(step.step_index, float(step.t), to_image(step.latents), x0_image))
     return frames
 
 
