@@ -21,15 +21,19 @@ SCHEDULERS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def both(tiny_sd15_folder):
-    """(minidiff pipeline, diffusers pipeline) loaded from the same folder."""
+# Every parity test here runs on the CPU, and on CUDA too where PyTorch sees a GPU (the same suite proves the GPU path).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def both(tiny_sd15_folder, request):
+    """(minidiff pipeline, diffusers pipeline) loaded from the same folder, on the device of the test."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = diffusers.StableDiffusionPipeline.from_pretrained(
             str(tiny_sd15_folder), safety_checker=None, requires_safety_checker=False
-        )
-    ours = StableDiffusionPipeline.from_pretrained(tiny_sd15_folder)
+        ).to(request.param)
+    ours = StableDiffusionPipeline.from_pretrained(tiny_sd15_folder).to(request.param)
     theirs.set_progress_bar_config(disable=True)
     ours.set_progress_bar_config(disable=True)
     return ours, theirs
@@ -87,7 +91,7 @@ def test_output_types(both):
     assert isinstance(pil[0], Image.Image) and pil[0].size == (64, 64)
     assert pt.shape == (1, 3, 64, 64) and 0 <= pt.min() and pt.max() <= 1
     assert latent.shape == (1, 4, 8, 8)
-    np.testing.assert_array_equal(np.asarray(pil[0]), (pt[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    np.testing.assert_array_equal(np.asarray(pil[0]), (pt[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8"))
 
 
 def test_denoise_yields_every_step_and_call_is_built_on_it(both):
@@ -106,7 +110,7 @@ def test_denoise_yields_every_step_and_call_is_built_on_it(both):
 @pytest.mark.parametrize("scheduler_name", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
 def test_img2img_equals_diffusers(tiny_sd15_folder, both, strength, scheduler_name):
     _, theirs_txt2img = both
-    ours = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd15_folder)
+    ours = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd15_folder).to(theirs_txt2img.device)
     theirs = diffusers.StableDiffusionImg2ImgPipeline(**theirs_txt2img.components)
     ours.set_progress_bar_config(disable=True)
     theirs.set_progress_bar_config(disable=True)

@@ -98,6 +98,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         cross_attention_kwargs: dict | None = None,
+        preview_vae=None,
     ):
         """The image-to-image loop as a generator of `DenoisingStep`s. The keyword arguments are text-to-image's,
         but for height, width and latents: the image sets the size and the start."""
@@ -127,7 +128,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         latents = self.prepare_image_latents(image, latent_timestep, batch_size, prompt_embeds.dtype, generator)
         yield from self.denoising_loop(
             latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale, self.step_kwargs(generator, eta),
-            callback_on_step_end, callback_on_step_end_tensor_inputs, cross_attention_kwargs,
+            callback_on_step_end, callback_on_step_end_tensor_inputs, cross_attention_kwargs, preview_vae,
         )
 
     def __call__(

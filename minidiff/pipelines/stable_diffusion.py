@@ -241,13 +241,14 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
 
     def denoising_loop(self, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale: float,
                        step_kwargs: dict, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
-                       cross_attention_kwargs: dict | None = None):
+                       cross_attention_kwargs: dict | None = None, preview_vae=None):
         """The loop of the tutorial. Yields a DenoisingStep after each scheduler step.
 
         `callback_on_step_end(pipe, i, t, {name: tensor})`, as in diffusers, is called after each step with the
         tensors named in `callback_on_step_end_tensor_inputs`, and may return new ones to continue with. As in
         diffusers, "prompt_embeds" is the text batch the UNet sees: [negative; prompt] under guidance, (2B, 77, D).
-        `cross_attention_kwargs` go to the UNet's attention processors (models/attention_processor.py)."""
+        `cross_attention_kwargs` go to the UNet's attention processors (models/attention_processor.py).
+        `preview_vae` (e.g. TAESD) decodes each step's predicted x0 of the first image into `step.preview`."""
         do_classifier_free_guidance = self.uses_classifier_free_guidance(guidance_scale)
         timestep_cond = self.guidance_condition(guidance_scale, latents.shape[0], latents)  # LCM UNets only
         # one batch instead of two forward passes: the first half is unconditional, (2B, 77, 768)
@@ -284,7 +285,10 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
                 latents = changed.pop("latents", latents)
                 prompt_embeds = changed.pop("prompt_embeds", prompt_embeds)
                 negative_prompt_embeds = changed.pop("negative_prompt_embeds", negative_prompt_embeds)
-            yield DenoisingStep(step_index, len(timesteps), t, latents, noise_pred, x0_pred)
+            step = DenoisingStep(step_index, len(timesteps), t, latents, noise_pred, x0_pred)
+            if preview_vae is not None:
+                step.preview = self.preview_image(x0_pred, preview_vae)
+            yield step
 
     def denoise(
         self,
@@ -324,14 +328,11 @@ class StableDiffusionPipeline(StableDiffusionLoadingMixin, TextualInversionLoade
         )
         timesteps = self.prepare_timesteps(num_inference_steps)
         latents = self.prepare_latents(prompt_embeds.shape[0], height, width, prompt_embeds.dtype, generator, latents)
-        for step in self.denoising_loop(
+        yield from self.denoising_loop(
             latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale,
             self.step_kwargs(generator, eta), callback_on_step_end, callback_on_step_end_tensor_inputs,
-            cross_attention_kwargs,
-        ):
-            if preview_vae is not None:
-                step.preview = self.preview_image(step.pred_original_sample, preview_vae)
-            yield step
+            cross_attention_kwargs, preview_vae,
+        )
 
     @torch.no_grad()
     def preview_image(self, latents: torch.Tensor, vae) -> Image.Image:
