@@ -60,7 +60,8 @@ OUT = helpers.output_folder("11_four_steps")
 # c_skip is below 1e-5: in practice `denoised` is the x_0 prediction.
 
 # %%
-from minidiff import accuracy, schedulers
+from minidiff import schedulers
+from minidiff.lab import accuracy
 from minidiff.lab.accuracy import distribution_stats, probability_flow_ode
 
 model = accuracy.mixture_2d(torch.float64)  # exact eps-prediction of a 4-component 2-D mixture
