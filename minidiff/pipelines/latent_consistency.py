@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from minidiff.pipelines.common import DenoisingStep, StableDiffusionPipelineOutput
+from minidiff.pipelines.common import DenoisingStep, StableDiffusionPipelineOutput, check_output_type
+from minidiff.pipelines.compatibility import refuse_unsupported_arguments
 from minidiff.pipelines.devices import SCHEDULE_DEVICE
 from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
 
@@ -115,12 +116,8 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
     ) -> StableDiffusionPipelineOutput | tuple:
         """Text to image with diffusers' signature and defaults (4 steps, guidance_scale 8.5): the loop, then the
         last `denoised` decoded. IP-Adapter images are not implemented in minidiff."""
-        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
-            raise NotImplementedError("IP-Adapter is not implemented in minidiff: leave ip_adapter_image(_embeds) at None")
-        self._check_lcm_unet()
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        self.check_inputs(prompt, height, width, output_type, prompt_embeds, callback_on_step_end_tensor_inputs)
+        refuse_unsupported_arguments(ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
+        check_output_type(output_type)  # the other inputs: the UNet, size and prompt checks, first thing in denoise
         step = None
         for step in self.denoise(
             prompt, height=height, width=width, num_inference_steps=num_inference_steps,
@@ -132,4 +129,5 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
             pass
         denoised = step.pred_original_sample.to(step.latents.dtype)
         images = self.latents_to_output(denoised, output_type)
+        self.maybe_free_model_hooks()  # with CPU offload: the VAE goes back to the CPU
         return StableDiffusionPipelineOutput(images=images) if return_dict else (images, None)
