@@ -77,17 +77,22 @@ def test_ddpm_pipeline_to_float16(tmp_path):
     assert images.dtype == torch.float16
 
 
-@pytest.fixture(scope="module")
-def both_fp16(tiny_sd15_folder):
+def load_fp16(folder, name: str):
+    """(minidiff's, diffusers') pipeline class `name` in float16 from the same folder, progress bars off."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = diffusers.StableDiffusionPipeline.from_pretrained(
-            str(tiny_sd15_folder), torch_dtype=torch.float16, safety_checker=None, requires_safety_checker=False
+        theirs = getattr(diffusers, name).from_pretrained(
+            str(folder), torch_dtype=torch.float16, safety_checker=None, requires_safety_checker=False
         )
-    ours = StableDiffusionPipeline.from_pretrained(tiny_sd15_folder, dtype=torch.float16)
+    ours = getattr(minidiff, name).from_pretrained(folder, dtype=torch.float16)
     for pipeline in (ours, theirs):
         pipeline.set_progress_bar_config(disable=True)
     return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def both_fp16(tiny_sd15_folder):
+    return load_fp16(tiny_sd15_folder, "StableDiffusionPipeline")
 
 
 DETERMINISTIC = [
@@ -114,14 +119,7 @@ def test_float16_txt2img_latents_equal_diffusers_exactly(both_fp16, scheduler_na
 
 def test_float16_img2img_runs_and_equals_diffusers(tiny_sd15_folder):
     """It crashed before ("Input type (c10::Half) and bias type (float)"): the VAE was upcast, the image was not."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
-            str(tiny_sd15_folder), torch_dtype=torch.float16, safety_checker=None, requires_safety_checker=False
-        )
-    ours = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd15_folder, dtype=torch.float16)
-    ours.set_progress_bar_config(disable=True)
-    theirs.set_progress_bar_config(disable=True)
+    ours, theirs = load_fp16(tiny_sd15_folder, "StableDiffusionImg2ImgPipeline")
     assert ours.vae.dtype == torch.float16  # as diffusers' SD 1.x pipelines: no VAE upcast
     kwargs = dict(prompt=PROMPT, image=IMAGE, strength=0.75, num_inference_steps=4)
     a = ours(generator=torch.Generator().manual_seed(1), output_type="latent", **kwargs).images
